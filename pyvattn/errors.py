@@ -1,0 +1,56 @@
+"""Exceptions raised by pyvattn.
+
+Every driver failure becomes a :class:`DriverError` subclass that carries the driver's own status
+name (``CUDA_ERROR_OUT_OF_MEMORY``, ``NV_ERR_INVALID_ADDRESS``, ``ENOMEM``), so a serving system can
+log and branch on it without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class PyvattnError(Exception):
+    """Base class of every error pyvattn raises on purpose."""
+
+
+class OutOfPages(PyvattnError, MemoryError):
+    """Physical pages ran out (pool budget or device memory).
+
+    Raised before anything is half-mapped: the cache stays usable and no request's data changed.
+    """
+
+    def __init__(self, message: str, *, needed: int = 0, available: int = 0):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+class BackendUnavailable(PyvattnError, RuntimeError):
+    """The requested backend cannot run here (no GPU, no libcuda, module not loaded, ...)."""
+
+
+class DriverError(PyvattnError, RuntimeError):
+    """A call into the OS, CUDA or the UVM driver failed.
+
+    ``status`` is the driver's status name, ``code`` its numeric value, ``call`` the failing call.
+    """
+
+    def __init__(self, call: str, status: str, code: int, detail: str = ""):
+        msg = f"{call} failed: {status} ({code})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+        self.call = call
+        self.status = status
+        self.code = code
+
+
+class OSCallError(DriverError):
+    """A libc call failed; ``status`` is the errno name (``ENOMEM``, ``EINVAL``...)."""
+
+
+class CudaError(DriverError):
+    """A CUDA driver API call failed; ``status`` is the CUresult name."""
+
+
+class UvmError(DriverError):
+    """A pyvattn UVM ioctl failed; ``status`` is the NV_STATUS name (``NV_ERR_...``)."""
