@@ -1,2 +1,35 @@
-"""pyvattn: vAttention KV-cache memory for LLM serving."""
+"""pyvattn: vAttention KV-cache memory for LLM serving.
+
+Each request's KV cache lives in contiguous virtual memory; physical pages are mapped under it on
+demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer]`` and
+``cache.v[layer]``.
+
+    >>> import torch, pyvattn
+    >>> with pyvattn.KVCache(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=4,
+    ...                      max_seq_len=1024, dtype=torch.float16, device="cpu") as cache:
+    ...     slot = cache.alloc_slot()
+    ...     cache.step({slot: 100})          # map what the next forward pass writes
+    ...     cache.k[0][slot, :100] = 1.0     # [batch, seq, kv_heads, head_dim]
+"""
+
+from .backends import backend_names, select as select_backend
+from .buffer import VirtualBuffer
+from .errors import (BackendUnavailable, CudaError, DriverError, OSCallError, OutOfPages,
+                     OutOfSlots, PyvattnError, UvmError)
+from .kvcache import KVCache
+from .pool import PagePool
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "KVCache", "VirtualBuffer", "PagePool", "backend_names", "select_backend", "info",
+    "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
+    "CudaError", "UvmError",
+]
+
+
+def info(device: str | None = None) -> dict:
+    """What ``python -m pyvattn info`` prints: backends available here and what ``auto`` picks."""
+    from .info import collect
+
+    return collect(device)

@@ -54,3 +54,7 @@ class CudaError(DriverError):
 
 class UvmError(DriverError):
     """A pyvattn UVM ioctl failed; ``status`` is the NV_STATUS name (``NV_ERR_...``)."""
+
+
+class OutOfSlots(PyvattnError, RuntimeError):
+    """Every request slot (``max_batch_size`` of them) is in use."""

@@ -1,0 +1,77 @@
+"""libc through cffi (ABI mode: no compiler needed at install): the calls the host backend makes.
+
+Constants are Linux's (identical on x86-64 and aarch64 for everything declared here).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+from cffi import FFI
+
+from ..errors import OSCallError
+
+ffi = FFI()
+ffi.cdef(
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    int mprotect(void *addr, size_t length, int prot);
+    int madvise(void *addr, size_t length, int advice);
+    int memfd_create(const char *name, unsigned int flags);
+    int ftruncate(int fd, long length);
+    int fallocate(int fd, int mode, long offset, long len);
+    int close(int fd);
+    int ioctl(int fd, unsigned long request, void *arg);
+    """
+)
+lib = ffi.dlopen(None)
+
+PROT_NONE, PROT_READ, PROT_WRITE = 0x0, 0x1, 0x2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
+MAP_FAILED = 2**64 - 1
+MFD_CLOEXEC = 0x0001
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+MADV_DONTNEED = 4
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def check(call: str, ret: int) -> int:
+    """Raise ``OSCallError`` with the errno name when ``ret`` is -1; return ``ret`` otherwise."""
+    if ret == -1:
+        err = ffi.errno
+        raise OSCallError(call, _errno.errorcode.get(err, f"E{err}"), err, os.strerror(err))
+    return ret
+
+
+def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    ret = int(ffi.cast("uintptr_t", lib.mmap(ffi.cast("void *", addr), length, prot, flags, fd, offset)))
+    if ret == MAP_FAILED:
+        check("mmap", -1)
+    return ret
+
+
+def munmap(addr: int, length: int) -> None:
+    check("munmap", lib.munmap(ffi.cast("void *", addr), length))
+
+
+def memfd_create(name: str, flags: int = MFD_CLOEXEC) -> int:
+    return check("memfd_create", lib.memfd_create(name.encode(), flags))
+
+
+def ftruncate(fd: int, length: int) -> None:
+    check("ftruncate", lib.ftruncate(fd, length))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    check("fallocate", lib.fallocate(fd, mode, offset, length))
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    check("madvise", lib.madvise(ffi.cast("void *", addr), length, advice))
+
+
+def buffer(addr: int, length: int):
+    """A writable Python buffer over raw memory (no copy); valid while the memory is mapped."""
+    return ffi.buffer(ffi.cast("char *", addr), length)
