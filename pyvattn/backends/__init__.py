@@ -63,11 +63,12 @@ def select(backend: str, device: torch.device) -> Selection:
     """
     device = torch.device(device)
     if backend != "auto":
-        cls = backend_class(backend)
+        if backend not in _REGISTRY:
+            backend_class(backend)  # raises the ValueError naming `backend`
         p = probe(backend, device)
         if not p.available:
             raise BackendUnavailable(f"backend={backend!r} cannot run on {device}: {p.reason}")
-        return Selection(backend, cls, f"requested explicitly; {p.reason}")
+        return Selection(backend, backend_class(backend), f"requested explicitly; {p.reason}")
 
     if device.type == "cpu":
         return Selection("host", backend_class("host"), "device is CPU: host memory via mmap/memfd")

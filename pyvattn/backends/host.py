@@ -118,14 +118,26 @@ class HostBackend(Backend):
         for start, run in coalesce(offsets, offsets, self.page_size):
             libc.fallocate(self._fd, mode, start, len(run) * self.page_size)
 
+    def _check_run(self, va: int, nbytes: int) -> None:
+        # MAP_FIXED outside our reservations would silently replace unrelated memory.
+        if va % self.page_size or not any(b <= va and va + nbytes <= b + n
+                                          for b, n in self._reservations.items()):
+            raise ValueError(f"va={va:#x} (+{nbytes}) is not page-aligned inside a reservation")
+
     def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
         if len(vas) != len(handles):
             raise ValueError(f"len(vas)={len(vas)} != len(handles)={len(handles)}")
+        unknown = [h for h in handles if h not in self._live]
+        if unknown:
+            raise ValueError(f"handles {unknown[:4]} are not live pages of this backend")
+        runs = list(coalesce(vas, handles, self.page_size, self.page_size))
+        for va, run in runs:
+            self._check_run(va, len(run) * self.page_size)
         done: list[tuple[int, int]] = []
         flags = libc.MAP_SHARED | libc.MAP_FIXED
         prot = libc.PROT_READ | libc.PROT_WRITE
         try:
-            for va, run in coalesce(vas, handles, self.page_size, self.page_size):
+            for va, run in runs:
                 libc.mmap(va, len(run) * self.page_size, prot, flags, self._fd, run[0])
                 done.append((va, len(run)))
         except OSCallError:
@@ -134,8 +146,11 @@ class HostBackend(Backend):
             raise
 
     def unmap(self, vas: Sequence[int]) -> None:
-        for va, run in coalesce(vas, vas, self.page_size):
-            self._protect_none(va, len(run) * self.page_size)
+        runs = [(va, len(run) * self.page_size) for va, run in coalesce(vas, vas, self.page_size)]
+        for va, nbytes in runs:
+            self._check_run(va, nbytes)
+        for va, nbytes in runs:
+            self._protect_none(va, nbytes)
 
     @staticmethod
     def _protect_none(va: int, nbytes: int) -> None:

@@ -1,0 +1,54 @@
+"""Shared fixtures: the core suite runs on every backend that can run here.
+
+``backend_device`` yields (backend name, device) for host always, and for cuda-vmm / uvm64k when
+their probe answers (a GPU session runs the same data-integrity tests on real device memory).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyvattn import KVCache, backends
+
+_BACKENDS = [
+    pytest.param(("host", "cpu"), id="host"),
+    pytest.param(("cuda-vmm", "cuda"), id="cuda-vmm", marks=pytest.mark.gpu),
+    pytest.param(("uvm64k", "cuda"), id="uvm64k", marks=[pytest.mark.gpu, pytest.mark.uvm64k]),
+]
+
+
+@pytest.fixture(params=_BACKENDS)
+def backend_device(request) -> tuple[str, str]:
+    name, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"{name}: no CUDA device visible to torch")
+    probe = backends.probe(name, torch.device(device))
+    if not probe.available:
+        pytest.skip(f"{name} unavailable here: {probe.reason}")
+    return name, device
+
+
+@pytest.fixture
+def make_cache(backend_device):
+    """Build KVCaches on the parametrized backend; all are closed at teardown.
+
+    Defaults: small shapes, float32 (exact values), the smallest page the backend maps, so a few
+    hundred tokens cross many page boundaries.
+    """
+    name, device = backend_device
+    made: list[KVCache] = []
+
+    def make(**kw) -> KVCache:
+        args = dict(num_layers=3, num_kv_heads=2, head_dim=16, max_batch_size=6, max_seq_len=1000,
+                    dtype=torch.float32, device=device, backend=name)
+        if name == "host":
+            args["page_size"] = 4096  # 32 tokens of 128 B
+        args.update(kw)
+        cache = KVCache(**args)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()

@@ -1,0 +1,72 @@
+"""Bad input: a ValueError naming the argument, and nothing changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyvattn import BackendUnavailable, KVCache
+from pyvattn.units import format_size, parse_size
+
+GOOD = dict(num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq_len=256,
+            dtype=torch.float16, device="cpu")
+
+
+@pytest.mark.parametrize("arg,value", [
+    ("num_layers", 0), ("num_kv_heads", -1), ("head_dim", 1.5), ("max_batch_size", True),
+    ("max_seq_len", "256"), ("dtype", torch.int32), ("dtype", "float16"),
+    ("page_size", 1000), ("page_size", "64 parsecs"), ("page_size", 0),
+    ("memory_budget", "lots"), ("memory_budget", -1), ("backend", "nope"), ("device", "gpu:0"),
+])
+def test_constructor_rejects_bad_arguments(arg, value):
+    with pytest.raises(ValueError, match=arg):
+        KVCache(**{**GOOD, arg: value})
+
+
+def test_named_backend_that_cannot_run_says_why():
+    with pytest.raises(BackendUnavailable, match="cuda-vmm"):
+        KVCache(**{**GOOD, "backend": "cuda-vmm"})  # a CPU device (and no GPU here)
+
+
+@pytest.fixture
+def cache():
+    with KVCache(**GOOD) as c:
+        yield c
+
+
+@pytest.mark.parametrize("slot", [-1, 4, 99, "0", 1.0, None])
+def test_bad_slot_ids(cache, slot):
+    with pytest.raises(ValueError, match="slot"):
+        cache.free_slot(slot)
+
+
+def test_double_free(cache):
+    s = cache.alloc_slot()
+    cache.free_slot(s)
+    with pytest.raises(ValueError, match="double free"):
+        cache.free_slot(s)
+
+
+def test_step_validation_changes_nothing(cache):
+    s = cache.alloc_slot()
+    cache.step({s: 10})
+    before = cache.stats()
+    for bad in ({s: 257}, {s: -1}, {s + 1: 5}, {7: 5}, [1, 2], torch.zeros(4, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="seq_lens"):
+            cache.step(bad)
+        with pytest.raises(ValueError, match="seq_lens"):
+            cache.step_async(bad)
+    assert cache.stats() == before
+
+
+def test_alloc_slot_hint_is_checked(cache):
+    with pytest.raises(ValueError, match="seq_len"):
+        cache.alloc_slot(seq_len=1000)
+
+
+def test_sizes():
+    assert parse_size("64KiB", "x") == 65536 and parse_size("2MiB", "x") == 2 << 20
+    assert parse_size("1.5GiB", "x") == 3 << 29 and parse_size(4096, "x") == 4096
+    assert format_size(65536) == "64 KiB" and format_size(3 << 29) == "1.5 GiB"
+    with pytest.raises(ValueError, match="budget"):
+        parse_size("0.3B", "budget")

@@ -1,0 +1,263 @@
+"""KVCache behaviour on a real backend: data integrity across growth, reuse, reclaim and errors."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from kvdata import check, write
+from pyvattn import OutOfPages, OutOfSlots
+
+
+def test_tensors_have_flash_attn_layout(make_cache):
+    cache = make_cache()
+    assert len(cache.k) == len(cache.v) == cache.num_layers
+    for t in (*cache.k, *cache.v):
+        assert t.shape == (6, 1000, 2, 16) and t.dtype == torch.float32
+        assert t.stride()[1:] == (32, 16, 1)  # tokens, heads, dim contiguous within a slot
+    # every layer's K and V are disjoint memory
+    starts = sorted(t.data_ptr() for t in (*cache.k, *cache.v))
+    span = cache.slot_bytes * cache.max_batch_size
+    assert all(b - a >= span for a, b in zip(starts, starts[1:]))
+
+
+def test_random_growth_across_page_boundaries_keeps_every_value(make_cache):
+    cache = make_cache()
+    rng = random.Random(1234)
+    lens = {}
+    for tag in range(4):
+        lens[cache.alloc_slot()] = 0
+    tags = {slot: 100 + slot for slot in lens}
+    for _ in range(60):
+        slot = rng.choice(list(lens))
+        new = min(cache.max_seq_len, lens[slot] + rng.choice([1, 3, 31, 32, 33, 77]))
+        cache.step({slot: new})
+        write(cache, slot, tags[slot], lens[slot], new)
+        lens[slot] = new
+    for slot, n in lens.items():
+        check(cache, slot, tags[slot], n)
+        assert cache.seq_len(slot) == n
+        assert cache.mapped_tokens(slot) >= n
+    s = cache.stats()
+    assert s["used_bytes"] == sum(lens.values()) * s["bytes_per_token"]
+    assert s["mapped_bytes"] >= s["used_bytes"] and s["waste_bytes"] == s["mapped_bytes"] - s["used_bytes"]
+
+
+def test_whole_batch_step_is_one_map_call(make_cache):
+    cache = make_cache()
+    slots = [cache.alloc_slot() for _ in range(4)]
+    cache.step({s: 100 + 50 * i for i, s in enumerate(slots)})
+    assert cache.stats()["map_calls"] == 1
+    cache.step({s: 100 + 50 * i for i, s in enumerate(slots)})  # nothing new to map
+    assert cache.stats()["map_calls"] == 1
+
+
+def test_seq_lens_as_tensor_indexed_by_slot(make_cache):
+    cache = make_cache()
+    a, b = cache.alloc_slot(), cache.alloc_slot()
+    lens = torch.zeros(cache.max_batch_size, dtype=torch.int32)
+    lens[a], lens[b] = 70, 5
+    cache.step(lens)
+    write(cache, a, 1, 0, 70)
+    write(cache, b, 2, 0, 5)
+    check(cache, a, 1, 70)
+    check(cache, b, 2, 5)
+
+
+def test_free_keeps_pages_mapped_and_best_fit_reuses_them(make_cache):
+    cache = make_cache()
+    big, small, other = cache.alloc_slot(), cache.alloc_slot(), cache.alloc_slot()
+    cache.step({big: 600, small: 100, other: 50})
+    write(cache, other, 9, 0, 50)
+    mapped = cache.stats()["mapped_bytes"]
+    cache.free_slot(big)
+    cache.free_slot(small)
+    assert cache.stats()["mapped_bytes"] == mapped  # deferred reclaim: nothing unmapped yet
+    assert cache.alloc_slot(seq_len=90) == small  # smallest free slot that already covers 90 tokens
+    assert cache.alloc_slot() == big  # no hint: the free slot with the most pages mapped
+    cache.step({small: 90, big: 600})
+    assert cache.stats()["map_calls"] == 1  # reuse needed no new mapping
+    write(cache, small, 3, 0, 90)
+    check(cache, other, 9, 50)
+    check(cache, small, 3, 90)
+
+
+def test_no_deferred_reclaim_unmaps_at_free(make_cache):
+    cache = make_cache(deferred_reclaim=False)
+    a, b = cache.alloc_slot(), cache.alloc_slot()
+    cache.step({a: 300, b: 40})
+    write(cache, b, 5, 0, 40)
+    before = cache.stats()
+    cache.free_slot(a)
+    after = cache.stats()
+    assert after["mapped_bytes"] < before["mapped_bytes"]
+    assert after["pool_pages_free"] > before["pool_pages_free"]
+    check(cache, b, 5, 40)
+
+
+def test_reclaim_when_pool_runs_dry_keeps_active_data(make_cache):
+    probe = make_cache()
+    pages_per_req = -(-400 * probe.token_bytes // probe.page_size) * probe.num_regions
+    page_size = probe.page_size
+    probe.close()
+    cache = make_cache(memory_budget=3 * pages_per_req * page_size)  # room for three 400-token requests
+    a, b, c = (cache.alloc_slot() for _ in range(3))
+    cache.step({a: 400, b: 400, c: 400})
+    for tag, s in enumerate((a, b, c)):
+        write(cache, s, tag, 0, 400)
+    cache.free_slot(a)
+    # take every slot, then give `a` back, so the next step must grow a slot with no pages
+    others = [cache.alloc_slot() for _ in range(cache.max_batch_size - 2)]
+    assert a in others
+    cache.free_slot(a)
+    d = next(s for s in others if s != a)
+    cache.step({d: 400})  # pool is dry and the budget is spent: a's pages are reclaimed
+    s = cache.stats()
+    assert s["reclaimed_pages_total"] == pages_per_req
+    assert s["pool_pages_total"] == 3 * pages_per_req  # the budget was never exceeded
+    assert cache.mapped_tokens(a) == 0
+    write(cache, d, 3, 0, 400)
+    check(cache, b, 1, 400)
+    check(cache, c, 2, 400)
+    check(cache, d, 3, 400)
+
+
+def test_out_of_pages_changes_nothing_and_cache_stays_usable(make_cache):
+    cache = make_cache()
+    per_req = -(-200 * cache.token_bytes // cache.page_size) * cache.num_regions
+    cache.close()
+    cache = make_cache(memory_budget=2 * per_req * cache.page_size)
+    a, b, c = cache.alloc_slot(), cache.alloc_slot(), cache.alloc_slot()
+    cache.step({a: 200, b: 100})
+    write(cache, a, 1, 0, 200)
+    write(cache, b, 2, 0, 100)
+    before = cache.stats()
+    with pytest.raises(OutOfPages) as err:
+        cache.step({a: 200, b: 150, c: 300})  # b's growth would fit, c's does not: all or nothing
+    assert err.value.needed > err.value.available
+    after = cache.stats()
+    for key in ("mapped_bytes", "pool_pages_free", "pool_pages_total", "map_calls", "used_bytes"):
+        assert after[key] == before[key], key
+    assert cache.seq_len(b) == 100 and cache.mapped_tokens(c) == 0
+    check(cache, a, 1, 200)
+    check(cache, b, 2, 100)
+    cache.step({b: 200})  # what fits still works
+    write(cache, b, 2, 100, 200)
+    check(cache, b, 2, 200)
+
+
+def test_reserve_precreates_pages(make_cache):
+    cache = make_cache(memory_budget="1MiB")
+    created = cache.reserve("512KiB")
+    assert created == (512 << 10) // cache.page_size
+    s = cache.stats()
+    assert s["pool_pages_total"] == s["pool_pages_free"] == created
+    slot = cache.alloc_slot()
+    cache.step({slot: 64})
+    assert cache.stats()["page_create_calls"] == 1  # the step took pages from the reserve
+    with pytest.raises(OutOfPages):
+        cache.reserve("2MiB")
+
+
+def test_step_async_maps_in_background_while_other_slots_are_used(make_cache):
+    cache = make_cache()
+    a, b = cache.alloc_slot(), cache.alloc_slot()
+    cache.step({a: 32, b: 32})
+    write(cache, a, 1, 0, 32)
+    for n in range(64, 1000, 96):
+        cache.step_async({a: 32, b: n})
+        # main thread keeps reading and writing slot a while b's pages are being mapped
+        write(cache, a, 1, 0, 32)
+        check(cache, a, 1, 32)
+        cache.step({a: 32, b: n})  # joins; nothing left to map
+        write(cache, b, 2, 0, n)
+    check(cache, b, 2, 904)
+    assert cache.stats()["map_calls"] >= 10
+
+
+def test_step_async_error_is_raised_on_next_call(make_cache):
+    cache = make_cache()
+    cache.close()
+    cache = make_cache(memory_budget=cache.num_regions * cache.page_size)  # one page per region
+    a = cache.alloc_slot()
+    cache.step_async({a: 1000})  # input is valid; the mapping itself runs out of pages
+    with pytest.raises(OutOfPages):
+        cache.stats()
+    cache.step({a: 10})  # the cache is still usable
+    write(cache, a, 4, 0, 10)
+    check(cache, a, 4, 10)
+
+
+def test_concurrent_step_async_and_tensor_traffic_from_another_thread(make_cache):
+    cache = make_cache(max_batch_size=4)
+    a, b = cache.alloc_slot(), cache.alloc_slot()
+    cache.step({a: 200, b: 1})
+    write(cache, a, 7, 0, 200)
+    stop = threading.Event()
+    errors = []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                check(cache, a, 7, 200)
+        except AssertionError as exc:  # pragma: no cover - failure path
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for n in range(33, 1000, 33):
+            cache.step_async({a: 200, b: n})
+            cache.step({a: 200, b: n})
+            write(cache, b, 8, n - 33, n)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+    check(cache, b, 8, 990)
+
+
+def test_out_of_slots(make_cache):
+    cache = make_cache(max_batch_size=2)
+    cache.alloc_slot(), cache.alloc_slot()
+    with pytest.raises(OutOfSlots):
+        cache.alloc_slot()
+
+
+def test_stats_account_for_k_and_v_of_every_layer(make_cache):
+    cache = make_cache()
+    slot = cache.alloc_slot()
+    cache.step({slot: 33})
+    s = cache.stats()
+    pages = -(-33 * cache.token_bytes // cache.page_size)
+    assert s["mapped_bytes"] == pages * cache.page_size * 2 * cache.num_layers
+    assert s["used_bytes"] == 33 * cache.token_bytes * 2 * cache.num_layers
+    assert s["active_slots"] == 1 and s["reserved_bytes"] >= cache.slot_bytes * 6 * 2 * 3
+
+
+def test_close_is_idempotent_and_final(make_cache):
+    cache = make_cache()
+    slot = cache.alloc_slot()
+    cache.step({slot: 10})
+    cache.close()
+    cache.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.step({slot: 10})
+    assert cache.k == [] and cache.v == []
+
+
+def test_context_manager_closes(backend_device):
+    from pyvattn import KVCache
+
+    name, device = backend_device
+    with KVCache(2, 1, 8, 2, 64, torch.float32, device=device, backend=name) as cache:
+        slot = cache.alloc_slot()
+        cache.step({slot: 64})
+        cache.k[1][slot] = 3.0
+        assert float(cache.k[1][slot].sum()) == 3.0 * 64 * 8
+    with pytest.raises(RuntimeError):
+        cache.stats()
