@@ -109,6 +109,13 @@ class KVCache:
         self._active = np.zeros(self.max_batch_size, dtype=bool)
         self._mapped = np.zeros(self.max_batch_size, dtype=np.int64)  # pages per region, per slot
         self._seq_lens = np.zeros(self.max_batch_size, dtype=np.int64)
+        # The decode hot path (nothing to map) must cost microseconds at batch 256, which numpy's
+        # per-call overhead does not allow for dict input: a dict of mapped capacity (tokens) per
+        # active slot answers "does everything fit?" in C-level builtins, and lengths from such
+        # steps are folded into _seq_lens lazily.
+        self._capacity: dict[int, int] = {}
+        self._capacity_arr = np.zeros(self.max_batch_size, dtype=np.int64)  # 0 for free slots
+        self._pending_lens: dict[int, int] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._closed = False
@@ -135,9 +142,11 @@ class KVCache:
             slot = fits[np.argmin(self._mapped[fits])]
         else:
             slot = free[np.argmax(mapped)]
+        slot = int(slot)
         self._active[slot] = True
         self._seq_lens[slot] = 0
-        return int(slot)
+        self._set_capacity(slot)
+        return slot
 
     def free_slot(self, slot: int) -> None:
         """Finish the request in ``slot``. Its pages stay mapped for the next request that takes
@@ -147,8 +156,11 @@ class KVCache:
         self._check_slot(slot, "slot")
         if not self._active[slot]:
             raise ValueError(f"slot={slot} is not allocated (double free?)")
+        self._sync_lens()
         self._active[slot] = False
         self._seq_lens[slot] = 0
+        del self._capacity[slot]
+        self._capacity_arr[slot] = 0
         if not self.deferred_reclaim:
             self._reclaim_slot(slot, int(self._mapped[slot]))
 
@@ -160,7 +172,34 @@ class KVCache:
         the backend as one batch. Raises ``OutOfPages`` before mapping anything if the pages
         cannot all be had."""
         self._join()
+        if self._fits(seq_lens):
+            return
         self._apply(*self._parse(seq_lens))
+
+    def _fits(self, seq_lens: SeqLens) -> bool:
+        """Fast path: record ``seq_lens`` and return True if nothing needs mapping (and the input
+        is plainly valid); False sends the call through full validation."""
+        if type(seq_lens) is dict:
+            cap = self._capacity  # active slots only: a free or unknown slot raises KeyError
+            try:
+                ok = all(0 <= n <= cap[s] for s, n in seq_lens.items())
+            except (KeyError, TypeError):
+                return False
+            if ok and type(sum(seq_lens.values())) is int:  # a float or numpy length: slow path
+                self._pending_lens.update(seq_lens)
+                return True
+            return False
+        if isinstance(seq_lens, torch.Tensor) and seq_lens.device.type == "cpu":
+            seq_lens = seq_lens.numpy()
+        if (isinstance(seq_lens, np.ndarray) and seq_lens.shape == self._capacity_arr.shape
+                and seq_lens.dtype.kind in "iu"
+                # viewed unsigned, a negative length is huge and fails the test; free slots have
+                # capacity 0, so their entries must be 0
+                and (seq_lens.view(f"u{seq_lens.itemsize}") <= self._capacity_arr).all()):
+            self._pending_lens.clear()
+            self._seq_lens[:] = seq_lens
+            return True
+        return False
 
     def step_async(self, seq_lens: SeqLens) -> None:
         """Like ``step`` but on a background thread: call it while the current forward pass runs,
@@ -179,6 +218,7 @@ class KVCache:
         return self.pool.reserve(parse_size(nbytes, "nbytes"))
 
     def _apply(self, slots: np.ndarray, lens: np.ndarray) -> None:
+        self._sync_lens()
         need = -(-lens * self.token_bytes // self.page_size)
         grow = need - self._mapped[slots]
         growing = grow > 0
@@ -191,8 +231,9 @@ class KVCache:
         count = int((need - first).sum()) * self.num_regions
         handles = self._take_pages(count, protect=slots)
         # page index = region start + slot * pages_per_slot + page within the slot
-        within = np.concatenate([s * self.pages_per_slot + np.arange(f, n)
-                                 for s, f, n in zip(slots.tolist(), first.tolist(), need.tolist())])
+        counts = need - first
+        run_start = np.repeat(slots * self.pages_per_slot + first - np.cumsum(counts) + counts, counts)
+        within = run_start + np.arange(int(counts.sum()))  # slot*pps + first ... need-1, per slot
         pages = (self._region_first_page[:, None] + within[None, :]).ravel()
         t0 = time.perf_counter()
         try:
@@ -204,6 +245,8 @@ class KVCache:
         self.map_calls += 1
         self.mapped_pages_total += count
         self._mapped[slots] = need
+        for slot in slots.tolist():
+            self._set_capacity(slot)
 
     def _take_pages(self, count: int, protect: np.ndarray) -> list[int]:
         """``count`` pages from the pool, reclaiming mapped pages of free slots if it runs dry.
@@ -254,6 +297,7 @@ class KVCache:
         """The length ``slot`` was last stepped to (0 right after ``alloc_slot``)."""
         self._join()
         self._check_slot(slot, "slot")
+        self._sync_lens()
         return int(self._seq_lens[slot])
 
     def mapped_tokens(self, slot: int) -> int:
@@ -265,6 +309,7 @@ class KVCache:
     def stats(self) -> dict:
         """Memory and activity counters. Bytes count both K and V of all layers."""
         self._join()
+        self._sync_lens()
         P = self.page_size
         mapped = self.buffer.mapped_pages * P
         used = int(self._seq_lens[self._active].sum()) * self.token_bytes * self.num_regions
@@ -335,6 +380,16 @@ class KVCache:
         if pending is not None:
             pending.result()  # re-raises the background thread's error here
 
+    def _set_capacity(self, slot: int) -> None:
+        tokens = min(self.max_seq_len, int(self._mapped[slot]) * self.page_size // self.token_bytes)
+        self._capacity[slot] = tokens
+        self._capacity_arr[slot] = tokens
+
+    def _sync_lens(self) -> None:
+        if self._pending_lens:
+            pending, self._pending_lens = self._pending_lens, {}
+            self._seq_lens[list(map(int, pending))] = list(pending.values())
+
     def _pages_for(self, seq_len: int) -> int:
         return -(-seq_len * self.token_bytes // self.page_size)
 
@@ -346,9 +401,10 @@ class KVCache:
     def _parse(self, seq_lens: SeqLens) -> tuple[np.ndarray, np.ndarray]:
         """Validate ``seq_lens``; return (slots, lengths) as int64 arrays."""
         if isinstance(seq_lens, Mapping):
-            n = len(seq_lens)
-            slots = np.fromiter(seq_lens.keys(), dtype=np.int64, count=n)
-            lens = np.fromiter(seq_lens.values(), dtype=np.int64, count=n)
+            slots, lens = np.array(list(seq_lens.keys())), np.array(list(seq_lens.values()))
+            if len(slots) and (slots.dtype.kind not in "iu" or lens.dtype.kind not in "iu"):
+                raise ValueError("seq_lens: slot ids and lengths must be integers")
+            slots, lens = slots.astype(np.int64), lens.astype(np.int64)
         else:
             if isinstance(seq_lens, torch.Tensor):
                 seq_lens = seq_lens.detach().cpu().numpy()
@@ -357,7 +413,10 @@ class KVCache:
                 raise ValueError(f"seq_lens must be a mapping slot -> length or an integer sequence of "
                                  f"length max_batch_size={self.max_batch_size}, got shape {arr.shape} "
                                  f"dtype {arr.dtype}")
-            slots = np.flatnonzero(arr)
+            stray = np.flatnonzero((arr != 0) & ~self._active)
+            if len(stray):
+                raise ValueError(f"seq_lens: slots {stray[:4].tolist()} are not allocated (alloc_slot first)")
+            slots = np.flatnonzero(self._active)
             lens = arr[slots].astype(np.int64)
         if len(slots):
             if slots.min() < 0 or slots.max() >= self.max_batch_size:

@@ -18,6 +18,7 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 
 KiB = 1 << 10
@@ -126,6 +127,26 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release every resource still held. Idempotent."""
+
+
+def contiguous_runs(vas, handles=None, step: int = 1, handle_step: int | None = None):
+    """Vectorised run-finding: sort by VA and split where VA (and, with ``handle_step``, the handle)
+    stops advancing by ``step``. Returns three lists: first VA, first handle (``None`` without
+    handles) and length of each run, in VA order."""
+    v = np.asarray(vas, dtype=np.int64)
+    if len(v) == 0:
+        return [], [], []
+    order = np.argsort(v, kind="stable")
+    v = v[order]
+    brk = np.diff(v) != step
+    h = None
+    if handles is not None:
+        h = np.asarray(handles, dtype=np.int64)[order]
+        if handle_step is not None:
+            brk |= np.diff(h) != handle_step
+    starts = np.flatnonzero(np.concatenate(([True], brk)))
+    lengths = np.diff(np.append(starts, len(v)))
+    return v[starts].tolist(), (h[starts].tolist() if h is not None else None), lengths.tolist()
 
 
 def coalesce(vas: Sequence[int], handles: Sequence[int], step: int, handle_step: int | None = None):

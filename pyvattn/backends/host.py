@@ -19,7 +19,7 @@ import torch
 
 from .._ffi import libc
 from ..errors import OSCallError, OutOfPages
-from .base import MiB, Backend, Probe, coalesce
+from .base import MiB, Backend, Probe, coalesce, contiguous_runs
 
 _RESERVE_ALIGN = 2 * MiB  # lets 2 MiB pages (and huge pages) line up with the reservation
 
@@ -118,39 +118,40 @@ class HostBackend(Backend):
         for start, run in coalesce(offsets, offsets, self.page_size):
             libc.fallocate(self._fd, mode, start, len(run) * self.page_size)
 
-    def _check_run(self, va: int, nbytes: int) -> None:
+    def _check_span(self, first_va: int, end_va: int, vas: list[int]) -> None:
         # MAP_FIXED outside our reservations would silently replace unrelated memory.
-        if va % self.page_size or not any(b <= va and va + nbytes <= b + n
-                                          for b, n in self._reservations.items()):
-            raise ValueError(f"va={va:#x} (+{nbytes}) is not page-aligned inside a reservation")
+        inside = any(b <= first_va and end_va <= b + n for b, n in self._reservations.items())
+        if not inside or any(va % self.page_size for va in vas):
+            raise ValueError(f"vas: [{first_va:#x}, {end_va:#x}) is not page-aligned inside one reservation")
 
     def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
         if len(vas) != len(handles):
             raise ValueError(f"len(vas)={len(vas)} != len(handles)={len(handles)}")
-        unknown = [h for h in handles if h not in self._live]
-        if unknown:
-            raise ValueError(f"handles {unknown[:4]} are not live pages of this backend")
-        runs = list(coalesce(vas, handles, self.page_size, self.page_size))
-        for va, run in runs:
-            self._check_run(va, len(run) * self.page_size)
-        done: list[tuple[int, int]] = []
-        flags = libc.MAP_SHARED | libc.MAP_FIXED
-        prot = libc.PROT_READ | libc.PROT_WRITE
-        try:
-            for va, run in runs:
-                libc.mmap(va, len(run) * self.page_size, prot, flags, self._fd, run[0])
-                done.append((va, len(run)))
-        except OSCallError:
-            for va, n in done:
-                self._protect_none(va, n * self.page_size)
-            raise
+        P = self.page_size
+        starts, offsets, lengths = contiguous_runs(vas, handles, P, P)
+        if not starts:
+            return
+        self._check_span(starts[0], starts[-1] + lengths[-1] * P, starts)
+        if not self._live.issuperset(offsets):
+            raise ValueError("handles: some are not live pages of this backend")
+        raw, fd = libc.raw_mmap, self._fd
+        prot, flags = libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_FIXED
+        for i, (va, off, n) in enumerate(zip(starts, offsets, lengths)):
+            if raw(va, n * P, prot, flags, fd, off) == libc.MAP_FAILED:
+                err = libc.ffi.errno
+                for va_done, n_done in zip(starts[:i], lengths[:i]):  # all or nothing
+                    self._protect_none(va_done, n_done * P)
+                libc.ffi.errno = err
+                libc.check("mmap", -1)
 
     def unmap(self, vas: Sequence[int]) -> None:
-        runs = [(va, len(run) * self.page_size) for va, run in coalesce(vas, vas, self.page_size)]
-        for va, nbytes in runs:
-            self._check_run(va, nbytes)
-        for va, nbytes in runs:
-            self._protect_none(va, nbytes)
+        P = self.page_size
+        starts, _, lengths = contiguous_runs(vas, None, P)
+        if not starts:
+            return
+        self._check_span(starts[0], starts[-1] + lengths[-1] * P, starts)
+        for va, n in zip(starts, lengths):
+            self._protect_none(va, n * P)
 
     @staticmethod
     def _protect_none(va: int, nbytes: int) -> None:

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Host-backend benchmark: mapping throughput, step() cost, and overhead over the bare mmap calls.
+
+Prints a table and saves JSON (default benchmarks/results/bench_host.json). Ratios are measured
+side by side in one run; absolute times are this machine's and only indicative.
+
+    python scripts/bench_host.py [--layers 32] [--repeat 7] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pyvattn import KVCache
+from pyvattn._ffi import libc
+
+
+def median_time(fn, repeat: int, setup=None) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs, each after ``setup()`` (not timed)."""
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class MmapRecorder:
+    """Records the mmap calls pyvattn makes, so they can be replayed bare (raw cffi, no Python
+    logic around them) on the same addresses for the overhead ratio."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self._orig = libc.raw_mmap
+
+    def __enter__(self):
+        def recording(*args):
+            self.calls.append(args)
+            return self._orig(*args)
+
+        libc.raw_mmap = recording
+        return self
+
+    def __exit__(self, *exc):
+        libc.raw_mmap = self._orig
+
+
+def replay(calls) -> None:
+    raw = libc.raw_mmap
+    for args in calls:
+        raw(*args)
+
+
+def make_cache(layers: int, batch: int) -> KVCache:
+    # Llama-3-8B per-layer shape: 8 KV heads x 128, fp16 -> 2 KiB per token; 64 KiB = 32 tokens.
+    # No deferred reclaim, so freeing a slot unmaps it and the growth can be measured again.
+    return KVCache(layers, 8, 128, batch, 4096, torch.float16, device="cpu", page_size="64KiB",
+                   deferred_reclaim=False)
+
+
+class OnePageGrowth:
+    """A batch whose every request holds one page per layer and is about to need a second."""
+
+    def __init__(self, cache: KVCache, batch: int):
+        self.cache, self.batch = cache, batch
+        self.tpp = cache.page_size // cache.token_bytes
+        cache.reserve(batch * 2 * cache.num_regions * cache.page_size)  # creation is not timed
+        self.slots: list[int] = []
+        self.grow = {}
+
+    def setup(self) -> None:
+        for s in self.slots:
+            self.cache.free_slot(s)  # unmaps (deferred_reclaim=False)
+        self.slots = [self.cache.alloc_slot() for _ in range(self.batch)]
+        self.cache.step({s: self.tpp for s in self.slots})
+        self.grow = {s: self.tpp + 1 for s in self.slots}
+
+    def run(self) -> None:
+        self.cache.step(self.grow)
+
+
+def bench_step(layers: int, batch: int, repeat: int) -> dict:
+    """step() cost at ``batch`` requests: (a) no page needed, (b) one new page per request."""
+    cache = make_cache(layers, batch)
+    g = OnePageGrowth(cache, batch)
+    g.setup()
+    lens = {s: g.tpp for s in g.slots}
+    lens_tensor = torch.zeros(cache.max_batch_size, dtype=torch.int32)
+    lens_tensor[g.slots] = g.tpp
+    inner = 1000
+    no_new = median_time(lambda: [cache.step(lens) for _ in range(inner)], repeat) / inner
+    no_new_t = median_time(lambda: [cache.step(lens_tensor) for _ in range(inner)], repeat) / inner
+    with_new = median_time(g.run, repeat, setup=g.setup)
+    pages = batch * cache.num_regions
+    cache.close()
+    return {"batch": batch, "layers": layers, "step_no_new_page_us": no_new * 1e6,
+            "step_no_new_page_tensor_input_us": no_new_t * 1e6,
+            "step_one_new_page_per_request_us": with_new * 1e6, "pages_per_growth_step": pages,
+            "pages_per_second": pages / with_new}
+
+
+def bench_overhead(layers: int, batch: int, repeat: int) -> dict:
+    """pyvattn's step() mapping one page per request vs the identical mmap calls made bare."""
+    cache = make_cache(layers, batch)
+    g = OnePageGrowth(cache, batch)
+    g.setup()
+    with MmapRecorder() as rec:
+        g.run()
+    calls = list(rec.calls)
+    t_pyvattn, t_bare = [], []
+    for _ in range(repeat):  # interleaved, so both see the same machine state
+        g.setup()
+        t0 = time.perf_counter()
+        g.run()
+        t_pyvattn.append(time.perf_counter() - t0)
+        g.setup()  # the same VAs are unmapped again: replay exactly the calls step() made
+        t0 = time.perf_counter()
+        replay(calls)
+        t_bare.append(time.perf_counter() - t0)
+        g.run()  # the replay mapped what pyvattn does not know about; mapping over it is allowed
+    pages = batch * cache.num_regions
+    cache.close()
+    py, bare = statistics.median(t_pyvattn), statistics.median(t_bare)
+    return {"pages": pages, "mmap_calls": len(calls), "pyvattn_us_per_page": py / pages * 1e6,
+            "bare_mmap_us_per_page": bare / pages * 1e6, "overhead_ratio": py / bare}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default="benchmarks/results/bench_host.json")
+    args = ap.parse_args(argv)
+
+    steps = [bench_step(args.layers, b, args.repeat) for b in tqdm((1, 32, 256), desc="step()")]
+    over = bench_overhead(args.layers, 256, args.repeat)
+
+    print(f"\nstep() on the host backend, {args.layers} layers, 64 KiB pages (32 tokens), fp16")
+    print(f"{'batch':>6} {'no new page':>14} {'(tensor input)':>15} {'1 new page/request':>20} "
+          f"{'pages mapped':>13} {'pages/s':>12}")
+    for r in steps:
+        print(f"{r['batch']:>6} {r['step_no_new_page_us']:>11.1f} us {r['step_no_new_page_tensor_input_us']:>12.1f} us "
+              f"{r['step_one_new_page_per_request_us']:>17.1f} us "
+              f"{r['pages_per_growth_step']:>13} {r['pages_per_second']:>12,.0f}")
+    print(f"\nper-page cost, one decode-step growth of 256 requests ({over['pages']} pages, "
+          f"{over['mmap_calls']} mmap calls)")
+    print(f"  pyvattn step():         {over['pyvattn_us_per_page']:.2f} us/page")
+    print(f"  same mmap calls, bare:  {over['bare_mmap_us_per_page']:.2f} us/page")
+    print(f"  ratio:                  {over['overhead_ratio']:.2f}x  (goal < 1.5x)")
+    for key, form in (("step_no_new_page_us", "dict"), ("step_no_new_page_tensor_input_us", "tensor")):
+        us = steps[-1][key]
+        print(f"  step() batch 256, no new page, {form} input: {us:.1f} us (goal < 20 us): "
+              f"{'met' if us < 20 else 'NOT met'}")
+
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "python": sys.version.split()[0], "torch": torch.__version__,
+                          "numpy": np.__version__},
+              "layers": args.layers, "repeat": args.repeat, "step": steps, "overhead": over}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nsaved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
