@@ -1,0 +1,312 @@
+"""Attention over the contiguous KV cache: decode and prefill for batches of requests of
+different lengths.
+
+Layouts are flash-attn's: caches are ``[max_batch, max_seq, Hkv, D]`` (``KVCache.k[layer]``),
+queries ``[..., Hq, D]`` with ``Hq`` a multiple of ``Hkv`` (GQA/MQA). Three entry points:
+
+* :func:`decode` -- one new token per request, attending to its first ``cache_seqlens[b]``
+  cached tokens (write the token's K/V into the cache first).
+* :func:`prefill` -- causal self-attention over prompts packed back to back
+  (``flash_attn_varlen_func``'s layout: ``q/k/v [total_tokens, H, D]`` and ``cu_seqlens``).
+* :func:`prefill_with_cache` -- chunked prefill: packed new queries attending to everything their
+  request has in the cache (prefix plus the new tokens, whose K/V are already written), causal.
+
+Implementations (``impl=``):
+
+* ``"flash"``: flash-attn (``pip install pyvattn[flash]``) on CUDA tensors.
+* ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, one call per request on the
+  slice ``cache[slot, :len]``: it never reads past a request's length, which matters on the host
+  backend (unmapped pages are ``PROT_NONE``: a read is SIGSEGV) and on cuda-vmm (a fault).
+* ``"auto"`` (default): flash when installed and the tensors are on CUDA, else sdpa.
+  :func:`backend_name` says which one a call would use.
+
+Lengths are validated on the host only when they already live there: on CUDA the flash path never
+copies ``cache_seqlens`` to the host (that would synchronize every layer of every step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional extra "flash"
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except Exception:  # ImportError, or a build that does not match this torch/CUDA
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
+
+IMPLS = ("auto", "flash", "sdpa")
+
+
+def flash_available() -> bool:
+    return flash_attn_with_kvcache is not None
+
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def backend_name(device: torch.device | str | torch.Tensor, impl: str = "auto",
+                 dtype: torch.dtype | None = None) -> str:
+    """The implementation a call would run for tensors on ``device`` (or like a given tensor, whose
+    dtype then counts too): ``"flash-attn"`` or ``"sdpa"``. flash-attn runs fp16/bf16 on CUDA;
+    ``auto`` picks it there when it is installed. ``ValueError`` if ``impl`` cannot run."""
+    if isinstance(device, torch.Tensor):
+        device, dtype = device.device, device.dtype if dtype is None else dtype
+    device = torch.device(device)
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    flash_ok = device.type == "cuda" and (dtype is None or dtype in FLASH_DTYPES)
+    if impl == "flash":
+        if not flash_available():
+            raise ValueError("impl='flash' needs flash-attn installed (pip install pyvattn[flash])")
+        if not flash_ok:
+            raise ValueError(f"impl='flash' runs fp16/bf16 CUDA tensors only, not {dtype or ''} on {device}")
+        return "flash-attn"
+    if impl == "auto" and flash_available() and flash_ok:
+        return "flash-attn"
+    return "sdpa"
+
+
+# --- decode -------------------------------------------------------------------------------------
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           cache_seqlens: torch.Tensor | Sequence[int], *, slots: torch.Tensor | Sequence[int] | None = None,
+           softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """One decode step for ``B`` requests.
+
+    ``q``: ``[B, 1, Hq, D]``; ``k_cache``/``v_cache``: ``[max_batch, max_seq, Hkv, D]``;
+    ``cache_seqlens``: int ``[B]``, the tokens request ``b`` attends to (including the one being
+    decoded, whose K/V must already be in the cache); ``slots``: int ``[B]``, the cache row of
+    request ``b`` (default ``0..B-1``). Returns ``[B, 1, Hq, D]`` in ``q``'s dtype.
+    """
+    _check_cache(q, k_cache, v_cache, "q")
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [batch, 1, heads, head_dim], got {tuple(q.shape)}")
+    B = q.shape[0]
+    lens = _as_index(cache_seqlens, "cache_seqlens", B, q.device)
+    slot_t = None if slots is None else _as_index(slots, "slots", B, q.device)
+    _check_values(lens, slot_t, k_cache, lo=1)
+    scale = _scale(softmax_scale, q.shape[-1])
+
+    if backend_name(q, impl) == "flash-attn":
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, cache_batch_idx=slot_t,
+                                       softmax_scale=scale, causal=True)
+    out = torch.empty_like(q)
+    lens_h = lens.tolist()
+    slots_h = range(B) if slot_t is None else slot_t.tolist()
+    for b, (s, n) in enumerate(zip(slots_h, lens_h)):
+        out[b] = _sdpa(q[b], k_cache[s, :n], v_cache[s, :n], scale, causal=False)
+    return out
+
+
+# --- prefill ------------------------------------------------------------------------------------
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            cu_seqlens: torch.Tensor | Sequence[int], *, max_seqlen: int | None = None,
+            softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Causal self-attention over prompts packed back to back.
+
+    ``q``: ``[T, Hq, D]``; ``k``/``v``: ``[T, Hkv, D]``; ``cu_seqlens``: int ``[B+1]``, request
+    ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]`` (``cu_seqlens[0] == 0``,
+    ``cu_seqlens[-1] == T``). ``max_seqlen`` (longest prompt) saves flash-attn a host sync.
+    Returns ``[T, Hq, D]``. Store ``k``/``v`` into the cache with :func:`store_kv`.
+    """
+    _check_heads(q, k, v, "q", "k")
+    if q.dim() != 3 or k.shape[0] != q.shape[0]:
+        raise ValueError(f"q [tokens, heads, head_dim] and k/v must have the same tokens; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    cu = _cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    scale = _scale(softmax_scale, q.shape[-1])
+    if backend_name(q, impl) == "flash-attn":
+        if max_seqlen is None:
+            max_seqlen = int((cu[1:] - cu[:-1]).max())
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                                      softmax_scale=scale, causal=True)
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out[a:b] = _sdpa(q[a:b], k[a:b], v[a:b], scale, causal=True)
+    return out
+
+
+def prefill_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor | Sequence[int], cache_seqlens: torch.Tensor | Sequence[int],
+                       *, slots: torch.Tensor | Sequence[int] | None = None,
+                       softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Chunked prefill: new queries of each request attend to its whole cached sequence, causally.
+
+    ``q``: ``[T, Hq, D]`` packed by ``cu_seqlens_q`` (``[B+1]``); ``cache_seqlens``: ``[B]``,
+    request ``b``'s length *including* its ``n_b`` new tokens, whose K/V are already in
+    ``cache[slot, L_b - n_b : L_b]``. New query ``j`` sees cache positions ``0 .. L_b - n_b + j``
+    (causal, aligned to the end). Returns ``[T, Hq, D]``.
+    """
+    _check_cache(q, k_cache, v_cache, "q")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
+    cu = _cu_seqlens(cu_seqlens_q, q.shape[0], q.device, name="cu_seqlens_q")
+    B = cu.numel() - 1
+    lens = _as_index(cache_seqlens, "cache_seqlens", B, q.device)
+    slot_t = None if slots is None else _as_index(slots, "slots", B, q.device)
+    _check_values(lens, slot_t, k_cache, lo=0)
+    bounds = cu.tolist()
+    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lens_h = lens.tolist()
+    if any(n > L for n, L in zip(counts, lens_h)):
+        raise ValueError("cache_seqlens: every length must include its request's new tokens "
+                         "(cache_seqlens[b] >= cu_seqlens_q[b+1] - cu_seqlens_q[b])")
+    scale = _scale(softmax_scale, q.shape[-1])
+
+    if backend_name(q, impl) == "flash-attn":
+        # flash_attn_with_kvcache aligns the causal mask bottom-right, so padding each request's
+        # queries on the left (not the right) gives every real query row its own causal limit.
+        S = max(counts) if counts else 0
+        if S == 0:
+            return torch.empty_like(q)
+        rows = torch.cat([torch.arange(S - n, S) + b * S for b, n in enumerate(counts)]).to(q.device)
+        q_pad = q.new_zeros((B * S, *q.shape[1:]))
+        q_pad[rows] = q
+        out = flash_attn_with_kvcache(q_pad.view(B, S, *q.shape[1:]), k_cache, v_cache,
+                                      cache_seqlens=lens, cache_batch_idx=slot_t,
+                                      softmax_scale=scale, causal=True)
+        return out.reshape(B * S, *q.shape[1:])[rows]
+    out = torch.empty_like(q)
+    slots_h = range(B) if slot_t is None else slot_t.tolist()
+    for (a, b), s, L in zip(zip(bounds[:-1], bounds[1:]), slots_h, lens_h):
+        if b > a:
+            out[a:b] = _sdpa(q[a:b], k_cache[s, :L], v_cache[s, :L], scale, causal=True)
+    return out
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             cu_seqlens: torch.Tensor | Sequence[int], start: torch.Tensor | Sequence[int],
+             *, slots: torch.Tensor | Sequence[int] | None = None) -> None:
+    """Write packed new tokens into the cache: rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of ``k``/``v``
+    go to ``cache[slot_b, start[b] : start[b] + n_b]``. The pages must be mapped (``step`` first)."""
+    _check_cache(k, k_cache, v_cache, "k", gqa=False)
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"k and v differ: {tuple(k.shape)} {k.dtype} vs {tuple(v.shape)} {v.dtype}")
+    cu = _cu_seqlens(cu_seqlens, k.shape[0], k.device)
+    B = cu.numel() - 1
+    start_h = _as_index(start, "start", B, "cpu").tolist()
+    slots_h = list(range(B)) if slots is None else _as_index(slots, "slots", B, "cpu").tolist()
+    bounds = cu.tolist()
+    for (a, b), s, p in zip(zip(bounds[:-1], bounds[1:]), slots_h, start_h):
+        if not 0 <= s < k_cache.shape[0] or p < 0 or p + (b - a) > k_cache.shape[1]:
+            raise ValueError(f"store_kv: slot {s}, tokens [{p}, {p + b - a}) do not fit the cache "
+                             f"{tuple(k_cache.shape[:2])}")
+        k_cache[s, p:p + b - a] = k[a:b]
+        v_cache[s, p:p + b - a] = v[a:b]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+_GQA_KW = True  # SDPA's enable_gqa (torch >= 2.5); turned off on the first TypeError
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """``q [n, Hq, D]`` over ``k/v [L, Hkv, D]`` -> ``[n, Hq, D]``. With ``causal`` and ``L > n``
+    the mask is aligned to the end (query j sees keys ``0 .. L - n + j``)."""
+    global _GQA_KW
+    n, L = q.shape[0], k.shape[0]
+    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    mask, is_causal = None, False
+    if causal and n > 1:
+        if n == L:
+            is_causal = True
+        else:
+            mask = torch.arange(L, device=q.device)[None, :] <= torch.arange(L - n, L, device=q.device)[:, None]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and _GQA_KW:
+        try:
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal,
+                                                 scale=scale, enable_gqa=True)
+            return out[0].transpose(0, 1)
+        except TypeError:
+            _GQA_KW = False
+    if groups > 1:
+        kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def _scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be a positive number")
+    return float(softmax_scale)
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qname: str, kname: str,
+                 gqa: bool = True) -> None:
+    for name, t in ((qname, q), (kname, k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"{kname} and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"{qname}, {kname} and v must share one floating dtype; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{qname}, {kname} and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head_dim differs: {qname} has {q.shape[-1]}, {kname} has {k.shape[-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if (hq % hkv if gqa else hq != hkv):
+        raise ValueError(f"{qname} has {hq} heads, {kname} has {hkv}: "
+                         + ("query heads must be a multiple of KV heads" if gqa else "they must match"))
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, qname: str,
+                 gqa: bool = True) -> None:
+    _check_heads(q, k_cache, v_cache, qname, "k_cache", gqa)
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [max_batch, max_seq, kv_heads, head_dim], got {tuple(k_cache.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache: the last dimension must be contiguous")
+
+
+def _as_index(x, name: str, n: int, device) -> torch.Tensor:
+    """``x`` as an int32 tensor of ``n`` elements on ``device`` (no copy when it already is)."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in (torch.int32, torch.int64) or x.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {x.dtype} {tuple(x.shape)}")
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(list(x), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a sequence of ints") from None
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} entries, expected {n}")
+    return t.to(device=device, dtype=torch.int32)
+
+
+def _check_values(lens: torch.Tensor, slots: torch.Tensor | None, k_cache: torch.Tensor, lo: int) -> None:
+    """Range checks, done only for lengths already on the host (no device sync)."""
+    max_batch, max_seq = k_cache.shape[:2]
+    if lens.device.type == "cpu" and lens.numel():
+        if int(lens.min()) < lo or int(lens.max()) > max_seq:
+            raise ValueError(f"cache_seqlens must lie in [{lo}, max_seq={max_seq}], got "
+                             f"[{int(lens.min())}, {int(lens.max())}]")
+    if slots is not None and slots.device.type == "cpu" and slots.numel():
+        if int(slots.min()) < 0 or int(slots.max()) >= max_batch:
+            raise ValueError(f"slots must lie in [0, {max_batch})")
+
+
+def _cu_seqlens(cu, total: int, device, name: str = "cu_seqlens") -> torch.Tensor:
+    if isinstance(cu, torch.Tensor):
+        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor")
+        host = cu.tolist()
+    else:
+        host = list(cu)
+    if len(host) < 2 or host[0] != 0 or host[-1] != total or any(b < a for a, b in zip(host, host[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}; "
+                         f"got {host[:6]}{'...' if len(host) > 6 else ''}")
+    if isinstance(cu, torch.Tensor) and cu.device == torch.device(device) and cu.dtype == torch.int32:
+        return cu
+    return torch.tensor(host, dtype=torch.int32, device=device)
+
+
+__all__ = ["IMPLS", "backend_name", "decode", "flash_available", "prefill", "prefill_with_cache", "store_kv"]
