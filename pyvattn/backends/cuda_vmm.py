@@ -57,7 +57,7 @@ class CudaVmmBackend(Backend):
         cuda.check("cuDevicePrimaryCtxRetain", self._lib.cuDevicePrimaryCtxRetain(ctx, self._dev))
         self._ctx = ctx[0]
         self._closed = False
-        self._cur = cuda.ffi.new("CUcontext *")
+        self._facts: dict | None = None
         self._handle_out = cuda.ffi.new("CUmemGenericAllocationHandle *")
         self._prop = cuda.allocation_prop(self._dev)
         self._access = cuda.access_desc(self._dev)
@@ -109,13 +109,12 @@ class CudaVmmBackend(Backend):
         super().check_page_size(device, page_size)
 
     def describe(self) -> dict:
-        version = cuda.driver_version()
-        return {
-            **super().describe(),
-            "driver_version": f"{version // 1000}.{version % 1000 // 10}",
-            "device_name": cuda.device_name(self._dev),
-            "granularity": self.granularity(self.device),
-        }
+        if self._facts is None:  # stats() calls this often; the facts never change
+            version = cuda.driver_version()
+            self._facts = {"driver_version": f"{version // 1000}.{version % 1000 // 10}",
+                           "device_name": cuda.device_name(self._dev),
+                           "granularity": self.granularity(self.device)}
+        return {**super().describe(), **self._facts}
 
     # --- context -----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the cuda-vmm backend and of attention on pyvattn memory.
+
+Sections (all in one run, side by side, so ratios compare like with like):
+
+1. driver calls at the device granularity: cuMemCreate, cuMemMap, cuMemSetAccess (one page, and
+   one call over a run of pages), cuMemUnmap, cuMemRelease -- host wall time per call, median;
+2. growing one request by one page in every layer's K and V (2 x layers maps): one batched
+   ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per region;
+3. a decode loop through ``KVCache`` (write each new token's K/V, decode attention in every
+   layer, synchronize like a sampler would): a fully pre-mapped cache vs ``step()`` every
+   iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute;
+4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
+
+GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
+(default benchmarks/results/bench_cuda.json). Goals printed with the results: one-page growth of a
+32-layer model under 1 ms; step_async within 3% of pre-mapped; attention within 2% of torch memory.
+
+    python scripts/bench_cuda.py [--layers 32] [--batch 32] [--steps 512] [--out PATH]
+    python scripts/bench_cuda.py --device cpu --backend host --steps 40   # smoke run, no GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyvattn import KVCache, attention, backends
+
+MiB = 1 << 20
+
+
+# --- timing -------------------------------------------------------------------------------------
+class Clock:
+    """Elapsed milliseconds of a region: CUDA events on a GPU (GPU idle gaps included, so host
+    stalls count), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, start) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (time.perf_counter() - start) * 1e3
+
+
+def host_us(fn, n: int) -> float:
+    """Median microseconds of ``fn(i)`` over ``i in range(n)``, each call timed on its own."""
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+# --- 1. driver calls ----------------------------------------------------------------------------
+def bench_driver_calls(device: torch.device, n: int) -> dict:
+    from pyvattn._ffi import cuda
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    gran = CudaVmmBackend.granularity(device)
+    be = CudaVmmBackend(device, gran)
+    lib = cuda.lib()
+    base = be.reserve(n * gran)
+    out = cuda.ffi.new("CUmemGenericAllocationHandle *")
+    handles = []
+    vas = [base + i * gran for i in range(n)]
+
+    def create(i):
+        cuda.check("cuMemCreate", lib.cuMemCreate(out, gran, be._prop, 0))
+        handles.append(out[0])
+
+    def mem_map(i):
+        cuda.check("cuMemMap", lib.cuMemMap(vas[i], gran, 0, handles[i], 0))
+
+    def set_access(i):
+        cuda.check("cuMemSetAccess", lib.cuMemSetAccess(vas[i], gran, be._access, 1))
+
+    def unmap(i):
+        cuda.check("cuMemUnmap", lib.cuMemUnmap(vas[i], gran))
+
+    def release(i):
+        cuda.check("cuMemRelease", lib.cuMemRelease(handles[i]))
+
+    with be._context():
+        r = {"granularity": gran, "calls": n, "cuMemCreate_us": host_us(create, n),
+             "cuMemMap_us": host_us(mem_map, n), "cuMemSetAccess_1page_us": host_us(set_access, n)}
+        run = 16
+        r["cuMemSetAccess_run_of_16_pages_us"] = host_us(
+            lambda i: cuda.check("cuMemSetAccess", lib.cuMemSetAccess(vas[i * run], run * gran, be._access, 1)),
+            n // run)
+        r["cuMemUnmap_us"] = host_us(unmap, n)
+        r["cuMemRelease_us"] = host_us(release, n)
+    be.unreserve(base, n * gran)
+    be.close()
+    return r
+
+
+# --- 2. one-page growth of every layer ----------------------------------------------------------
+def bench_growth(device: torch.device, backend: str, layers: int, repeat: int) -> dict:
+    sel = backends.select(backend, device)
+    P = sel.cls.default_page_size(device)
+    be = sel.cls(device, P)
+    regions = 2 * layers
+    per_region = 8
+    base = be.reserve(regions * per_region * P)
+    handles = be.create_pages(regions * 4)
+    one = [base + r * per_region * P for r in range(regions)]  # page 0 of every region
+    four = [base + (r * per_region + j) * P for r in range(regions) for j in range(4)]
+    res = {"backend": sel.name, "page_size": P, "layers": layers, "maps_per_growth": regions}
+    t_batched, t_single, t_four = [], [], []
+    for it in range(repeat + 2):  # two warmup rounds
+        t0 = time.perf_counter()
+        be.map(one, handles[:regions])
+        t1 = time.perf_counter()
+        be.unmap(one)
+        t2 = time.perf_counter()
+        for va, h in zip(one, handles[:regions]):
+            be.map([va], [h])
+        t3 = time.perf_counter()
+        be.unmap(one)
+        t4 = time.perf_counter()
+        be.map(four, handles[:4 * regions])
+        t5 = time.perf_counter()
+        be.unmap(four)
+        if it >= 2:
+            t_batched.append(t1 - t0)
+            t_single.append(t3 - t2)
+            t_four.append(t5 - t4)
+    be.release_pages(handles)
+    be.unreserve(base, regions * per_region * P)
+    be.close()
+    res.update(batched_ms=statistics.median(t_batched) * 1e3, per_page_calls_ms=statistics.median(t_single) * 1e3,
+               batched_4_pages_per_region_ms=statistics.median(t_four) * 1e3)
+    return res
+
+
+# --- 3. decode loop through KVCache ------------------------------------------------------------
+MODEL = dict(kv_heads=8, q_heads=32, head_dim=128)  # Llama-3-8B-like attention shapes
+
+
+def _cache(args, device, deferred=True) -> KVCache:
+    return KVCache(args.layers, MODEL["kv_heads"], MODEL["head_dim"], args.batch, args.max_seq,
+                   dtype=args.dtype, device=device, backend=args.backend, deferred_reclaim=deferred)
+
+
+def _start_lengths(cache: KVCache, batch: int, steps: int) -> list[int]:
+    """Staggered lengths so that every request crosses a page boundary during the loop."""
+    tpp = cache.page_size // cache.token_bytes
+    spread = max(1, min(tpp, steps) - 1)
+    return [tpp + (tpp - 1 - (b * spread) // max(1, batch - 1) % tpp) for b in range(batch)]
+
+
+def bench_decode_loop(args, device: torch.device) -> dict:
+    clock = Clock(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    results = {}
+    for mode in ("premapped", "step", "step_async"):
+        cache = _cache(args, device)
+        slots = [cache.alloc_slot() for _ in range(args.batch)]
+        lens0 = _start_lengths(cache, args.batch, args.steps)
+        if mode == "premapped":
+            cache.step({s: n + args.steps + 1 for s, n in zip(slots, lens0)})
+        cache.step({s: n for s, n in zip(slots, lens0)})
+        for layer in range(args.layers):  # the prompt's K/V (values only matter for NaN-freedom)
+            for s, n in zip(slots, lens0):
+                cache.k[layer][s, :n].normal_(generator=gen)
+                cache.v[layer][s, :n].normal_(generator=gen)
+        slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
+        slot_l = slot_t.long()
+        q = torch.randn(args.batch, 1, MODEL["q_heads"], MODEL["head_dim"], dtype=args.dtype,
+                        device=device, generator=gen)
+        kv_new = torch.randn(args.batch, MODEL["kv_heads"], MODEL["head_dim"], dtype=args.dtype,
+                             device=device, generator=gen)
+        lens = np.array(lens0, dtype=np.int64)
+        times = []
+        map_s0 = cache.stats()["map_seconds"]
+        for it in range(args.steps):
+            nxt = lens + 1
+            t = clock.start()
+            cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
+            pos = torch.from_numpy(nxt - 1).to(device, non_blocking=True)
+            seqlens = torch.from_numpy(nxt.astype(np.int32)).to(device, non_blocking=True)
+            for layer in range(args.layers):
+                cache.k[layer][slot_l, pos] = kv_new
+                cache.v[layer][slot_l, pos] = kv_new
+                attention.decode(q, cache.k[layer], cache.v[layer], seqlens, slots=slot_t)
+            if mode == "step_async":
+                cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
+            ms = clock.stop(t)  # synchronizes, like sampling the next token would
+            if it >= args.warmup:
+                times.append(ms)
+            lens = nxt
+        s = cache.stats()
+        results[mode] = {"median_step_ms": statistics.median(times), "mean_step_ms": statistics.fmean(times),
+                         "max_step_ms": max(times), "map_calls": s["map_calls"],
+                         "map_seconds": s["map_seconds"] - map_s0, "mapped_pages_total": s["mapped_pages_total"]}
+        cache.close()
+    base = results["premapped"]["mean_step_ms"]
+    for mode in ("step", "step_async"):
+        results[mode]["mean_vs_premapped"] = results[mode]["mean_step_ms"] / base
+    results["attention_impl"] = attention.backend_name(device, dtype=args.dtype)
+    return results
+
+
+# --- 4. attention on pyvattn memory vs torch memory --------------------------------------------
+def bench_attention(args, device: torch.device) -> dict:
+    clock = Clock(device)
+    cache = _cache(args, device)
+    slots = [cache.alloc_slot() for _ in range(args.batch)]
+    L = args.attn_len
+    cache.step({s: L for s in slots})
+    gen = torch.Generator(device=device).manual_seed(1)
+    k_py, v_py = cache.k[0], cache.v[0]
+    k_py[:, :L].normal_(generator=gen)
+    v_py[:, :L].normal_(generator=gen)
+    k_t = torch.empty(k_py.shape, dtype=args.dtype, device=device)
+    v_t = torch.empty_like(k_t)
+    k_t[:, :L] = k_py[:, :L]
+    v_t[:, :L] = v_py[:, :L]
+    q = torch.randn(args.batch, 1, MODEL["q_heads"], MODEL["head_dim"], dtype=args.dtype, device=device,
+                    generator=gen)
+    lens = torch.full((args.batch,), L, dtype=torch.int32, device=device)
+    slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
+    inner = 20
+    t_py, t_torch = [], []
+    for it in range(args.repeat + 3):  # interleaved; 3 warmup rounds
+        for kc, vc, sink in ((k_py, v_py, t_py), (k_t, v_t, t_torch)):
+            t = clock.start()
+            for _ in range(inner):
+                out = attention.decode(q, kc, vc, lens, slots=slot_t)
+            ms = clock.stop(t) / inner
+            if it >= 3:
+                sink.append(ms)
+    same = torch.equal(attention.decode(q, k_py, v_py, lens, slots=slot_t),
+                       attention.decode(q, k_t, v_t, lens, slots=slot_t))
+    cache.close()
+    py, tt = statistics.median(t_py), statistics.median(t_torch)
+    return {"batch": args.batch, "seq_len": L, "impl": attention.backend_name(device, dtype=args.dtype),
+            "pyvattn_ms": py, "torch_empty_ms": tt, "ratio": py / tt, "identical_outputs": same}
+
+
+# --- main ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--backend", default="cuda-vmm", help="cuda-vmm, uvm64k, auto (host with --device cpu)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-seq", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=512, help="decode-loop iterations per mode")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--attn-len", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=256, help="driver calls timed per kind")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("bench_cuda.py needs a CUDA GPU: torch sees none (use --device cpu --backend host "
+                  "for a smoke run)", file=sys.stderr)
+            return 2
+        torch.cuda.init()
+        device = torch.device("cuda", torch.cuda.current_device())
+    probe = backends.probe(args.backend, device) if args.backend != "auto" else None
+    if probe is not None and not probe.available:
+        print(f"bench_cuda.py: backend {args.backend} cannot run on {device}: {probe.reason}", file=sys.stderr)
+        return 2
+    out_path = Path(args.out or f"benchmarks/results/bench_cuda{'' if device.type == 'cuda' else '_smoke_cpu'}.json")
+
+    result = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
+                          "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                          "flash_attn": attention.flash_available()},
+              "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.backend == "cuda-vmm":
+        result["driver_calls"] = bench_driver_calls(device, args.calls)
+        d = result["driver_calls"]
+        print(f"\ncuda-vmm driver calls at granularity {d['granularity'] // 1024} KiB "
+              f"(host wall time, median of {d['calls']})")
+        for key in ("cuMemCreate_us", "cuMemMap_us", "cuMemSetAccess_1page_us",
+                    "cuMemSetAccess_run_of_16_pages_us", "cuMemUnmap_us", "cuMemRelease_us"):
+            print(f"  {key[:-3]:<36} {d[key]:>9.1f} us")
+
+    g = result["growth"] = bench_growth(device, args.backend, args.layers, args.repeat)
+    print(f"\ngrow one request by one page in all {args.layers} layers' K and V "
+          f"({g['maps_per_growth']} maps, {g['backend']}, {g['page_size'] // 1024} KiB pages)")
+    print(f"  one batched map():            {g['batched_ms']:8.3f} ms  (goal < 1 ms: "
+          f"{'met' if g['batched_ms'] < 1 else 'NOT met'})")
+    print(f"  one map() per page:           {g['per_page_calls_ms']:8.3f} ms")
+    print(f"  batched, 4 pages per region:  {g['batched_4_pages_per_region_ms']:8.3f} ms "
+          f"({g['batched_4_pages_per_region_ms'] / 4:.3f} ms per page-of-growth)")
+
+    dl = result["decode_loop"] = bench_decode_loop(args, device)
+    print(f"\ndecode loop: {args.layers} layers, batch {args.batch}, {args.steps} steps, "
+          f"attention via {dl['attention_impl']}")
+    print(f"  {'mode':<12} {'median':>10} {'mean':>10} {'max':>10} {'vs premapped':>13} {'map calls':>10}")
+    for mode in ("premapped", "step", "step_async"):
+        r = dl[mode]
+        ratio = f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-"
+        print(f"  {mode:<12} {r['median_step_ms']:>7.3f} ms {r['mean_step_ms']:>7.3f} ms "
+              f"{r['max_step_ms']:>7.3f} ms {ratio:>13} {r['map_calls']:>10}")
+    ok = dl["step_async"]["mean_vs_premapped"] <= 1.03
+    print(f"  step_async within 3% of premapped: {'met' if ok else 'NOT met'}")
+
+    a = result["attention"] = bench_attention(args, device)
+    print(f"\ndecode attention, batch {a['batch']}, {a['seq_len']} tokens, {a['impl']}: "
+          f"pyvattn {a['pyvattn_ms']:.4f} ms vs torch.empty {a['torch_empty_ms']:.4f} ms = "
+          f"{a['ratio']:.3f}x (goal within 2%: {'met' if a['ratio'] <= 1.02 else 'NOT met'}); "
+          f"outputs identical: {a['identical_outputs']}")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nsaved {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
