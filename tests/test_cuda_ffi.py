@@ -165,3 +165,309 @@ def test_device_tensor_headers_are_freed_by_torch():
         device_tensor(buf.ctypes.data, 64, torch.device("cpu"))
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 2048  # a leaked ~100-byte header each would be ~5 MiB
+
+
+# --- the backend's call sequences, against a stub driver ------------------------------------------
+# No GPU here, so the Python side of the cuda-vmm backend is driven against a small C stand-in for
+# libcuda (compiled at test time). It keeps the state a driver would (reservations, handles,
+# mappings, access, the current context per thread) and rejects what the real API rejects, so
+# these tests check *what the backend asks of the driver*: argument values, call counts and order,
+# roll-back on failure, context handling on other threads. They prove nothing about the real driver:
+# tests/test_cuda_vmm.py does that on a GPU.
+STUB_C = r"""
+/* A strict stand-in for the libcuda VMM subset: enough state to check call sequences. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#define GRAN (2u << 20)
+#define MAXN 4096
+typedef int CUresult;
+typedef struct { int type; int id; } Loc;
+typedef struct { int type; int handleTypes; Loc location; void *win32; unsigned char flags[8]; } Prop;
+typedef struct { Loc location; int flags; } Access;
+
+static int ctx_obj, ctx_refs, initialized;
+static __thread void *current;
+static struct { uint64_t base, size; } res[MAXN];
+static struct { uint64_t size; int alive; } handles[MAXN];
+static struct { uint64_t va, size, h; int access; } maps[MAXN];
+static int nres, nhandles, nmaps;
+static long limit_pages = 1 << 30, used_pages;
+int stub_calls[16];   /* 0 map, 1 setaccess, 2 unmap, 3 create, 4 release, 5 sync, 6 reserve, 7 free */
+int stub_fail_map_after = -1, stub_fail_access = 0;
+uint64_t stub_last_sync_before_unmap;  /* stub_calls[5] when the last unmap ran */
+
+void stub_set_limit(long pages) { limit_pages = pages; }
+int stub_live_handles(void) { int n = 0; for (int i = 0; i < nhandles; i++) n += handles[i].alive; return n; }
+int stub_live_mappings(void) { int n = 0; for (int i = 0; i < nmaps; i++) n += maps[i].size != 0; return n; }
+int stub_accessible_mappings(void) { int n = 0; for (int i = 0; i < nmaps; i++) n += maps[i].size && maps[i].access; return n; }
+int stub_live_reservations(void) { int n = 0; for (int i = 0; i < nres; i++) n += res[i].size != 0; return n; }
+int stub_ctx_refs(void) { return ctx_refs; }
+
+static int good_prop(const Prop *p) { return p && p->type == 1 && p->handleTypes == 0 && p->location.type == 1 && p->location.id == 0; }
+
+CUresult cuInit(unsigned flags) { if (flags) return 1; initialized = 1; return 0; }
+CUresult cuDriverGetVersion(int *v) { *v = 12040; return 0; }
+CUresult cuGetErrorName(CUresult e, const char **s) {
+    switch (e) {
+    case 0: *s = "CUDA_SUCCESS"; return 0;
+    case 1: *s = "CUDA_ERROR_INVALID_VALUE"; return 0;
+    case 2: *s = "CUDA_ERROR_OUT_OF_MEMORY"; return 0;
+    case 201: *s = "CUDA_ERROR_INVALID_CONTEXT"; return 0;
+    case 205: *s = "CUDA_ERROR_MAP_FAILED"; return 0;
+    default: *s = 0; return 1;
+    }
+}
+CUresult cuGetErrorString(CUresult e, const char **s) { *s = "stub driver error"; return 0; }
+CUresult cuDeviceGetCount(int *n) { if (!initialized) return 3; *n = 1; return 0; }
+CUresult cuDeviceGet(int *d, int ord) { if (!initialized) return 3; if (ord != 0) return 101; *d = 0; return 0; }
+CUresult cuDeviceGetName(char *name, int len, int dev) { strncpy(name, "Stub GPU", len); return 0; }
+CUresult cuDeviceGetAttribute(int *v, int attr, int dev) { *v = attr == 102; return 0; }
+CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { *ctx = &ctx_obj; ctx_refs++; return 0; }
+CUresult cuDevicePrimaryCtxRelease_v2(int dev) { if (ctx_refs <= 0) return 201; ctx_refs--; return 0; }
+CUresult cuCtxGetCurrent(void **ctx) { if (!initialized) return 3; *ctx = current; return 0; }
+CUresult cuCtxSetCurrent(void *ctx) { current = ctx; return 0; }
+CUresult cuCtxSynchronize(void) { if (!current) return 201; stub_calls[5]++; return 0; }
+CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
+    if (!current) return 201; *total = (size_t)limit_pages * GRAN; *free = (size_t)(limit_pages - used_pages) * GRAN; return 0;
+}
+CUresult cuMemGetAllocationGranularity(size_t *g, const Prop *p, int opt) { if (!good_prop(p) || opt) return 1; *g = GRAN; return 0; }
+CUresult cuMemAddressReserve(uint64_t *ptr, size_t size, size_t align, uint64_t addr, unsigned long long flags) {
+    if (!size || size % GRAN || !align || align % GRAN || (align & (align - 1)) || addr || flags || nres == MAXN) return 1;
+    char *raw = mmap(0, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) return 2;
+    uint64_t base = ((uint64_t)raw + align - 1) / align * align;
+    res[nres].base = base; res[nres].size = size; nres++; stub_calls[6]++;
+    *ptr = base; return 0;
+}
+CUresult cuMemAddressFree(uint64_t ptr, size_t size) {
+    for (int i = 0; i < nres; i++) if (res[i].size && res[i].base == ptr) {
+        if (res[i].size != size) return 1;
+        for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va >= ptr && maps[j].va < ptr + size) return 1;
+        res[i].size = 0; stub_calls[7]++; return 0;
+    }
+    return 1;
+}
+CUresult cuMemCreate(uint64_t *h, size_t size, const Prop *p, unsigned long long flags) {
+    if (!good_prop(p) || flags || !size || size % GRAN || nhandles == MAXN) return 1;
+    stub_calls[3]++;
+    if (used_pages + (long)(size / GRAN) > limit_pages) return 2;
+    used_pages += size / GRAN;
+    handles[nhandles].size = size; handles[nhandles].alive = 1;
+    *h = 1000 + nhandles++; return 0;
+}
+static int handle_index(uint64_t h) { long i = (long)h - 1000; return (i >= 0 && i < nhandles && handles[i].alive) ? (int)i : -1; }
+CUresult cuMemRelease(uint64_t h) {
+    int i = handle_index(h); if (i < 0) return 400;
+    handles[i].alive = 0; used_pages -= handles[i].size / GRAN; stub_calls[4]++; return 0;
+}
+CUresult cuMemMap(uint64_t va, size_t size, size_t offset, uint64_t h, unsigned long long flags) {
+    int i = handle_index(h);
+    if (!current) return 201;
+    if (i < 0 || offset || flags || size != handles[i].size || va % GRAN || nmaps == MAXN) return 1;
+    int inside = 0;
+    for (int r = 0; r < nres; r++) inside |= res[r].size && va >= res[r].base && va + size <= res[r].base + res[r].size;
+    if (!inside) return 1;
+    for (int j = 0; j < nmaps; j++) if (maps[j].size && va < maps[j].va + maps[j].size && maps[j].va < va + size) return 208;
+    if (stub_fail_map_after == 0) return 205;
+    if (stub_fail_map_after > 0) stub_fail_map_after--;
+    maps[nmaps].va = va; maps[nmaps].size = size; maps[nmaps].h = h; maps[nmaps].access = 0; nmaps++;
+    stub_calls[0]++; return 0;
+}
+CUresult cuMemSetAccess(uint64_t va, size_t size, const Access *d, size_t count) {
+    if (!current) return 201;
+    if (count != 1 || d->location.type != 1 || d->location.id != 0 || d->flags != 3 || !size || size % GRAN) return 1;
+    stub_calls[1]++;
+    if (stub_fail_access) return 2;
+    for (uint64_t a = va; a < va + size; a += GRAN) {  /* every granule must be mapped */
+        int found = 0;
+        for (int j = 0; j < nmaps; j++) if (maps[j].size && a >= maps[j].va && a < maps[j].va + maps[j].size) found = 1;
+        if (!found) return 1;
+    }
+    for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va >= va && maps[j].va < va + size) maps[j].access = 1;
+    return 0;
+}
+CUresult cuMemUnmap(uint64_t va, size_t size) {
+    if (!current) return 201;
+    for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va == va) {
+        if (maps[j].size != size) return 1;
+        maps[j].size = 0; stub_calls[2]++; stub_last_sync_before_unmap = stub_calls[5]; return 0;
+    }
+    return 1;
+}
+"""
+STUB_CDEF = """
+    extern int stub_calls[16];
+    extern int stub_fail_map_after, stub_fail_access;
+    extern uint64_t stub_last_sync_before_unmap;
+    void stub_set_limit(long pages);
+    int stub_live_handles(void);
+    int stub_live_mappings(void);
+    int stub_accessible_mappings(void);
+    int stub_live_reservations(void);
+    int stub_ctx_refs(void);
+"""
+MAP, ACCESS, UNMAP, CREATE, RELEASE, SYNC = range(6)
+GRAN = 2 << 20
+
+
+@pytest.fixture(scope="module")
+def stub_source(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the stub driver")
+    d = tmp_path_factory.mktemp("stubcuda")
+    (d / "stub.c").write_text(STUB_C)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "libcuda-stub.so"), str(d / "stub.c")],
+                   check=True, capture_output=True)
+    return d / "libcuda-stub.so"
+
+
+@pytest.fixture
+def stub(stub_source, tmp_path, monkeypatch):
+    """A fresh stub driver (a copy of the library has its own globals) installed as libcuda."""
+    import shutil
+
+    from cffi import FFI
+
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    path = tmp_path / "libcuda.so.1"
+    shutil.copy(stub_source, path)
+    monkeypatch.setattr(cuda, "_lib", cuda.ffi.dlopen(str(path)))
+    monkeypatch.setattr(cuda, "_init_status", None)
+    monkeypatch.setattr(CudaVmmBackend, "_granularity", {})
+    ffi = FFI()
+    ffi.cdef(STUB_CDEF)
+    return ffi.dlopen(str(path))
+
+
+def _backend():
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    return CudaVmmBackend(torch.device("cuda"), GRAN)
+
+
+def test_stub_probe_granularity_and_describe(stub):
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    p = CudaVmmBackend.probe(torch.device("cuda"))
+    assert p.available and "Stub GPU" in p.reason and "2048 KiB" in p.reason and "12.4" in p.reason
+    assert not CudaVmmBackend.probe(torch.device("cuda:3")).available
+    assert CudaVmmBackend.granularity(torch.device("cuda")) == GRAN
+    with pytest.raises(ValueError, match="page_size"):
+        CudaVmmBackend.check_page_size(torch.device("cuda"), 3 << 20)
+    b = _backend()
+    info = b.describe()
+    assert info["driver_version"] == "12.4" and info["device_name"] == "Stub GPU" and info["granularity"] == GRAN
+    assert b.mem_info()[0] > 0
+    b.close()
+    assert stub.stub_ctx_refs() == 0
+
+
+def test_stub_map_sets_access_once_per_run_and_unmap_syncs_first(stub):
+    b = _backend()
+    assert stub.stub_ctx_refs() == 1
+    base = b.reserve(16 * GRAN)
+    assert base % GRAN == 0
+    handles = b.create_pages(8)
+    pages = [9, 0, 1, 2, 3, 7, 8, 10]  # runs 0-3 and 7-10
+    b.map([base + p * GRAN for p in pages], handles)
+    assert stub.stub_calls[MAP] == 8 and stub.stub_calls[ACCESS] == 2
+    assert stub.stub_accessible_mappings() == 8
+    b.unmap([base + p * GRAN for p in (0, 1, 7)])
+    assert stub.stub_calls[SYNC] == 1 and stub.stub_calls[UNMAP] == 3
+    assert stub.stub_last_sync_before_unmap == 1  # the sync came before the unmaps
+    with pytest.raises(ValueError, match="not mapped"):
+        b.unmap([base])
+    freed = [handles[pages.index(p)] for p in (0, 1, 7)]
+    with pytest.raises(ValueError, match="not live, unmapped"):
+        b.release_pages([handles[pages.index(2)]])  # still mapped
+    b.release_pages(freed)
+    assert stub.stub_live_handles() == 5
+    with pytest.raises(ValueError, match="mapped pages"):
+        b.unreserve(base, 16 * GRAN)
+    b.close()
+    assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations(),
+            stub.stub_ctx_refs()) == (0, 0, 0, 0)
+    b.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        b.reserve(GRAN)
+
+
+def test_stub_create_is_all_or_nothing_and_oom_is_out_of_pages(stub):
+    from pyvattn import OutOfPages
+
+    stub.stub_set_limit(10)
+    b = _backend()
+    kept = b.create_pages(4)
+    with pytest.raises(OutOfPages) as info:
+        b.create_pages(7)
+    assert info.value.needed == 7
+    assert stub.stub_live_handles() == 4  # the 6 made before the failure were released
+    assert len(b.create_pages(6)) == 6 and stub.stub_live_handles() == 10
+    b.release_pages(kept)
+    b.close()
+    assert stub.stub_live_handles() == 0
+
+
+@pytest.mark.parametrize("fail", ["map", "access"])
+def test_stub_map_failure_rolls_back_the_whole_batch(stub, fail):
+    from pyvattn import OutOfPages
+
+    b = _backend()
+    base = b.reserve(8 * GRAN)
+    handles = b.create_pages(6)
+    b.map([base], handles[:1])
+    if fail == "map":
+        stub.stub_fail_map_after = 3  # the 4th cuMemMap of the batch fails
+        with pytest.raises(CudaError) as info:
+            b.map([base + i * GRAN for i in range(1, 6)], handles[1:])
+        assert info.value.status == "CUDA_ERROR_MAP_FAILED" and info.value.call == "cuMemMap"
+        stub.stub_fail_map_after = -1
+    else:
+        stub.stub_fail_access = 1
+        with pytest.raises(OutOfPages):
+            b.map([base + i * GRAN for i in range(1, 6)], handles[1:])
+        stub.stub_fail_access = 0
+    assert stub.stub_live_mappings() == 1  # only the page mapped before the batch
+    b.map([base + i * GRAN for i in range(1, 6)], handles[1:])  # the backend's books agree
+    assert stub.stub_accessible_mappings() == 6
+    b.close()
+    assert stub.stub_live_mappings() == stub.stub_live_handles() == 0
+
+
+def test_stub_calls_from_a_thread_with_no_current_context(stub):
+    import threading
+
+    b = _backend()
+    base = b.reserve(4 * GRAN)
+    handles = b.create_pages(4)
+    errors = []
+
+    def work():
+        try:
+            b.map([base + i * GRAN for i in range(4)], handles)
+            b.unmap([base + 3 * GRAN])
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert stub.stub_live_mappings() == 3 and stub.stub_calls[ACCESS] == 1
+    b.close()
+
+
+def test_stub_error_names_come_from_the_driver(stub):
+    cuda.lib()
+    assert cuda.error_name(205) == "CUDA_ERROR_MAP_FAILED"
+    assert cuda.error_name(801) == "CUDA_ERROR_NOT_SUPPORTED"  # the stub does not know it: table
+    with pytest.raises(CudaError, match="stub driver error"):
+        cuda.check("cuMemMap", 205)
