@@ -90,6 +90,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     scale = _scale(softmax_scale, q.shape[-1])
 
     if backend_name(q, impl) == "flash-attn":
+        if slot_t is None:  # rows 0..B-1; a view keeps flash-attn's batch sizes equal
+            k_cache, v_cache = k_cache[:B], v_cache[:B]
         return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, cache_batch_idx=slot_t,
                                        softmax_scale=scale, causal=True)
     out = torch.empty_like(q)
@@ -166,6 +168,8 @@ def prefill_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         rows = torch.cat([torch.arange(S - n, S) + b * S for b, n in enumerate(counts)]).to(q.device)
         q_pad = q.new_zeros((B * S, *q.shape[1:]))
         q_pad[rows] = q
+        if slot_t is None:
+            k_cache, v_cache = k_cache[:B], v_cache[:B]
         out = flash_attn_with_kvcache(q_pad.view(B, S, *q.shape[1:]), k_cache, v_cache,
                                       cache_seqlens=lens, cache_batch_idx=slot_t,
                                       softmax_scale=scale, causal=True)
@@ -285,6 +289,8 @@ def _as_index(x, name: str, n: int, device) -> torch.Tensor:
 def _check_values(lens: torch.Tensor, slots: torch.Tensor | None, k_cache: torch.Tensor, lo: int) -> None:
     """Range checks, done only for lengths already on the host (no device sync)."""
     max_batch, max_seq = k_cache.shape[:2]
+    if slots is None and lens.numel() > max_batch:
+        raise ValueError(f"batch of {lens.numel()} requests but the cache has {max_batch} rows; pass slots")
     if lens.device.type == "cpu" and lens.numel():
         if int(lens.min()) < lo or int(lens.max()) > max_seq:
             raise ValueError(f"cache_seqlens must lie in [{lo}, max_seq={max_seq}], got "

@@ -216,6 +216,7 @@ def test_backend_name_reports_the_path():
     (dict(cache_seqlens=[0, 3]), "cache_seqlens must lie"),
     (dict(cache_seqlens=torch.tensor([1.0, 2.0])), "cache_seqlens must be"),
     (dict(slots=[0, 3]), "slots must lie"),
+    (dict(q=torch.zeros(4, 1, 4, 8), cache_seqlens=[1, 1, 1, 1]), "pass slots"),
     (dict(softmax_scale=-1.0), "softmax_scale"),
 ])
 def test_decode_rejects_bad_input_naming_the_argument(bad, match):
@@ -242,3 +243,74 @@ def test_store_kv_refuses_tokens_past_the_cache():
         attention.store_kv(kc, kc.clone(), k, k, [0, 5], [4])
     attention.store_kv(kc, kc.clone(), k, k, [0, 5], [3], slots=[1])
     assert kc[1, 3:8].eq(1).all() and kc[1, :3].eq(0).all() and kc[0].eq(0).all()
+
+
+# --- the flash-attn call packing, against flash-attn's documented semantics ------------------------
+def _flash_with_kvcache_model(q, k_cache, v_cache, cache_seqlens=None, cache_batch_idx=None,
+                              softmax_scale=None, causal=False):
+    """flash_attn_with_kvcache as its docstring defines it: request b reads row
+    cache_batch_idx[b] (default b) up to cache_seqlens[b]; causal is aligned bottom-right; a row
+    that sees no key outputs zeros. float64, for checking how pyvattn packs its calls."""
+    B, S = q.shape[:2]
+    if cache_batch_idx is None:
+        assert k_cache.shape[0] == B, "flash-attn wants the cache's batch to match q's"
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(B):
+        row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+        L = int(cache_seqlens[b])
+        for i in range(S):
+            last = L - S + i if causal else L - 1
+            if last >= 0:
+                out[b, i] = reference(q[b, i:i + 1], k_cache[row, :L], v_cache[row, :L], softmax_scale,
+                                      last if causal else None)[0]
+    return out.to(q.dtype)
+
+
+def _flash_varlen_model(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+    assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.zeros(q.shape, dtype=q.dtype)
+    bounds = cu_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out[a:b] = reference(q[a:b], k[a:b], v[a:b], softmax_scale, 0 if causal else None).to(q.dtype)
+    return out
+
+
+@pytest.fixture
+def flash_model(monkeypatch):
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", _flash_with_kvcache_model)
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", _flash_varlen_model)
+    monkeypatch.setattr(attention, "backend_name", lambda *a, **k: "flash-attn")
+
+
+def test_flash_packing_decode_prefill_and_chunked_prefill(flash_model):
+    gen = torch.Generator().manual_seed(21)
+    hq, hkv, D = 8, 2, 16
+    kc, vc = torch.randn(5, 90, hkv, D, generator=gen), torch.randn(5, 90, hkv, D, generator=gen)
+    scale = 1 / math.sqrt(D)
+    # decode, with and without slots
+    q = torch.randn(3, 1, hq, D, generator=gen)
+    for slots in ([4, 0, 2], None):
+        out = attention.decode(q, kc, vc, [9, 90, 1], slots=slots)
+        for b, n in enumerate([9, 90, 1]):
+            s = b if slots is None else slots[b]
+            assert_close(out[b], reference(q[b], kc[s, :n], vc[s, :n], scale, None), torch.float32)
+    # packed prefill
+    cu = [0, 4, 4, 11]
+    qp, kp, vp = (torch.randn(11, h, D, generator=gen) for h in (hq, hkv, hkv))
+    out = attention.prefill(qp, kp, vp, cu)
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            assert_close(out[a:b], reference(qp[a:b], kp[a:b], vp[a:b], scale, 0), torch.float32)
+    # chunked prefill: the left padding must give each real query its own causal limit
+    new, total, slots = [3, 0, 7, 1], [3, 40, 60, 90], [1, 2, 3, 0]
+    cu = [0, 3, 3, 10, 11]
+    qc = torch.randn(11, hq, D, generator=gen)
+    for use_slots in (True, False):
+        out = attention.prefill_with_cache(qc, kc, vc, cu, total, slots=slots if use_slots else None)
+        for b in range(4):
+            a, e = cu[b], cu[b + 1]
+            if e > a:
+                s = slots[b] if use_slots else b
+                want = reference(qc[a:e], kc[s, :total[b]], vc[s, :total[b]], scale, total[b] - new[b])
+                assert_close(out[a:e], want, torch.float32)
