@@ -169,15 +169,16 @@ def test_close_returns_all_device_memory():
     from pyvattn.backends.cuda_vmm import CudaVmmBackend
 
     torch.cuda.init()
-    b = CudaVmmBackend(torch.device("cuda"), 2 * MiB)
+    P = CudaVmmBackend.granularity(torch.device("cuda"))
+    b = CudaVmmBackend(torch.device("cuda"), P)
     free0, _ = b.mem_info()
-    base = b.reserve(512 * MiB)
+    base = b.reserve(256 * P)
     handles = b.create_pages(128)
-    b.map([base + i * 2 * MiB for i in range(64)], handles[:64])
-    assert b.mem_info()[0] <= free0 - 256 * MiB + 32 * MiB
+    b.map([base + i * P for i in range(64)], handles[:64])
+    assert b.mem_info()[0] <= free0 - 128 * P + 32 * MiB
     b.close()
     b.close()  # idempotent
-    b2 = CudaVmmBackend(torch.device("cuda"), 2 * MiB)
+    b2 = CudaVmmBackend(torch.device("cuda"), P)
     try:
         assert b2.mem_info()[0] >= free0 - 32 * MiB
     finally:
