@@ -158,9 +158,9 @@ def bench_growth(device: torch.device, backend: str, layers: int, repeat: int) -
 MODEL = dict(kv_heads=8, q_heads=32, head_dim=128)  # Llama-3-8B-like attention shapes
 
 
-def _cache(args, device, deferred=True) -> KVCache:
-    return KVCache(args.layers, MODEL["kv_heads"], MODEL["head_dim"], args.batch, args.max_seq,
-                   dtype=args.dtype, device=device, backend=args.backend, deferred_reclaim=deferred)
+def _cache(args, device, layers: int | None = None) -> KVCache:
+    return KVCache(layers or args.layers, MODEL["kv_heads"], MODEL["head_dim"], args.batch, args.max_seq,
+                   dtype=args.dtype, device=device, backend=args.backend)
 
 
 def _start_lengths(cache: KVCache, batch: int, steps: int) -> list[int]:
@@ -225,7 +225,7 @@ def bench_decode_loop(args, device: torch.device) -> dict:
 # --- 4. attention on pyvattn memory vs torch memory --------------------------------------------
 def bench_attention(args, device: torch.device) -> dict:
     clock = Clock(device)
-    cache = _cache(args, device)
+    cache = _cache(args, device, layers=1)  # one layer's K and V: the same shapes as torch.empty's
     slots = [cache.alloc_slot() for _ in range(args.batch)]
     L = args.attn_len
     cache.step({s: L for s in slots})
