@@ -175,7 +175,11 @@ def test_device_tensor_headers_are_freed_by_torch():
 # roll-back on failure, context handling on other threads. They prove nothing about the real driver:
 # tests/test_cuda_vmm.py does that on a GPU.
 STUB_C = r"""
-/* A strict stand-in for the libcuda VMM subset: enough state to check call sequences. */
+/* A strict stand-in for the libcuda VMM subset: driver-like state to check call sequences, and
+   host memory behind "device" pages (a memfd), so mapped ranges can be read and written. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <unistd.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -193,7 +197,7 @@ static __thread void *current;
 static struct { uint64_t base, size; } res[MAXN];
 static struct { uint64_t size; int alive; } handles[MAXN];
 static struct { uint64_t va, size, h; int access; } maps[MAXN];
-static int nres, nhandles, nmaps;
+static int nres, nhandles, nmaps, memfd = -1;
 static long limit_pages = 1 << 30, used_pages;
 int stub_calls[16];   /* 0 map, 1 setaccess, 2 unmap, 3 create, 4 release, 5 sync, 6 reserve, 7 free */
 int stub_fail_map_after = -1, stub_fail_access = 0;
@@ -246,7 +250,7 @@ CUresult cuMemAddressFree(uint64_t ptr, size_t size) {
     for (int i = 0; i < nres; i++) if (res[i].size && res[i].base == ptr) {
         if (res[i].size != size) return 1;
         for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va >= ptr && maps[j].va < ptr + size) return 1;
-        res[i].size = 0; stub_calls[7]++; return 0;
+        munmap((void *)ptr, size); res[i].size = 0; stub_calls[7]++; return 0;
     }
     return 1;
 }
@@ -254,6 +258,9 @@ CUresult cuMemCreate(uint64_t *h, size_t size, const Prop *p, unsigned long long
     if (!good_prop(p) || flags || !size || size % GRAN || nhandles == MAXN) return 1;
     stub_calls[3]++;
     if (used_pages + (long)(size / GRAN) > limit_pages) return 2;
+    if (memfd < 0) memfd = memfd_create("stub-cuda", MFD_CLOEXEC);
+    if (memfd < 0 || ftruncate(memfd, (off_t)(nhandles + 1) * GRAN)) return 2;
+    if (size != GRAN) return 801;  /* one granule per handle keeps the stub's memfd layout simple */
     used_pages += size / GRAN;
     handles[nhandles].size = size; handles[nhandles].alive = 1;
     *h = 1000 + nhandles++; return 0;
@@ -261,7 +268,9 @@ CUresult cuMemCreate(uint64_t *h, size_t size, const Prop *p, unsigned long long
 static int handle_index(uint64_t h) { long i = (long)h - 1000; return (i >= 0 && i < nhandles && handles[i].alive) ? (int)i : -1; }
 CUresult cuMemRelease(uint64_t h) {
     int i = handle_index(h); if (i < 0) return 400;
-    handles[i].alive = 0; used_pages -= handles[i].size / GRAN; stub_calls[4]++; return 0;
+    handles[i].alive = 0; used_pages -= handles[i].size / GRAN; stub_calls[4]++;
+    fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)i * GRAN, GRAN);
+    return 0;
 }
 CUresult cuMemMap(uint64_t va, size_t size, size_t offset, uint64_t h, unsigned long long flags) {
     int i = handle_index(h);
@@ -273,6 +282,7 @@ CUresult cuMemMap(uint64_t va, size_t size, size_t offset, uint64_t h, unsigned 
     for (int j = 0; j < nmaps; j++) if (maps[j].size && va < maps[j].va + maps[j].size && maps[j].va < va + size) return 208;
     if (stub_fail_map_after == 0) return 205;
     if (stub_fail_map_after > 0) stub_fail_map_after--;
+    if (mmap((void *)va, size, PROT_NONE, MAP_SHARED | MAP_FIXED, memfd, (off_t)i * GRAN) == MAP_FAILED) return 2;
     maps[nmaps].va = va; maps[nmaps].size = size; maps[nmaps].h = h; maps[nmaps].access = 0; nmaps++;
     stub_calls[0]++; return 0;
 }
@@ -287,13 +297,16 @@ CUresult cuMemSetAccess(uint64_t va, size_t size, const Access *d, size_t count)
         if (!found) return 1;
     }
     for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va >= va && maps[j].va < va + size) maps[j].access = 1;
+    mprotect((void *)va, size, PROT_READ | PROT_WRITE);
     return 0;
 }
 CUresult cuMemUnmap(uint64_t va, size_t size) {
     if (!current) return 201;
     for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va == va) {
         if (maps[j].size != size) return 1;
-        maps[j].size = 0; stub_calls[2]++; stub_last_sync_before_unmap = stub_calls[5]; return 0;
+        maps[j].size = 0; stub_calls[2]++; stub_last_sync_before_unmap = stub_calls[5];
+        mmap((void *)va, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+        return 0;
     }
     return 1;
 }
@@ -471,3 +484,53 @@ def test_stub_error_names_come_from_the_driver(stub):
     assert cuda.error_name(801) == "CUDA_ERROR_NOT_SUPPORTED"  # the stub does not know it: table
     with pytest.raises(CudaError, match="stub driver error"):
         cuda.check("cuMemMap", 205)
+
+
+def test_stub_kvcache_workload_through_the_cuda_vmm_backend(stub, monkeypatch):
+    """KVCache on backend="cuda-vmm" over the stub driver, whose pages are host memory: growth,
+    step_async, reclaim under a budget (unmap + remap), OutOfPages and close, with every value
+    checked. Tensor views are made on the CPU (the same DLPack helper, kDLCPU) since this torch has
+    no CUDA; everything else is the backend's real code."""
+    from kvdata import check, write
+
+    from pyvattn import KVCache, OutOfPages
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    monkeypatch.setattr(CudaVmmBackend, "tensor", lambda self, base, n: device_tensor(base, n, torch.device("cpu")))
+    # 2 KV heads x 64 x fp32 = 512 B per token: 4096 tokens per 2 MiB page, 3 pages per slot
+    cache = KVCache(2, 2, 64, max_batch_size=4, max_seq_len=10000, dtype=torch.float32, device="cuda",
+                    backend="cuda-vmm", memory_budget=20 * GRAN)
+    assert cache.selection.name == "cuda-vmm" and cache.page_size == GRAN
+    a, b = cache.alloc_slot(), cache.alloc_slot()
+    cache.step({a: 5000, b: 100})
+    write(cache, a, 1, 0, 5000)
+    write(cache, b, 2, 0, 100)
+    cache.step_async({a: 9000, b: 4097})  # 5 pages per region: the whole budget
+    cache.step({a: 9000, b: 4097})
+    write(cache, a, 1, 5000, 9000)
+    write(cache, b, 2, 100, 4097)
+    check(cache, a, 1, 9000)
+    check(cache, b, 2, 4097)
+    assert stub.stub_calls[ACCESS] < stub.stub_calls[MAP]  # runs, not pages
+    cache.free_slot(a)
+    c = cache.alloc_slot(seq_len=8000)
+    assert c == a  # best fit: a's pages are still mapped
+    cache.step({c: 8000})
+    write(cache, c, 3, 0, 8000)
+    d = cache.alloc_slot()
+    with pytest.raises(OutOfPages):
+        cache.step({d: 4000, b: 9000})
+    check(cache, b, 2, 4097)
+    check(cache, c, 3, 8000)
+    cache.free_slot(c)
+    syncs = stub.stub_calls[SYNC]
+    cache.step({d: 4000})  # reclaims from the freed slot c: unmaps, after a sync
+    assert stub.stub_calls[SYNC] > syncs and stub.stub_calls[UNMAP] > 0
+    write(cache, d, 4, 0, 4000)
+    check(cache, d, 4, 4000)
+    check(cache, b, 2, 4097)
+    s = cache.stats()
+    assert s["backend"] == "cuda-vmm" and s["device_name"] == "Stub GPU" and s["physical_bytes"] <= 20 * GRAN
+    cache.close()
+    assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations(),
+            stub.stub_ctx_refs()) == (0, 0, 0, 0)
