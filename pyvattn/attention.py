@@ -301,17 +301,19 @@ def _check_values(lens: torch.Tensor, slots: torch.Tensor | None, k_cache: torch
 
 
 def _cu_seqlens(cu, total: int, device, name: str = "cu_seqlens") -> torch.Tensor:
+    """``cu`` as int32 on ``device``. Values are checked when they are on the host; a tensor already
+    on the GPU is taken as is (reading it back would synchronize)."""
     if isinstance(cu, torch.Tensor):
-        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be a 1-D int32/int64 tensor")
+        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor of at least 2 entries")
+        if cu.device.type != "cpu":
+            return cu.to(device=device, dtype=torch.int32)
         host = cu.tolist()
     else:
         host = list(cu)
     if len(host) < 2 or host[0] != 0 or host[-1] != total or any(b < a for a, b in zip(host, host[1:])):
         raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}; "
                          f"got {host[:6]}{'...' if len(host) > 6 else ''}")
-    if isinstance(cu, torch.Tensor) and cu.device == torch.device(device) and cu.dtype == torch.int32:
-        return cu
     return torch.tensor(host, dtype=torch.int32, device=device)
 
 
