@@ -20,8 +20,9 @@ Implementations (``impl=``):
 * ``"auto"`` (default): flash when installed and the tensors are on CUDA, else sdpa.
   :func:`backend_name` says which one a call would use.
 
-Lengths are validated on the host only when they already live there: on CUDA the flash path never
-copies ``cache_seqlens`` to the host (that would synchronize every layer of every step).
+Lengths are validated only when they already live on the host: the flash paths of ``decode`` and
+``prefill`` (with ``max_seqlen``) never read GPU tensors back, which would synchronize every layer of
+every step. ``prefill_with_cache`` and the SDPA paths read lengths on the host (one sync per call).
 """
 
 from __future__ import annotations
