@@ -27,6 +27,7 @@ every step. ``prefill_with_cache`` and the SDPA paths read lengths on the host (
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -39,6 +40,8 @@ except Exception:  # ImportError, or a build that does not match this torch/CUDA
     flash_attn_varlen_func = flash_attn_with_kvcache = None
 
 IMPLS = ("auto", "flash", "sdpa")
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
 
 
 def flash_available() -> bool:
@@ -64,10 +67,15 @@ def backend_name(device: torch.device | str | torch.Tensor, impl: str = "auto",
             raise ValueError("impl='flash' needs flash-attn installed (pip install pyvattn[flash])")
         if not flash_ok:
             raise ValueError(f"impl='flash' runs fp16/bf16 CUDA tensors only, not {dtype or ''} on {device}")
-        return "flash-attn"
-    if impl == "auto" and flash_available() and flash_ok:
-        return "flash-attn"
-    return "sdpa"
+        name = "flash-attn"
+    elif impl == "auto" and flash_available() and flash_ok:
+        name = "flash-attn"
+    else:
+        name = "sdpa"
+    if (device.type, name) not in _logged:  # once per device type and path
+        _logged.add((device.type, name))
+        log.info("pyvattn.attention: %s on %s tensors", name, device.type)
+    return name
 
 
 # --- decode -------------------------------------------------------------------------------------
