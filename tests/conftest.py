@@ -33,17 +33,19 @@ def backend_device(request) -> tuple[str, str]:
 def make_cache(backend_device):
     """Build KVCaches on the parametrized backend; all are closed at teardown.
 
-    Defaults: small shapes, float32 (exact values), the smallest page the backend maps, so a few
-    hundred tokens cross many page boundaries.
+    Defaults: float32 (exact values) and a token size of page_size / 32 whatever the backend's page
+    (4 KiB on the host, 64 KiB on uvm64k, 2 MiB on cuda-vmm), so every backend sees the same page
+    geometry: 32 tokens per page, and a few hundred tokens cross many page boundaries.
     """
     name, device = backend_device
     made: list[KVCache] = []
+    page_size = 4096 if name == "host" else \
+        backends.backend_class(name).default_page_size(torch.device(device))
 
     def make(**kw) -> KVCache:
-        args = dict(num_layers=3, num_kv_heads=2, head_dim=16, max_batch_size=6, max_seq_len=1000,
-                    dtype=torch.float32, device=device, backend=name)
-        if name == "host":
-            args["page_size"] = 4096  # 32 tokens of 128 B
+        args = dict(num_layers=3, num_kv_heads=2, head_dim=page_size // 256, max_batch_size=6,
+                    max_seq_len=1000, dtype=torch.float32, device=device, backend=name,
+                    page_size=page_size)
         args.update(kw)
         cache = KVCache(**args)
         made.append(cache)
