@@ -1,0 +1,494 @@
+"""uvm64k backend: 64 KiB GPU pages from the pyvattn-patched nvidia-uvm module.
+
+The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4) adds ioctls on
+``/dev/nvidia-uvm``; this backend speaks them through :mod:`pyvattn._ffi.uvm`:
+
+* It uses **CUDA's own** UVM file descriptor: mappings must land in the GPU VA space CUDA
+  registered, so the backend finds that fd in ``/proc/self/fd`` by asking each ``/dev/nvidia-uvm``
+  descriptor ``UVM_KVC_QUERY`` and keeping the va_space fd that has the GPU's VA space (never the
+  secondary "mm" fd). The fd is CUDA's: the backend never closes it.
+* A reservation is ``mmap(PROT_NONE, MAP_NORESERVE)`` trimmed to 2 MiB alignment (what
+  ``UvmReserveVa`` does), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
+  Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (memo 4.9: the other
+  order lets CUDA reuse the VA while UVM still holds the range).
+* A physical page is one 64 KiB handle (``UVM_KVC_ALLOC``), or 2 / 4 of them for 128 / 256 KiB
+  pages (the hardware has no 128K/256K PTE; such a page is mapped as consecutive 64K PTEs).
+  Handles are opaque per-fd ids: the memory is pinned, zeroed on first use, and returned when the
+  process closes the fd, even after a crash.
+* ``map`` is ``UVM_KVC_MAP`` per VA-contiguous run, or ``UVM_KVC_MAP_SCATTER`` when the pages are
+  scattered, whichever takes fewer ioctls (batches of at most ``maxBatch`` pages). Maps are
+  synchronous: the PTEs are live when the ioctl returns.
+* ``unmap`` synchronizes the device, then ``UVM_KVC_UNMAP`` per contiguous run.
+
+The VAs are unknown to CUDA: tensors over them are built through DLPack (no pointer query),
+``cudaMemcpy(..., cudaMemcpyDefault)`` on them would treat them as host pointers, and a GPU access
+to an unmapped page is a fatal MMU fault (CUDA error 700), not a zero read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .._ffi import cuda, libc
+from .._ffi.dlpack import device_tensor
+from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError
+from .base import KiB, MiB, Backend, Probe, contiguous_runs
+
+GRANULE = 64 * KiB  # the module's only page size; bigger pages are several granules
+PAGE_SIZES = (64 * KiB, 128 * KiB, 256 * KiB)
+_RESERVE_ALIGN = 2 * MiB
+_OOM = ("NV_ERR_NO_MEMORY", "NV_ERR_INSUFFICIENT_RESOURCES")
+UVM_DEVICE = "/dev/nvidia-uvm"
+
+
+def _abi():
+    """The ioctl ABI module; imported lazily so that ``import pyvattn`` never parses the header."""
+    from .._ffi import uvm
+
+    return uvm
+
+
+def _ordinal(device: torch.device) -> int:
+    device = torch.device(device)
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+
+
+def gpu_uuid(ordinal: int) -> bytes:
+    """The 16-byte UUID of CUDA device ``ordinal`` (what CUDA registered with UVM)."""
+    text = cuda.device_uuid(cuda.device_get(ordinal))  # "GPU-xxxxxxxx-xxxx-..."
+    return bytes.fromhex(text[4:].replace("-", ""))
+
+
+def uvm_fds() -> list[int]:
+    """This process's open file descriptors on ``/dev/nvidia-uvm``, in fd order."""
+    fds = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return fds
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == UVM_DEVICE:
+                fds.append(int(name))
+        except OSError:
+            continue  # closed meanwhile (the listdir fd itself, among others)
+    return sorted(fds)
+
+
+def query(fd: int, uuid: bytes = bytes(16)):
+    """``UVM_KVC_QUERY`` on ``fd`` (for ``uuid``, or no GPU); returns the params struct.
+
+    Raises ``OSCallError`` on a stock driver (EINVAL / ENOSYS), ``UvmError`` on an ABI mismatch
+    (NV_ERR_NOT_SUPPORTED), and ``BackendUnavailable`` when the answer's magic is not ours.
+    """
+    uvm = _abi()
+    p = uvm.ioctl(fd, uvm.UVM_KVC_QUERY, uvm.params("UVM_KVC_QUERY", gpuUuid=uuid))
+    if p.magic != uvm.UVM_KVC_MAGIC:
+        raise BackendUnavailable(f"fd {fd}: UVM_KVC_QUERY answered with magic {p.magic:#x}, "
+                                 f"not {uvm.UVM_KVC_MAGIC:#x}: not the pyvattn nvidia-uvm patch")
+    return p
+
+
+def _why_not(exc: Exception) -> str:
+    """A user-facing reason for a failed QUERY."""
+    if isinstance(exc, OSCallError) and exc.status in ("EINVAL", "ENOSYS", "ENOTTY"):
+        return (f"the loaded nvidia-uvm does not know UVM_KVC_QUERY ({exc.status}): a stock driver, "
+                f"not the pyvattn patch (see docs/uvm64k.md, `sudo make install-driver`)")
+    if isinstance(exc, UvmError) and exc.status == "NV_ERR_NOT_SUPPORTED":
+        return (f"the patched nvidia-uvm refuses KVC ABI version {_abi().UVM_KVC_ABI_VERSION} "
+                f"(NV_ERR_NOT_SUPPORTED): module and pyvattn are from different releases")
+    return str(exc)
+
+
+class UvmBackend(Backend):
+    name = "uvm64k"
+
+    def __init__(self, device: torch.device = torch.device("cuda"), page_size: int = GRANULE):
+        super().__init__(device, page_size)
+        self.check_page_size(self.device, self.page_size)
+        self._uvm = _abi()
+        ordinal = _ordinal(self.device)
+        self.device = torch.device("cuda", ordinal)
+        self._dev = cuda.device_get(ordinal)
+        # Retaining the primary context (torch's) makes CUDA register the GPU and its VA space
+        # with UVM, so the fd we look for exists and has the GPU.
+        ctx = cuda.ffi.new("CUcontext *")
+        cuda.check("cuDevicePrimaryCtxRetain", cuda.lib().cuDevicePrimaryCtxRetain(ctx, self._dev))
+        self._ctx = ctx[0]
+        self._closed = False
+        try:
+            self._uuid = gpu_uuid(ordinal)
+            self.fd, info = self._find_fd()
+        except BaseException:
+            cuda.lib().cuDevicePrimaryCtxRelease_v2(self._dev)
+            raise
+        self.max_batch = int(info.maxBatch)
+        self._facts = {"module_magic": f"{int(info.magic):#x}",
+                       "abi_version": self._uvm.UVM_KVC_ABI_VERSION,
+                       "page_sizes": list(PAGE_SIZES), "granularity": GRANULE,
+                       "max_batch": self.max_batch, "uvm_fd": self.fd}
+        for name in ("moduleVersion", "driverVersion"):
+            if hasattr(info, name):
+                self._facts["module_version"] = int(getattr(info, name))
+        self._k = self.page_size // GRANULE  # granules per page
+        self._granules: dict[int, list[int]] = {}  # page handle (its first granule) -> granules
+        self._reservations: dict[int, int] = {}  # base -> nbytes (one UVM range each)
+        self._mapped: dict[int, int] = {}  # page va -> page handle
+        self._mapped_handles: set[int] = set()
+        self._scatter = "UVM_KVC_MAP_SCATTER" in self._uvm.IOCTLS
+        #: ioctls made, by name (for tests and benchmarks).
+        self.calls: Counter[str] = Counter()
+
+    # --- discovery ---------------------------------------------------------------------------
+    @classmethod
+    def probe(cls, device: torch.device) -> Probe:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return Probe(False, f"uvm64k serves CUDA devices only, not {device}")
+        try:
+            uvm = _abi()
+        except (ImportError, OSError) as exc:
+            return Probe(False, f"cannot read the ioctl ABI header: {exc}")
+        try:
+            cuda.init()
+            ordinal = _ordinal(device)
+            count = cuda.device_count()
+            if ordinal >= count:
+                return Probe(False, f"no CUDA device {ordinal}: the driver sees {count}")
+            uuid = gpu_uuid(ordinal)
+            fds = uvm_fds()
+            if not fds:  # CUDA opens its UVM fds at init or at first context: make sure
+                dev = cuda.device_get(ordinal)
+                ctx = cuda.ffi.new("CUcontext *")
+                cuda.check("cuDevicePrimaryCtxRetain", cuda.lib().cuDevicePrimaryCtxRetain(ctx, dev))
+                cuda.lib().cuDevicePrimaryCtxRelease_v2(dev)
+                fds = uvm_fds()
+        except (BackendUnavailable, CudaError) as exc:
+            return Probe(False, f"no usable CUDA: {exc}")
+        if not fds:
+            return Probe(False, f"no {UVM_DEVICE} descriptor is open in this process after CUDA "
+                                f"initialised (is nvidia-uvm loaded?)")
+        reasons = []
+        for fd in fds:
+            try:
+                info = query(fd, uuid)
+            except (OSCallError, UvmError, BackendUnavailable) as exc:
+                reasons.append(_why_not(exc))
+                continue
+            if info.gpuState & uvm.UVM_KVC_GPU_REGISTERED and not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
+                return Probe(False, f"the patched nvidia-uvm does not support {device} "
+                                    f"(pre-Pascal, big page size not 64K, or confidential computing)")
+            return Probe(True, f"patched nvidia-uvm (KVC ABI {uvm.UVM_KVC_ABI_VERSION}) answers on fd "
+                               f"{fd}: 64 KiB pages, {int(info.maxBatch)} per ioctl")
+        return Probe(False, "; ".join(dict.fromkeys(reasons)))
+
+    @classmethod
+    def granularity(cls, device: torch.device) -> int:
+        return GRANULE
+
+    @classmethod
+    def check_page_size(cls, device: torch.device, page_size: int) -> None:
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"device={device} is not a CUDA device; the uvm64k backend serves CUDA only")
+        if page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size={page_size} is not one of the uvm64k backend's page sizes "
+                             f"{list(PAGE_SIZES)}")
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self._facts}
+
+    def _find_fd(self):
+        """CUDA's va_space fd that has this GPU's VA space, and its QUERY answer."""
+        uvm, seen = self._uvm, []
+        for fd in uvm_fds():
+            try:
+                info = query(fd, self._uuid)
+            except (OSCallError, UvmError, BackendUnavailable) as exc:
+                seen.append(f"fd {fd}: {_why_not(exc)}")
+                continue
+            if info.fdType != uvm.UVM_KVC_FD_VA_SPACE:
+                seen.append(f"fd {fd}: not a va_space fd (type {int(info.fdType)})")
+            elif not info.gpuState & uvm.UVM_KVC_GPU_HAS_VA_SPACE:
+                seen.append(f"fd {fd}: {self.device} has no GPU VA space there")
+            elif not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
+                raise BackendUnavailable(f"the patched nvidia-uvm does not support {self.device}")
+            else:
+                return fd, info
+        raise BackendUnavailable(f"no {UVM_DEVICE} fd of this process serves {self.device}: "
+                                 + ("; ".join(seen) or "none is open"))
+
+    # --- ioctls ------------------------------------------------------------------------------
+    def _ioctl(self, name: str, **fields):
+        self._check_open()
+        uvm = self._uvm
+        self.calls[name] += 1
+        return uvm.ioctl(self.fd, uvm.IOCTLS[name], uvm.params(name, **fields))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this uvm64k backend is closed")
+
+    def _u64_array(self, values):
+        arr = self._uvm.ffi.new("NvU64[]", len(values))
+        np.frombuffer(self._uvm.ffi.buffer(arr), dtype=np.uint64)[:] = values
+        return arr, int(self._uvm.ffi.cast("uintptr_t", arr))
+
+    def _batches(self, n: int):
+        return ((i, min(i + self.max_batch, n)) for i in range(0, n, self.max_batch))
+
+    # --- virtual ranges ----------------------------------------------------------------------
+    def reserve(self, nbytes: int) -> int:
+        if nbytes <= 0 or nbytes % self.page_size:
+            raise ValueError(f"nbytes={nbytes} is not a positive multiple of page_size={self.page_size}")
+        self._check_open()
+        span = nbytes + _RESERVE_ALIGN
+        raw = libc.mmap(0, span, libc.PROT_NONE,
+                        libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
+        base = -(-raw // _RESERVE_ALIGN) * _RESERVE_ALIGN
+        if base > raw:
+            libc.munmap(raw, base - raw)
+        if raw + span > base + nbytes:
+            libc.munmap(base + nbytes, raw + span - base - nbytes)
+        try:
+            self._ioctl("UVM_KVC_CREATE_RANGE", base=base, length=nbytes)
+        except BaseException:
+            libc.munmap(base, nbytes)
+            raise
+        self._reservations[base] = nbytes
+        return base
+
+    def unreserve(self, base: int, nbytes: int) -> None:
+        if self._reservations.get(base) != nbytes:
+            raise ValueError(f"base={base:#x} nbytes={nbytes} is not a live reservation")
+        if any(base <= va < base + nbytes for va in self._mapped):
+            raise ValueError(f"reservation {base:#x} still has mapped pages; unmap them first")
+        self._ioctl("UVM_FREE", base=base, length=nbytes)  # UVM lets go of the VA first
+        del self._reservations[base]
+        libc.munmap(base, nbytes)
+
+    # --- physical pages ----------------------------------------------------------------------
+    def create_pages(self, count: int) -> list[int]:
+        if count < 0:
+            raise ValueError(f"count={count} must be >= 0")
+        if count == 0:
+            return []
+        n = count * self._k
+        arr, ptr = self._u64_array(np.zeros(n, dtype=np.uint64))
+        done = 0
+        try:
+            for lo, hi in self._batches(n):
+                self._ioctl("UVM_KVC_ALLOC", gpuUuid=self._uuid, pageSize=GRANULE, count=hi - lo,
+                            handlesPtr=ptr + 8 * lo)
+                done = hi
+        except UvmError as exc:
+            self._free_granules(list(arr[0:done]))  # all or nothing
+            if exc.status in _OOM:
+                raise OutOfPages(f"GPU memory exhausted creating {count} pages of {self.page_size} bytes "
+                                 f"({exc.status})", needed=count, available=done // self._k) from exc
+            raise
+        except BaseException:
+            self._free_granules(list(arr[0:done]))
+            raise
+        granules = list(arr)
+        pages = []
+        for i in range(0, n, self._k):
+            group = granules[i:i + self._k]
+            self._granules[group[0]] = group
+            pages.append(group[0])
+        return pages
+
+    def _free_granules(self, granules: list[int]) -> None:
+        if not granules:
+            return
+        arr, ptr = self._u64_array(granules)
+        for lo, hi in self._batches(len(granules)):
+            self._ioctl("UVM_KVC_FREE", count=hi - lo, handlesPtr=ptr + 8 * lo)
+
+    def release_pages(self, handles: Sequence[int]) -> None:
+        handles = list(handles)
+        if len(set(handles)) != len(handles):
+            raise ValueError("handles: duplicates in one call")
+        bad = [h for h in handles if h not in self._granules or h in self._mapped_handles]
+        if bad:
+            raise ValueError(f"handles {bad[:4]} are not live, unmapped pages of this backend")
+        self._free_granules([g for h in handles for g in self._granules[h]])
+        for h in handles:
+            del self._granules[h]
+
+    # --- mapping -----------------------------------------------------------------------------
+    def _check_runs(self, starts: list[int], lengths: list[int]) -> None:
+        P = self.page_size
+        for va, n in zip(starts, lengths):
+            end = va + n * P
+            if va % P or not any(b <= va and end <= b + size for b, size in self._reservations.items()):
+                raise ValueError(f"vas: [{va:#x}, {end:#x}) is not page-aligned inside a reservation")
+
+    def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
+        if len(vas) != len(handles):
+            raise ValueError(f"len(vas)={len(vas)} != len(handles)={len(handles)}")
+        if not len(vas):
+            return
+        self._check_open()
+        vas, handles = [int(v) for v in vas], [int(h) for h in handles]
+        P = self.page_size
+        starts, _, lengths = contiguous_runs(vas, None, P)
+        if len(set(vas)) != len(vas):
+            raise ValueError("vas: duplicates in one batch")
+        self._check_runs(starts, lengths)
+        if any(va in self._mapped for va in vas):
+            raise ValueError("vas: some are already mapped")
+        if len(set(handles)) != len(handles) or any(h not in self._granules for h in handles) \
+                or not self._mapped_handles.isdisjoint(handles):
+            raise ValueError("handles: some are not live, unmapped, distinct pages of this backend")
+        # One entry per 64K granule, sorted by VA.
+        order = np.argsort(np.asarray(vas, dtype=np.int64), kind="stable")
+        gvas = (np.asarray(vas, dtype=np.uint64)[order][:, None]
+                + np.arange(self._k, dtype=np.uint64) * GRANULE).ravel()
+        ghandles = np.asarray([self._granules[handles[i]] for i in order], dtype=np.uint64).ravel()
+        gstarts, _, glens = contiguous_runs(gvas.astype(np.int64), None, GRANULE)
+        run_calls = sum(-(-n // self.max_batch) for n in glens)
+        scatter_calls = -(-len(gvas) // self.max_batch)
+        done: list[tuple[int, int]] = []  # (base, length) mapped so far, to undo on failure
+        try:
+            if self._scatter and scatter_calls < run_calls:
+                self._map_scatter(gvas, ghandles, done)
+            else:
+                self._map_runs(gstarts, glens, ghandles, done)
+        except UvmError as exc:
+            self._unmap_ranges(done)
+            if exc.status in _OOM:  # page tables could not be allocated
+                raise OutOfPages(f"{exc.call}: GPU memory exhausted mapping {len(vas)} pages ({exc.status})",
+                                 needed=len(vas)) from exc
+            raise
+        except BaseException:
+            self._unmap_ranges(done)
+            raise
+        self._mapped.update(zip(vas, handles))
+        self._mapped_handles.update(handles)
+
+    def _map_flags(self) -> int:
+        return getattr(self._uvm, "UVM_KVC_MAP_FLAGS_NO_REPLACE", 0)  # never replace by mistake
+
+    def _map_runs(self, starts, lengths, ghandles, done) -> None:
+        arr, ptr = self._u64_array(ghandles)
+        first = 0
+        for base, n in zip(starts, lengths):
+            for lo, hi in self._batches(n):
+                self._ioctl("UVM_KVC_MAP", flags=self._map_flags(), gpuUuid=self._uuid,
+                            base=base + lo * GRANULE, count=hi - lo, handlesPtr=ptr + 8 * (first + lo))
+                done.append((base + lo * GRANULE, (hi - lo) * GRANULE))
+            first += n
+
+    def _map_scatter(self, gvas, ghandles, done) -> None:
+        uvm = self._uvm
+        entry = uvm.SCATTER_ENTRY
+        n = len(gvas)
+        arr = uvm.ffi.new(f"{entry}[]", n)
+        table = np.frombuffer(uvm.ffi.buffer(arr), dtype=np.uint64).reshape(n, -1)
+        va_col, handle_col = uvm.SCATTER_FIELDS
+        table[:, va_col], table[:, handle_col] = gvas, ghandles
+        ptr = int(uvm.ffi.cast("uintptr_t", arr))
+        size = uvm.ffi.sizeof(entry)
+        for lo, hi in self._batches(n):
+            self._ioctl("UVM_KVC_MAP_SCATTER", flags=self._map_flags(), gpuUuid=self._uuid,
+                        entriesPtr=ptr + size * lo, count=hi - lo)
+            done.extend((int(v), GRANULE) for v in gvas[lo:hi])
+
+    def _unmap_ranges(self, ranges) -> None:
+        """UNMAP each (base, length); contiguous neighbours are merged into one call."""
+        if not ranges:
+            return
+        merged: list[list[int]] = []
+        for base, length in sorted(ranges):
+            if merged and merged[-1][0] + merged[-1][1] == base:
+                merged[-1][1] += length
+            else:
+                merged.append([base, length])
+        for base, length in merged:
+            self._ioctl("UVM_KVC_UNMAP", gpuUuid=self._uuid, base=base, length=length)
+
+    def unmap(self, vas: Sequence[int]) -> None:
+        """Unmap pages once all work issued before the call is done.
+
+        The ioctl itself waits for its own PTE clear and TLB invalidate, not for kernels still
+        reading the pages: a kernel touching an unmapped page is a fatal fault, and a page mapped
+        elsewhere right after could be overwritten under it. So the device is synchronized first.
+        """
+        if not len(vas):
+            return
+        vas = [int(v) for v in vas]
+        missing = [va for va in vas if va not in self._mapped]
+        if missing:
+            raise ValueError(f"vas: {[hex(v) for v in missing[:4]]} are not mapped")
+        self.synchronize()
+        starts, _, lengths = contiguous_runs(vas, None, self.page_size)
+        self._unmap_ranges([(va, n * self.page_size) for va, n in zip(starts, lengths)])
+        for va in vas:
+            self._mapped_handles.discard(self._mapped.pop(va))
+
+    # --- access ------------------------------------------------------------------------------
+    def tensor(self, base: int, nbytes: int) -> torch.Tensor:
+        return device_tensor(base, nbytes, self.device)
+
+    @contextlib.contextmanager
+    def _context(self):
+        """Run with this device's primary context current on the calling thread (a background
+        mapping thread has none); restore a different one after."""
+        lib = cuda.lib()
+        cur = cuda.ffi.new("CUcontext *")
+        cuda.check("cuCtxGetCurrent", lib.cuCtxGetCurrent(cur))
+        prev = cur[0]
+        if prev != self._ctx:
+            cuda.check("cuCtxSetCurrent", lib.cuCtxSetCurrent(self._ctx))
+        try:
+            yield lib
+        finally:
+            if prev != self._ctx and prev != cuda.ffi.NULL:
+                lib.cuCtxSetCurrent(prev)
+
+    def synchronize(self) -> None:
+        """Wait for all work on the device's primary context (torch's streams included)."""
+        with self._context() as lib:
+            cuda.check("cuCtxSynchronize", lib.cuCtxSynchronize())
+
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) device memory in bytes, as the driver reports it."""
+        with self._context():
+            return cuda.mem_get_info()
+
+    def close(self) -> None:
+        """Free every range (which drops its maps), every page and every reservation; release the
+        primary-context reference. Idempotent; the first error is raised after every step was
+        tried. CUDA's fd stays open: it is CUDA's."""
+        if self._closed:
+            return
+        errors: list[Exception] = []
+
+        def attempt(fn, *args) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # keep going: leave as little behind as possible
+                errors.append(exc)
+
+        if self._mapped:
+            attempt(self.synchronize)
+        for base, nbytes in list(self._reservations.items()):
+            attempt(self._ioctl, "UVM_FREE", base=base, length=nbytes)
+            attempt(libc.munmap, base, nbytes)
+        attempt(self._free_granules, [g for group in self._granules.values() for g in group])
+        self._reservations.clear()
+        self._granules.clear()
+        self._mapped.clear()
+        self._mapped_handles.clear()
+        self._closed = True
+        cuda.lib().cuDevicePrimaryCtxRelease_v2(self._dev)
+        if errors:
+            raise errors[0]
