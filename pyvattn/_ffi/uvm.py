@@ -219,11 +219,16 @@ def status_name(code: int) -> str:
     return _STATUS_NAMES.get(code, f"NV_STATUS_{code:#x}")
 
 
+_FIELDS: dict[str, frozenset] = {}
+
+
 def params(request: str, **fields):
     """A zeroed ``<request>_PARAMS`` struct with ``version`` set to the ABI version (when the
     struct has one) and the given ``fields``; ``gpuUuid`` may be given as 16 bytes."""
     p = ffi.new(f"{request}_PARAMS *")
-    names = {f for f, _ in ffi.typeof(p[0]).fields}
+    names = _FIELDS.get(request)
+    if names is None:
+        names = _FIELDS[request] = frozenset(f for f, _ in ffi.typeof(p[0]).fields)
     if "version" in names:
         p.version = CONSTANTS["UVM_KVC_ABI_VERSION"]
     for k, v in fields.items():

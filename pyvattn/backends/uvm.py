@@ -176,16 +176,18 @@ class UvmBackend(Backend):
         if not fds:
             return Probe(False, f"no {UVM_DEVICE} descriptor is open in this process after CUDA "
                                 f"initialised (is nvidia-uvm loaded?)")
-        reasons = []
+        reasons, answered = [], []
         for fd in fds:
             try:
-                info = query(fd, uuid)
+                answered.append((fd, query(fd, uuid)))
             except (OSCallError, UvmError, BackendUnavailable) as exc:
                 reasons.append(_why_not(exc))
-                continue
+        for fd, info in answered:
             if info.gpuState & uvm.UVM_KVC_GPU_REGISTERED and not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
                 return Probe(False, f"the patched nvidia-uvm does not support {device} "
                                     f"(pre-Pascal, big page size not 64K, or confidential computing)")
+        if answered:  # prefer naming the fd the backend will use
+            fd, info = next(((fd, i) for fd, i in answered if i.fdType == uvm.UVM_KVC_FD_VA_SPACE), answered[0])
             return Probe(True, f"patched nvidia-uvm (KVC ABI {uvm.UVM_KVC_ABI_VERSION}) answers on fd "
                                f"{fd}: 64 KiB pages, {int(info.maxBatch)} per ioctl")
         return Probe(False, "; ".join(dict.fromkeys(reasons)))
@@ -472,9 +474,9 @@ class UvmBackend(Backend):
             return
         errors: list[Exception] = []
 
-        def attempt(fn, *args) -> None:
+        def attempt(fn, *args, **kwargs) -> None:
             try:
-                fn(*args)
+                fn(*args, **kwargs)
             except Exception as exc:  # keep going: leave as little behind as possible
                 errors.append(exc)
 
