@@ -378,8 +378,12 @@ def _(u: Uvm, check: Check):
           "NV_ERR_UVM_ADDRESS_IN_USE")
     t = torch.empty(8 * MiB, dtype=torch.uint8, device=u.device)
     inside = -(-t.data_ptr() // (2 * MiB)) * (2 * MiB)
-    check("over a cudaMalloc range", u.call("UVM_KVC_CREATE_RANGE", base=inside, length=2 * MiB)[0],
-          "NV_ERR_UVM_ADDRESS_IN_USE")
+    # Whether UVM knows cudaMalloc's VA at all is closed CUDA behaviour (memo 4.10): if this
+    # succeeds, a KVC range could shadow CUDA memory, which the patch should then refuse.
+    status = u.call("UVM_KVC_CREATE_RANGE", base=inside, length=2 * MiB)[0]
+    if status == "NV_OK":
+        u.call("UVM_FREE", base=inside, length=2 * MiB)
+    check("over a cudaMalloc range", status, "NV_ERR_UVM_ADDRESS_IN_USE")
     u.drop_range(base)
     del t
 
@@ -604,7 +608,10 @@ def _(u: Uvm, check: Check):
         baseline = _free_bytes(u)
         proc = _child(u, "hold", str(hold))
         line = proc.stdout.readline().strip()
-        check(f"{how}: child mapped its pages", line, "ready")
+        if not check(f"{how}: child mapped its pages", line, "ready"):
+            proc.kill()
+            check(f"{how}: child's stderr", proc.communicate(timeout=CHILD_TIMEOUT)[1][-300:], "")
+            return
         during = _free_bytes(u)
         check.true(f"{how}: free memory dropped by >= {hold} MiB while held",
                    baseline - during >= hold * MiB)
