@@ -34,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="1GiB", help="physical memory budget for KV")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--rows", type=int, default=16, help="table rows to print")
 
 
 @dataclass
@@ -89,19 +88,17 @@ def run(args: argparse.Namespace) -> int:
     header = (f"{'step':>6} {'run':>4} {'wait':>4} {'done':>4} {'reserved':>10} {'physical':>10} "
               f"{'mapped':>10} {'used':>10} {'waste':>7} {'OS alloc':>10}")
     print(header + "\n" + "-" * len(header))
-    est_steps = sum(t - p for _, p, t in waiting) // max(1, min(args.max_batch, len(trace))) + 1
-    every = max(1, est_steps // args.rows)
     step = done = bad = preempted = 0
     t0 = time.perf_counter()
 
-    def row() -> None:
+    def row(note: str = "") -> None:
         s = cache.stats()
         os_alloc = cache.backend.allocated_bytes() if hasattr(cache.backend, "allocated_bytes") else None
         waste = s["waste_bytes"] / s["mapped_bytes"] if s["mapped_bytes"] else 0.0
         print(f"{step:>6} {len(running):>4} {len(waiting):>4} {done:>4} "
               f"{format_size(s['reserved_bytes']):>10} {format_size(s['physical_bytes']):>10} "
               f"{format_size(s['mapped_bytes']):>10} {format_size(s['used_bytes']):>10} "
-              f"{waste:>6.1%} {format_size(os_alloc) if os_alloc is not None else '-':>10}")
+              f"{waste:>6.1%} {format_size(os_alloc) if os_alloc is not None else '-':>10}  {note}")
 
     try:
         while waiting or running:
@@ -131,15 +128,17 @@ def run(args: argparse.Namespace) -> int:
                 stop = r.prompt if slot in admitted else r.pos + 1
                 writer.write(slot, r, r.pos, stop)
                 r.pos = stop
-            for slot in [s for s, r in running.items() if r.pos >= r.total]:
+            finished = [s for s, r in running.items() if r.pos >= r.total]
+            for slot in finished:
                 bad += not writer.check(slot, running[slot])
                 cache.free_slot(slot)
                 del running[slot]
                 done += 1
-            if step % every == 0:
-                row()
+            if step == 0 or finished:  # one row per completion
+                row(f"{len(finished)} finished" if finished else f"{len(admitted)} admitted")
             step += 1
-        row()
+        cache.trim()
+        row("after trim(): free slots' pages released")
         s = cache.stats()
         elapsed = time.perf_counter() - t0
         print(f"\n{done} requests in {step} steps ({elapsed:.1f} s); preemptions: {preempted}")

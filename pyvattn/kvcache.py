@@ -249,12 +249,15 @@ class KVCache:
             self._set_capacity(slot)
 
     def _take_pages(self, count: int, protect: np.ndarray) -> list[int]:
-        """``count`` pages from the pool, reclaiming mapped pages of free slots if it runs dry.
-        Checks that enough can be had before reclaiming anything."""
+        """``count`` pages from the pool, reclaiming mapped pages of free slots when the pool and
+        the budget cannot supply them. Checks that enough can be had before reclaiming anything,
+        and reclaims only the shortfall (rounded up to whole pages in every region)."""
         try:
             return self.pool.take(count)
         except OutOfPages as exc:
-            short = count - self.pool.free_pages
+            short = count - self.pool.free_pages - self.pool.headroom
+            if short <= 0:  # the budget allowed it but the device did not: reclaim all we need
+                short = count - self.pool.free_pages
             donors = np.flatnonzero(~self._active & (self._mapped > 0))
             donors = donors[~np.isin(donors, protect)]
             reclaimable = int(self._mapped[donors].sum()) * self.num_regions
