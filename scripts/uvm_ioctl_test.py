@@ -641,6 +641,38 @@ def _(u: Uvm, check: Check):
     check("our handles still ours", u.call("UVM_KVC_FREE", count=4, handlesPtr=u.u64s(hs))[0], "NV_OK")
 
 
+@case("a GPU read of an unmapped page is a fatal fault (in a child), not zeros")
+def _(u: Uvm, check: Check):
+    proc = _child(u, "fault")
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    check("child read after unmap", (out.strip().splitlines() or ["no answer: " + err[-200:]])[-1], "faulted")
+    base = u.range(2 * MiB)  # this process's context is unaffected
+    hs = u.alloc(1)
+    check("parent still maps", u.map(base, hs), "NV_OK")
+    u.view(base, K64).fill_(5)
+    check("parent still writes and reads", int((u.view(base, K64) == 5).all().item()), 1)
+    u.unmap(base, K64)
+    u.free(hs)
+    u.drop_range(base)
+
+
+def child_fault(u: Uvm) -> None:
+    base = u.range(2 * MiB)
+    hs = u.alloc(1)
+    u.map(base, hs)
+    view = u.view(base, K64)
+    view.fill_(1)
+    torch.cuda.synchronize(u.device)
+    u.unmap(base, K64)
+    try:
+        value = int(view.sum().item())
+        torch.cuda.synchronize(u.device)
+        print(f"read {value}", flush=True)
+    except RuntimeError as exc:  # "an illegal memory access was encountered" (CUDA error 700)
+        print("faulted" if "illegal memory access" in str(exc) else f"error: {exc}", flush=True)
+    os._exit(0)  # the context is dead: skip every destructor
+
+
 def child_hold(u: Uvm, mib: int) -> None:
     n = mib * MiB // K64
     base = u.range(n * K64)
@@ -699,6 +731,7 @@ def main(argv=None) -> int:
     ap.add_argument("-k", default="", help="run only cases whose name contains this")
     ap.add_argument("--child-hold", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-foreign", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-fault", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -718,6 +751,9 @@ def main(argv=None) -> int:
         return 0
     if args.child_foreign:
         child_foreign(u)
+        return 0
+    if args.child_fault:
+        child_fault(u)
         return 0
 
     results = []

@@ -672,6 +672,43 @@ def test_gpu_fresh_pages_are_zero_and_data_survives_remap(gpu_backend):
 
 @pytest.mark.gpu
 @pytest.mark.uvm64k
+def test_gpu_unmap_waits_for_kernels_still_reading(gpu_backend):
+    b, P = gpu_backend, gpu_backend.page_size
+    base = b.reserve(2 * P)
+    (h,) = b.create_pages(1)
+    b.map([base], [h])
+    page = b.tensor(base, P).view(torch.float32)
+    page.fill_(3.0)
+    torch.cuda._sleep(200_000_000)  # keep the stream busy (~0.1 s), then read the page
+    total = page.sum()
+    b.unmap([base])  # must not pull the page from under the queued read (a fatal fault)
+    torch.cuda.synchronize()
+    assert total.item() == 3.0 * page.numel()
+    del page
+    b.release_pages([h])
+    b.unreserve(base, 2 * P)
+
+
+@pytest.mark.gpu
+@pytest.mark.uvm64k
+def test_gpu_kvcache_uses_uvm64k_by_default():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from kvdata import check, write
+
+    from pyvattn import KVCache
+
+    with KVCache(2, 2, 128, max_batch_size=3, max_seq_len=4000, dtype=torch.float16, device="cuda") as cache:
+        assert cache.selection.name == "uvm64k" and cache.page_size == K64
+        s = cache.alloc_slot()
+        cache.step({s: 3000})
+        write(cache, s, 1, 0, 3000)
+        check(cache, s, 1, 3000)
+
+
+@pytest.mark.gpu
+@pytest.mark.uvm64k
 def test_gpu_close_returns_device_memory(gpu_backend):
     b = gpu_backend
     free0, _ = b.mem_info()
