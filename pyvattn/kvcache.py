@@ -197,7 +197,7 @@ class KVCache:
                 # capacity 0, so their entries must be 0
                 and (seq_lens.view(f"u{seq_lens.itemsize}") <= self._capacity_arr).all()):
             self._pending_lens.clear()
-            self._seq_lens[:] = seq_lens
+            np.maximum(self._seq_lens, seq_lens, out=self._seq_lens)
             return True
         return False
 
@@ -218,18 +218,22 @@ class KVCache:
         return self.pool.reserve(parse_size(nbytes, "nbytes"))
 
     def _apply(self, slots: np.ndarray, lens: np.ndarray) -> None:
-        self._sync_lens()
+        self._sync_lens()  # reclaim decisions below need every slot's current length
         need = -(-lens * self.token_bytes // self.page_size)
         grow = need - self._mapped[slots]
         growing = grow > 0
         if growing.any():
-            self._map_growth(slots[growing], need[growing])
-        self._seq_lens[slots] = lens
+            self._map_growth(slots[growing], need[growing], slots, need)
+        self._seq_lens[slots] = np.maximum(self._seq_lens[slots], lens)
 
-    def _map_growth(self, slots: np.ndarray, need: np.ndarray) -> None:
+    def _map_growth(self, slots: np.ndarray, need: np.ndarray, step_slots: np.ndarray,
+                    step_need: np.ndarray) -> None:
         first = self._mapped[slots]
         count = int((need - first).sum()) * self.num_regions
-        handles = self._take_pages(count, protect=slots)
+        # pages each slot must keep: its last length's, or what this step asks for
+        keep = np.where(self._active, self._pages_for(self._seq_lens), 0)
+        keep[step_slots] = np.maximum(keep[step_slots], step_need)
+        handles = self._take_pages(count, keep)
         # page index = region start + slot * pages_per_slot + page within the slot
         counts = need - first
         run_start = np.repeat(slots * self.pages_per_slot + first - np.cumsum(counts) + counts, counts)
@@ -248,27 +252,32 @@ class KVCache:
         for slot in slots.tolist():
             self._set_capacity(slot)
 
-    def _take_pages(self, count: int, protect: np.ndarray) -> list[int]:
-        """``count`` pages from the pool, reclaiming mapped pages of free slots when the pool and
-        the budget cannot supply them. Checks that enough can be had before reclaiming anything,
-        and reclaims only the shortfall (rounded up to whole pages in every region)."""
+    def _take_pages(self, count: int, keep: np.ndarray) -> list[int]:
+        """``count`` pages from the pool, reclaiming mapped pages when the pool and the budget
+        cannot supply them: pages of finished requests' slots, then pages an active slot holds
+        beyond its current length (left over from a longer request that used the slot before;
+        nothing the current request wrote lives there). Checks that enough can be had before
+        reclaiming anything, and reclaims only the shortfall (whole pages in every region)."""
         try:
             return self.pool.take(count)
         except OutOfPages as exc:
             short = count - self.pool.free_pages - self.pool.headroom
             if short <= 0:  # the budget allowed it but the device did not: reclaim all we need
                 short = count - self.pool.free_pages
-            donors = np.flatnonzero(~self._active & (self._mapped > 0))
-            donors = donors[~np.isin(donors, protect)]
-            reclaimable = int(self._mapped[donors].sum()) * self.num_regions
+            excess = np.maximum(self._mapped - keep, 0)
+            reclaimable = int(excess.sum()) * self.num_regions
             if short > reclaimable:
                 raise OutOfPages(
                     f"step needs {count} pages of {self.page_size} bytes: {self.pool.free_pages} free, "
-                    f"{reclaimable} reclaimable from finished requests, budget/device allows no more "
-                    f"({exc})", needed=count, available=self.pool.free_pages + reclaimable) from None
+                    f"{reclaimable} reclaimable (finished requests' pages, and pages a reused slot "
+                    f"holds beyond its length), budget/device allows no more ({exc})",
+                    needed=count, available=self.pool.free_pages + reclaimable) from None
+            # finished requests' slots first, then active slots' excess; most pages first
+            donors = np.flatnonzero(excess > 0)
+            donors = donors[np.lexsort((-excess[donors], self._active[donors]))]
             per_region = -(-short // self.num_regions)
-            for slot in donors[np.argsort(-self._mapped[donors], kind="stable")].tolist():
-                take = min(per_region, int(self._mapped[slot]))
+            for slot in donors.tolist():
+                take = min(per_region, int(excess[slot]))
                 self._reclaim_slot(slot, take)
                 per_region -= take
                 if per_region <= 0:
@@ -297,7 +306,8 @@ class KVCache:
 
     # --- observability ------------------------------------------------------------------------
     def seq_len(self, slot: int) -> int:
-        """The length ``slot`` was last stepped to (0 right after ``alloc_slot``)."""
+        """The largest length ``slot`` was stepped to since ``alloc_slot`` (a step with a smaller
+        length does not shrink it: pages holding written tokens are never reclaimed)."""
         self._join()
         self._check_slot(slot, "slot")
         self._sync_lens()
@@ -308,6 +318,12 @@ class KVCache:
         self._join()
         self._check_slot(slot, "slot")
         return min(self.max_seq_len, int(self._mapped[slot]) * self.page_size // self.token_bytes)
+
+    def slot_mapped_bytes(self, slot: int) -> int:
+        """Bytes mapped for ``slot`` across every layer's K and V."""
+        self._join()
+        self._check_slot(slot, "slot")
+        return int(self._mapped[slot]) * self.page_size * self.num_regions
 
     def stats(self) -> dict:
         """Memory and activity counters. Bytes count both K and V of all layers."""
@@ -391,9 +407,10 @@ class KVCache:
     def _sync_lens(self) -> None:
         if self._pending_lens:
             pending, self._pending_lens = self._pending_lens, {}
-            self._seq_lens[list(map(int, pending))] = list(pending.values())
+            idx = list(map(int, pending))
+            self._seq_lens[idx] = np.maximum(self._seq_lens[idx], list(pending.values()))
 
-    def _pages_for(self, seq_len: int) -> int:
+    def _pages_for(self, seq_len):
         return -(-seq_len * self.token_bytes // self.page_size)
 
     def _check_slot(self, slot, name: str) -> None:

@@ -1,0 +1,185 @@
+"""KV-cache allocation schemes, each as a memory model with the same interface as a real cache.
+
+Every scheme is the same mechanism at a different granularity: each request slot owns, in each of
+``2 * num_layers`` regions (K and V of every layer), a number of fixed-size units of ``unit_bytes``.
+
+* static reservation (Orca, FasterTransformer): one unit of ``max_len`` tokens per region;
+* PagedAttention with blocks of B tokens: units of ``B * token_bytes``;
+* vAttention with pages of P bytes: units of P bytes (``P / token_bytes`` tokens, possibly
+  fractional), optionally with deferred reclaim.
+
+:class:`UnitMemory` reproduces :class:`pyvattn.KVCache`'s policies exactly (best-fit slot reuse,
+all-or-nothing growth, reclaim of finished requests' pages only when the budget is spent, in the
+same order), so a simulation and a run on a real cache can be compared step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..units import format_size
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An allocation scheme: ``kind`` is "static", "paged" (``block_tokens``) or "vattn"
+    (``page_bytes``); ``deferred_reclaim`` keeps a finished request's units for the next one."""
+
+    kind: str
+    block_tokens: int = 0
+    page_bytes: int = 0
+    deferred_reclaim: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.kind == "static":
+            return "static (max length)"
+        if self.kind == "paged":
+            return f"paged {self.block_tokens}-token blocks"
+        base = f"vAttention {format_size(self.page_bytes).replace(' ', '')}"
+        return base + (" + deferred reclaim" if self.deferred_reclaim else "")
+
+    def unit_bytes(self, token_bytes: int, max_len: int) -> int:
+        """Bytes of one allocation unit in one region (one layer's K or V)."""
+        if self.kind == "static":
+            return max_len * token_bytes
+        if self.kind == "paged":
+            return self.block_tokens * token_bytes
+        return self.page_bytes
+
+
+DEFAULT_SCHEMES: tuple[Scheme, ...] = (
+    Scheme("static"),
+    Scheme("paged", block_tokens=16),
+    Scheme("paged", block_tokens=32),
+    Scheme("paged", block_tokens=256),
+    *(Scheme("vattn", page_bytes=p) for p in (64 * KiB, 128 * KiB, 256 * KiB, 2 * MiB)),
+    *(Scheme("vattn", page_bytes=p, deferred_reclaim=True) for p in (64 * KiB, 128 * KiB, 256 * KiB, 2 * MiB)),
+)
+
+
+class UnitMemory:
+    """Simulated KV memory: ``max_batch`` slots, each holding units in ``regions`` regions, under
+    a budget of whole units. Interface shared with the measured model (a real KVCache):
+    ``alloc(prompt) -> slot | None``, ``grow(slots, lens) -> bool`` (all or nothing), ``free(slot)``,
+    ``allocated_bytes()``, ``capacity(slots) -> tokens``."""
+
+    def __init__(self, unit_bytes: int, token_bytes: int, regions: int, max_batch: int, max_len: int,
+                 budget_bytes: int | None, deferred_reclaim: bool):
+        self.unit_bytes, self.token_bytes, self.regions = unit_bytes, token_bytes, regions
+        self.max_len = max_len
+        self.budget_units = None if budget_bytes is None else budget_bytes // unit_bytes
+        self.deferred_reclaim = deferred_reclaim
+        self.active = np.zeros(max_batch, dtype=bool)
+        self.units = np.zeros(max_batch, dtype=np.int64)  # per region, per slot
+        self.lens = np.zeros(max_batch, dtype=np.int64)  # tokens each active slot last grew to
+        self.reclaimed_units = 0
+
+    def units_for(self, lens: np.ndarray | int) -> np.ndarray | int:
+        return -(-np.asarray(lens) * self.token_bytes // self.unit_bytes)
+
+    def alloc(self, prompt: int) -> int | None:
+        free = np.flatnonzero(~self.active)
+        if len(free) == 0:
+            return None
+        units = self.units[free]
+        fits = free[units >= self.units_for(prompt)] if prompt else free[:0]
+        slot = int(fits[np.argmin(self.units[fits])] if len(fits) else free[np.argmax(units)])
+        self.active[slot] = True
+        self.lens[slot] = 0
+        return slot
+
+    def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:
+        need = self.units_for(lens)
+        growing = need > self.units[slots]
+        if growing.any():
+            g_slots, g_need = slots[growing], need[growing]
+            count = int((g_need - self.units[g_slots]).sum()) * self.regions
+            if self.budget_units is not None:
+                short = count - (self.budget_units - int(self.units.sum()) * self.regions)
+                keep = np.where(self.active, self.units_for(self.lens), 0)
+                keep[slots] = np.maximum(keep[slots], need)
+                if short > 0 and not self._reclaim(short, keep):
+                    return False
+            self.units[g_slots] = g_need
+        self.lens[slots] = np.maximum(self.lens[slots], lens)
+        return True
+
+    def _reclaim(self, short: int, keep: np.ndarray) -> bool:
+        # KVCache._take_pages: finished slots first, then active slots' excess; most first
+        excess = np.maximum(self.units - keep, 0)
+        if short > int(excess.sum()) * self.regions:
+            return False
+        donors = np.flatnonzero(excess > 0)
+        donors = donors[np.lexsort((-excess[donors], self.active[donors]))]
+        per_region = -(-short // self.regions)
+        for slot in donors.tolist():
+            take = min(per_region, int(excess[slot]))
+            self.units[slot] -= take
+            self.reclaimed_units += take * self.regions
+            per_region -= take
+            if per_region <= 0:
+                break
+        return True
+
+    def free(self, slot: int) -> None:
+        self.active[slot] = False
+        if not self.deferred_reclaim:
+            self.units[slot] = 0
+
+    def allocated_bytes(self) -> int:
+        return int(self.units.sum()) * self.regions * self.unit_bytes
+
+    def capacity(self, slots: np.ndarray) -> np.ndarray:
+        """Tokens each slot's units cover (what it can grow to without allocating)."""
+        return np.minimum(self.max_len, self.units[slots] * self.unit_bytes // self.token_bytes)
+
+    def held_bytes(self, slots: np.ndarray) -> np.ndarray:
+        """Bytes each slot holds across all regions."""
+        return self.units[slots] * self.unit_bytes * self.regions
+
+    def close(self) -> None:
+        pass
+
+
+class CacheMemory:
+    """The measured model: the same interface over a real :class:`pyvattn.KVCache`."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def alloc(self, prompt: int) -> int | None:
+        from ..errors import OutOfSlots
+
+        try:
+            return self.cache.alloc_slot(seq_len=prompt)
+        except OutOfSlots:
+            return None
+
+    def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:
+        from ..errors import OutOfPages
+
+        try:
+            self.cache.step(dict(zip(slots.tolist(), lens.tolist())))
+        except OutOfPages:
+            return False
+        return True
+
+    def free(self, slot: int) -> None:
+        self.cache.free_slot(slot)
+
+    def allocated_bytes(self) -> int:
+        return self.cache.stats()["mapped_bytes"]
+
+    def capacity(self, slots: np.ndarray) -> np.ndarray:
+        return np.array([self.cache.mapped_tokens(s) for s in slots.tolist()], dtype=np.int64)
+
+    def held_bytes(self, slots: np.ndarray) -> np.ndarray:
+        return np.array([self.cache.slot_mapped_bytes(s) for s in slots.tolist()], dtype=np.int64)
+
+    def close(self) -> None:
+        self.cache.close()
