@@ -27,8 +27,11 @@ demo: $(STAMP)
 info: $(STAMP)
 	$(PY) -m pyvattn info
 
-## Tests: the Python suite, then the kernel patch compiled against Debian's driver sources.
-test: pytest driver-check
+KMOD_READY  := $(wildcard kmod/Makefile)
+
+## Tests: the Python suite, then (once kmod/ exists) the kernel patch compiled against Debian's
+## driver sources.
+test: pytest $(if $(KMOD_READY),driver-check)
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q
@@ -37,8 +40,13 @@ bench: $(STAMP)
 	$(PY) scripts/bench_host.py
 
 driver driver-check install-driver uninstall-driver:
+ifeq ($(KMOD_READY),)
+	@echo "make $@: the kernel module build (kmod/) is not written yet; see driver-patch/README.md" >&2
+	@exit 1
+else
 	$(MAKE) -C kmod $@
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info
-	-$(MAKE) -C kmod clean
+	$(if $(KMOD_READY),-$(MAKE) -C kmod clean)
