@@ -321,9 +321,12 @@ class UvmBackend(Backend):
         bad = [h for h in handles if h not in self._granules or h in self._mapped_handles]
         if bad:
             raise ValueError(f"handles {bad[:4]} are not live, unmapped pages of this backend")
-        self._free_granules([g for h in handles for g in self._granules[h]])
-        for h in handles:
-            del self._granules[h]
+        per_call = max(1, self.max_batch // self._k)  # whole pages per FREE, so books stay exact
+        for i in range(0, len(handles), per_call):
+            chunk = handles[i:i + per_call]
+            self._free_granules([g for h in chunk for g in self._granules[h]])
+            for h in chunk:
+                del self._granules[h]
 
     # --- mapping -----------------------------------------------------------------------------
     def _check_runs(self, starts: list[int], lengths: list[int]) -> None:
