@@ -91,6 +91,18 @@ def test_header_declares_the_memo_ioctls_and_structs():
     assert (uvm.UVM_KVC_MAGIC).to_bytes(8, "little") == b"UVMKVC01"
 
 
+def test_every_nvu64_field_is_declared_8_byte_aligned():
+    """compat_ioctl shares the handler, so 32-bit callers must see the 64-bit layout: every NvU64
+    carries UVM_KVC_ALIGN8 (NV_ALIGN_BYTES(8) in the kernel). Checked in the text as well, since
+    the -m32 build below needs gcc-multilib."""
+    text = uvm.HEADER.read_text()
+    block = text[text.index(uvm.BEGIN):text.index(uvm.END)]
+    fields = [line.split("/*")[0].strip() for line in block.splitlines() if line.strip().startswith("NvU64")]
+    assert fields
+    unaligned = [f for f in fields if "UVM_KVC_ALIGN8" not in f]
+    assert not unaligned, unaligned
+
+
 @pytest.mark.parametrize("bits", [64, 32])
 def test_c_compiler_and_cffi_agree_on_every_struct_and_constant(tmp_path, bits):
     c_layout = _compile_and_run(tmp_path, bits)
