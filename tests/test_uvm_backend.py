@@ -739,3 +739,12 @@ def test_ioctl_script_refuses_cleanly_without_the_module():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert "cannot run here:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_module_version_comes_from_sysfs(tmp_path):
+    from pyvattn.backends.uvm import module_version
+
+    f = tmp_path / "version"
+    f.write_text("580.82.07\n")
+    assert module_version(str(f)) == "580.82.07"
+    assert module_version(str(tmp_path / "absent")) is None

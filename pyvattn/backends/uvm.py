@@ -97,6 +97,15 @@ def query(fd: int, uuid: bytes = bytes(16)):
     return p
 
 
+def module_version(path: str = "/sys/module/nvidia_uvm/version") -> str | None:
+    """The loaded nvidia-uvm's version string (the patch marks its build), if sysfs shows it."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _why_not(exc: Exception) -> str:
     """A user-facing reason for a failed QUERY."""
     if isinstance(exc, OSCallError) and exc.status in ("EINVAL", "ENOSYS", "ENOTTY"):
@@ -135,9 +144,7 @@ class UvmBackend(Backend):
                        "abi_version": self._uvm.UVM_KVC_ABI_VERSION,
                        "page_sizes": list(PAGE_SIZES), "granularity": GRANULE,
                        "max_batch": self.max_batch, "uvm_fd": self.fd}
-        for name in ("moduleVersion", "driverVersion"):
-            if hasattr(info, name):
-                self._facts["module_version"] = int(getattr(info, name))
+        self._facts["module_version"] = module_version()
         self._k = self.page_size // GRANULE  # granules per page
         self._granules: dict[int, list[int]] = {}  # page handle (its first granule) -> granules
         self._reservations: dict[int, int] = {}  # base -> nbytes (one UVM range each)
