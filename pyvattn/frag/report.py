@@ -103,14 +103,18 @@ def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[P
     summ = [r.summary() for r in results]
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
-    ax.barh(y - 0.2, [100 * s["waste_at_completion_mean"] for s in summ], 0.4, label="at completion (mean)")
-    ax.barh(y + 0.2, [100 * s["time_avg_waste_fraction"] for s in summ], 0.4, label="time-averaged")
+    for dy, key, label in ((-0.2, "waste_at_completion_mean", "at completion (mean over requests)"),
+                           (0.2, "time_avg_waste_fraction", "time-averaged (all allocated memory)")):
+        values = [100 * s[key] for s in summ]
+        bars = ax.barh(y + dy, values, 0.4, label=label)
+        ax.bar_label(bars, [f"{v:.2f}%" if v < 10 else f"{v:.0f}%" for v in values], fontsize=7, padding=2)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("KV memory wasted (% of allocated, log scale above 1%)")
+    ax.set_xlim(0, 400)
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     fig.tight_layout()
     waste_png = Path(f"{path_prefix}-waste.png")
     fig.savefig(waste_png, dpi=110)
