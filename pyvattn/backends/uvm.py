@@ -38,7 +38,7 @@ import torch
 from .._ffi import cuda, libc
 from .._ffi.dlpack import device_tensor
 from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError
-from .base import KiB, MiB, Backend, Probe, contiguous_runs
+from .base import KiB, MiB, Backend, Probe
 
 GRANULE = 64 * KiB  # the module's only page size; bigger pages are several granules
 PAGE_SIZES = (64 * KiB, 128 * KiB, 256 * KiB)
@@ -95,6 +95,22 @@ def query(fd: int, uuid: bytes = bytes(16)):
         raise BackendUnavailable(f"fd {fd}: UVM_KVC_QUERY answered with magic {p.magic:#x}, "
                                  f"not {uvm.UVM_KVC_MAGIC:#x}: not the pyvattn nvidia-uvm patch")
     return p
+
+
+def _runs(sorted_vas: list[int], step: int) -> tuple[list[int], list[int]]:
+    """Start and length of each run of ``sorted_vas`` that advances by ``step`` (plain Python:
+    batches here are small, where numpy's per-call overhead would dominate)."""
+    starts: list[int] = []
+    lengths: list[int] = []
+    expect = None
+    for v in sorted_vas:
+        if v == expect:
+            lengths[-1] += 1
+        else:
+            starts.append(v)
+            lengths.append(1)
+        expect = v + step
+    return starts, lengths
 
 
 def module_version(path: str = "/sys/module/nvidia_uvm/version") -> str | None:
@@ -337,7 +353,12 @@ class UvmBackend(Backend):
 
     # --- mapping -----------------------------------------------------------------------------
     def _check_runs(self, starts: list[int], lengths: list[int]) -> None:
+        """Every run (sorted by VA) is page-aligned and inside one reservation."""
         P = self.page_size
+        lo, hi = starts[0], starts[-1] + lengths[-1] * P
+        if not any(va % P for va in starts) and any(
+                b <= lo and hi <= b + size for b, size in self._reservations.items()):
+            return  # the common case: the whole batch lies in one reservation
         for va, n in zip(starts, lengths):
             end = va + n * P
             if va % P or not any(b <= va and end <= b + size for b, size in self._reservations.items()):
@@ -346,51 +367,56 @@ class UvmBackend(Backend):
     def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
         if len(vas) != len(handles):
             raise ValueError(f"len(vas)={len(vas)} != len(handles)={len(handles)}")
-        if not len(vas):
+        n = len(vas)
+        if not n:
             return
         self._check_open()
-        vas, handles = [int(v) for v in vas], [int(h) for h in handles]
-        P = self.page_size
-        starts, _, lengths = contiguous_runs(vas, None, P)
-        if len(set(vas)) != len(vas):
+        P, k = self.page_size, self._k
+        pairs = sorted(zip([int(v) for v in vas], [int(h) for h in handles]))  # VA order
+        pvas, phandles = [v for v, _ in pairs], [h for _, h in pairs]
+        starts, lengths = _runs(pvas, P)
+        if len(set(pvas)) != n:
             raise ValueError("vas: duplicates in one batch")
         self._check_runs(starts, lengths)
-        if any(va in self._mapped for va in vas):
+        if any(va in self._mapped for va in pvas):
             raise ValueError("vas: some are already mapped")
-        if len(set(handles)) != len(handles) or any(h not in self._granules for h in handles) \
-                or not self._mapped_handles.isdisjoint(handles):
+        granules = self._granules
+        if len(set(phandles)) != n or any(h not in granules for h in phandles) \
+                or not self._mapped_handles.isdisjoint(phandles):
             raise ValueError("handles: some are not live, unmapped, distinct pages of this backend")
-        # One entry per 64K granule, sorted by VA.
-        order = np.argsort(np.asarray(vas, dtype=np.int64), kind="stable")
-        gvas = (np.asarray(vas, dtype=np.uint64)[order][:, None]
-                + np.arange(self._k, dtype=np.uint64) * GRANULE).ravel()
-        ghandles = np.asarray([self._granules[handles[i]] for i in order], dtype=np.uint64).ravel()
-        gstarts, _, glens = contiguous_runs(gvas.astype(np.int64), None, GRANULE)
-        run_calls = sum(-(-n // self.max_batch) for n in glens)
+        # One entry per 64K granule, in VA order; a run of pages is a run of granules.
+        if k == 1:
+            gvas, ghandles = pvas, phandles  # a 64K page's handle is its only granule
+        else:
+            gvas = [v + j * GRANULE for v in pvas for j in range(k)]
+            ghandles = [g for h in phandles for g in granules[h]]
+        glens = [m * k for m in lengths]
+        run_calls = sum(-(-m // self.max_batch) for m in glens)
         scatter_calls = -(-len(gvas) // self.max_batch)
         done: list[tuple[int, int]] = []  # (base, length) mapped so far, to undo on failure
         try:
             if self._scatter and scatter_calls < run_calls:
                 self._map_scatter(gvas, ghandles, done)
             else:
-                self._map_runs(gstarts, glens, ghandles, done)
+                self._map_runs(starts, glens, ghandles, done)
         except UvmError as exc:
             self._unmap_ranges(done)
             if exc.status in _OOM:  # page tables could not be allocated
-                raise OutOfPages(f"{exc.call}: GPU memory exhausted mapping {len(vas)} pages ({exc.status})",
-                                 needed=len(vas)) from exc
+                raise OutOfPages(f"{exc.call}: GPU memory exhausted mapping {n} pages ({exc.status})",
+                                 needed=n) from exc
             raise
         except BaseException:
             self._unmap_ranges(done)
             raise
-        self._mapped.update(zip(vas, handles))
-        self._mapped_handles.update(handles)
+        self._mapped.update(pairs)
+        self._mapped_handles.update(phandles)
 
     def _map_flags(self) -> int:
         return getattr(self._uvm, "UVM_KVC_MAP_FLAGS_NO_REPLACE", 0)  # never replace by mistake
 
     def _map_runs(self, starts, lengths, ghandles, done) -> None:
-        arr, ptr = self._u64_array(ghandles)
+        arr = self._uvm.ffi.new("NvU64[]", ghandles)
+        ptr = int(self._uvm.ffi.cast("uintptr_t", arr))
         first = 0
         for base, n in zip(starts, lengths):
             for lo, hi in self._batches(n):
@@ -412,7 +438,7 @@ class UvmBackend(Backend):
         for lo, hi in self._batches(n):
             self._ioctl("UVM_KVC_MAP_SCATTER", flags=self._map_flags(), gpuUuid=self._uuid,
                         entriesPtr=ptr + size * lo, count=hi - lo)
-            done.extend((int(v), GRANULE) for v in gvas[lo:hi])
+            done.extend((v, GRANULE) for v in gvas[lo:hi])
 
     def _unmap_ranges(self, ranges) -> None:
         """UNMAP each (base, length); contiguous neighbours are merged into one call."""
@@ -424,8 +450,13 @@ class UvmBackend(Backend):
                 merged[-1][1] += length
             else:
                 merged.append([base, length])
+        self._check_open()
+        uvm = self._uvm
+        p = uvm.params("UVM_KVC_UNMAP", gpuUuid=self._uuid)  # one struct, reused per range
         for base, length in merged:
-            self._ioctl("UVM_KVC_UNMAP", gpuUuid=self._uuid, base=base, length=length)
+            p.base, p.length, p.rmStatus = base, length, 0
+            self.calls["UVM_KVC_UNMAP"] += 1
+            uvm.ioctl(self.fd, uvm.UVM_KVC_UNMAP, p)
 
     def unmap(self, vas: Sequence[int]) -> None:
         """Unmap pages once all work issued before the call is done.
@@ -436,13 +467,13 @@ class UvmBackend(Backend):
         """
         if not len(vas):
             return
-        vas = [int(v) for v in vas]
+        vas = sorted(int(v) for v in vas)
         missing = [va for va in vas if va not in self._mapped]
         if missing:
             raise ValueError(f"vas: {[hex(v) for v in missing[:4]]} are not mapped")
         self.synchronize()
-        starts, _, lengths = contiguous_runs(vas, None, self.page_size)
-        self._unmap_ranges([(va, n * self.page_size) for va, n in zip(starts, lengths)])
+        starts, lengths = _runs(vas, self.page_size)
+        self._unmap_ranges([(va, m * self.page_size) for va, m in zip(starts, lengths)])
         for va in vas:
             self._mapped_handles.discard(self._mapped.pop(va))
 
