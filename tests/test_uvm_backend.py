@@ -69,15 +69,16 @@ int stub_stock;                       /* answer like a stock driver: -1/EINVAL *
 NvU32 stub_abi_version = UVM_KVC_ABI_VERSION;
 NvU64 stub_magic = UVM_KVC_MAGIC;
 NvU32 stub_max_batch = 8;
+NvU64 stub_page_sizes = UVM_KVC_SUPPORTED_PAGE_SIZES;
 long stub_limit = 1 << 20;            /* 64K pages the "GPU" can hold */
 int stub_calls[64];                   /* by request - 1536; [63] counts UVM_FREE */
 int stub_fail_request = -1, stub_fail_after;   /* fail that request after N successes */
 NV_STATUS stub_fail_status;
 int stub_syncs, stub_syncs_at_last_unmap, stub_freed_unreserved;
 
-static struct { NvU32 gen; int alive, maprefs; long slot; } h[MAXH];
+static struct { NvU32 gen; int alive, maprefs, npages; long slot; } h[MAXH];   /* npages: 64K slots */
 static struct { NvU64 base, len; } r[MAXR];
-static struct { NvU64 va, handle; } m[MAXM];
+static struct { NvU64 va, handle, size; } m[MAXM];
 static int nr, nm, memfd = -1, next_id = 1;
 static long nslots, used, free_slots[MAXH], nfree;
 static NvU32 gen_counter;
@@ -120,41 +121,49 @@ static int in_range(NvU64 base, NvU64 len) {
 }
 
 static void put_slot(int id) {
-    if (!h[id].alive && !h[id].maprefs && h[id].slot >= 0) { free_slots[nfree++] = h[id].slot; h[id].slot = -1; used--; }
+    if (h[id].alive || h[id].maprefs || h[id].slot < 0) return;
+    if (h[id].npages == 1) free_slots[nfree++] = h[id].slot;   /* bigger blocks are not reused */
+    h[id].slot = -1;
+    used -= h[id].npages;
 }
 
 static void unmap_index(int i) {
     int id = (int)(m[i].handle & 0xffffffffu);
-    mmap((void *)m[i].va, K64, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    mmap((void *)m[i].va, m[i].size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     m[i].va = 0;
     h[id].maprefs--;
     put_slot(id);
 }
 
+static int overlaps(int i, NvU64 base, NvU64 len) { return m[i].va && m[i].va < base + len && base < m[i].va + m[i].size; }
+
 static int mapped_in(NvU64 base, NvU64 len) {
-    for (int i = 0; i < nm; i++) if (m[i].va && m[i].va >= base && m[i].va < base + len) return 1;
+    for (int i = 0; i < nm; i++) if (overlaps(i, base, len)) return 1;
     return 0;
 }
 
-static void unmap_in(NvU64 base, NvU64 len) {
-    for (int i = 0; i < nm; i++) if (m[i].va && m[i].va >= base && m[i].va < base + len) unmap_index(i);
+static void unmap_in(NvU64 base, NvU64 len) {   /* a page partly inside goes whole */
+    for (int i = 0; i < nm; i++) if (overlaps(i, base, len)) unmap_index(i);
 }
+
+static NvU64 size_of(NvU64 handle) { return h[lookup(handle)].npages * K64; }
 
 static NV_STATUS map_one(NvU64 va, NvU64 handle, int read_only) {
     int id = lookup(handle), i = 0;
-    unmap_in(va, K64);
+    NvU64 size = h[id].npages * K64;
+    unmap_in(va, size);
     while (i < nm && m[i].va) i++;
     if (i == nm) { if (nm == MAXM) return ST(NO_MEMORY); nm++; }
-    if (mmap((void *)va, K64, read_only ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+    if (mmap((void *)va, size, read_only ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
              memfd, h[id].slot * (long)K64) == MAP_FAILED) return ST(INVALID_ADDRESS);
-    m[i].va = va; m[i].handle = handle; h[id].maprefs++;
+    m[i].va = va; m[i].handle = handle; m[i].size = size; h[id].maprefs++;
     return OK;
 }
 
 static NV_STATUS query(int fd, UVM_KVC_QUERY_PARAMS *p) {
     COMMON(p, 0);
     p->magic = stub_magic;
-    p->supportedPageSizes = K64;
+    p->supportedPageSizes = stub_page_sizes;
     p->maxBatch = stub_max_batch;
     p->fdType = fd == stub_va_fd ? UVM_KVC_FD_VA_SPACE : UVM_KVC_FD_MM;
     p->gpuState = fd == stub_va_fd && !memcmp(p->gpuUuid.uuid, stub_uuid, 16)
@@ -165,10 +174,12 @@ static NV_STATUS query(int fd, UVM_KVC_QUERY_PARAMS *p) {
 static NV_STATUS alloc(UVM_KVC_ALLOC_PARAMS *p) {
     COMMON(p, UVM_KVC_ALLOC_FLAGS_EVICT | UVM_KVC_ALLOC_FLAGS_ZERO);
     GPU(p);
-    if (p->pageSize != K64) return ST(INVALID_ARGUMENT);
+    if ((p->pageSize != K64 && p->pageSize != 2 * K64 && p->pageSize != 4 * K64) || !(p->pageSize & stub_page_sizes))
+        return ST(INVALID_ARGUMENT);
+    int units = (int)(p->pageSize / K64);
     COUNT(p->count);
     if (!user_ok(p->handlesPtr, p->count * 8, 1)) return ST(INVALID_ADDRESS);
-    if (used + (long)p->count > stub_limit) return ST(NO_MEMORY);
+    if (used + (long)p->count * units > stub_limit) return ST(NO_MEMORY);
     if (memfd < 0) memfd = memfd_create("stub-uvm", MFD_CLOEXEC);
     NvU64 *out = (NvU64 *)(uintptr_t)p->handlesPtr;
     for (NvU64 k = 0; k < p->count; k++) {
@@ -176,17 +187,18 @@ static NV_STATUS alloc(UVM_KVC_ALLOC_PARAMS *p) {
         int id = next_id;
         next_id = next_id % (MAXH - 1) + 1;
         long slot;
-        if (nfree) {
+        if (units == 1 && nfree) {
             slot = free_slots[--nfree];
             if (p->flags & UVM_KVC_ALLOC_FLAGS_ZERO) {
                 static NvU8 zeros[K64];
                 pwrite(memfd, zeros, K64, slot * (long)K64);
             }
         } else {
-            slot = nslots++;
+            slot = nslots;
+            nslots += units;
             ftruncate(memfd, nslots * (long)K64);   /* fresh memory reads as zeros */
         }
-        h[id].alive = 1; h[id].gen = ++gen_counter; h[id].slot = slot; used++;
+        h[id].alive = 1; h[id].gen = ++gen_counter; h[id].slot = slot; h[id].npages = units; used += units;
         out[k] = ((NvU64)h[id].gen << 32) | (NvU64)id;
     }
     p->countDone = p->count;
@@ -229,14 +241,18 @@ static NV_STATUS map(UVM_KVC_MAP_PARAMS *p) {
     COMMON(p, UVM_KVC_MAP_FLAGS_NO_REPLACE | UVM_KVC_MAP_FLAGS_READ_ONLY);
     GPU(p);
     COUNT(p->count);
-    if (!in_range(p->base, p->count * K64)) return ST(INVALID_ADDRESS);
+    if (p->base % K64) return ST(INVALID_ADDRESS);
     if (!user_ok(p->handlesPtr, p->count * 8, 0)) return ST(INVALID_ADDRESS);
-    NvU64 *in = (NvU64 *)(uintptr_t)p->handlesPtr;
-    for (NvU64 k = 0; k < p->count; k++) if (!lookup(in[k])) return ST(INVALID_OBJECT_HANDLE);
-    if ((p->flags & UVM_KVC_MAP_FLAGS_NO_REPLACE) && mapped_in(p->base, p->count * K64)) return ST(UVM_ADDRESS_IN_USE);
-    for (NvU64 k = 0; k < p->count; k++) {
-        NV_STATUS s = map_one(p->base + k * K64, in[k], p->flags & UVM_KVC_MAP_FLAGS_READ_ONLY);
-        if (s != OK) { unmap_in(p->base, k * K64); return s; }
+    NvU64 *in = (NvU64 *)(uintptr_t)p->handlesPtr, total = 0;
+    for (NvU64 k = 0; k < p->count; k++) {       /* handles back to back, each its own size */
+        if (!lookup(in[k])) return ST(INVALID_OBJECT_HANDLE);
+        total += size_of(in[k]);
+    }
+    if (!in_range(p->base, total)) return ST(INVALID_ADDRESS);
+    if ((p->flags & UVM_KVC_MAP_FLAGS_NO_REPLACE) && mapped_in(p->base, total)) return ST(UVM_ADDRESS_IN_USE);
+    for (NvU64 k = 0, va = p->base; k < p->count; va += size_of(in[k]), k++) {
+        NV_STATUS s = map_one(va, in[k], p->flags & UVM_KVC_MAP_FLAGS_READ_ONLY);
+        if (s != OK) { unmap_in(p->base, va - p->base); return s; }
     }
     p->countDone = p->count;
     return OK;
@@ -249,9 +265,11 @@ static NV_STATUS map_scatter(UVM_KVC_MAP_SCATTER_PARAMS *p) {
     if (!user_ok(p->entriesPtr, p->count * sizeof(UVM_KVC_SCATTER_ENTRY), 0)) return ST(INVALID_ADDRESS);
     UVM_KVC_SCATTER_ENTRY *e = (UVM_KVC_SCATTER_ENTRY *)(uintptr_t)p->entriesPtr;
     for (NvU64 k = 0; k < p->count; k++) {
-        if (!in_range(e[k].va, K64)) return ST(INVALID_ADDRESS);
+        if (e[k].va % K64) return ST(INVALID_ADDRESS);
         if (!lookup(e[k].handle)) return ST(INVALID_OBJECT_HANDLE);
-        if ((p->flags & UVM_KVC_MAP_FLAGS_NO_REPLACE) && mapped_in(e[k].va, K64)) return ST(UVM_ADDRESS_IN_USE);
+        if (!in_range(e[k].va, size_of(e[k].handle))) return ST(INVALID_ADDRESS);
+        if ((p->flags & UVM_KVC_MAP_FLAGS_NO_REPLACE) && mapped_in(e[k].va, size_of(e[k].handle)))
+            return ST(UVM_ADDRESS_IN_USE);
     }
     for (NvU64 k = 0; k < p->count; k++) map_one(e[k].va, e[k].handle, p->flags & UVM_KVC_MAP_FLAGS_READ_ONLY);
     p->countDone = p->count;
@@ -336,7 +354,7 @@ CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
 STUB_CDEF = """
     extern int stub_va_fd, stub_mm_fd, stub_stock;
     extern uint32_t stub_abi_version, stub_max_batch;
-    extern uint64_t stub_magic;
+    extern uint64_t stub_magic, stub_page_sizes;
     extern long stub_limit;
     extern int stub_calls[64];
     extern int stub_fail_request, stub_fail_after;
@@ -463,7 +481,23 @@ def test_stub_reserve_is_2mib_aligned_and_unreserve_frees_the_range_before_munma
     b.close()
 
 
+def test_stub_bigger_pages_are_one_module_handle_where_the_module_has_that_size(stub):
+    b = _backend(4 * K64)
+    assert b.describe()["handles_per_page"] == 1
+    assert b.describe()["supported_page_sizes"] == [K64, 2 * K64, 4 * K64]
+    pages = b.create_pages(10)  # 10 handles of 256K: 8 + 2
+    assert stub.stub_calls[ALLOC] == 2 and stub.stub_live_handles() == 10 and stub.stub_used_pages() == 40
+    b.close()
+    stub.stub_page_sizes = K64  # a module with 64K pages only
+    b = _backend(4 * K64)
+    assert b.describe()["handles_per_page"] == 4
+    pages = b.create_pages(2)
+    assert stub.stub_live_handles() == 8 and len(pages) == 2
+    b.close()
+
+
 def test_stub_create_pages_batches_to_max_batch_and_is_all_or_nothing(stub):
+    stub.stub_page_sizes = K64
     b = _backend(2 * K64)  # two 64K handles per page
     pages = b.create_pages(10)  # 20 handles: 8 + 8 + 4
     assert len(set(pages)) == 10 and stub.stub_calls[ALLOC] == 3 and stub.stub_live_handles() == 20
@@ -481,8 +515,11 @@ def test_stub_create_pages_batches_to_max_batch_and_is_all_or_nothing(stub):
 
 
 # --- mapping -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native", [True, False], ids=["native", "64k-parts"])
 @pytest.mark.parametrize("page_size", [K64, 2 * K64, 4 * K64])
-def test_stub_map_puts_each_page_at_its_va_and_data_moves_with_the_page(stub, page_size):
+def test_stub_map_puts_each_page_at_its_va_and_data_moves_with_the_page(stub, page_size, native):
+    if not native:
+        stub.stub_page_sizes = K64
     b = _backend(page_size)
     P = page_size
     base = b.reserve(32 * P)
@@ -494,9 +531,15 @@ def test_stub_map_puts_each_page_at_its_va_and_data_moves_with_the_page(stub, pa
     b.unmap([base + s * P for s in slots])
     assert stub.stub_live_maps() == 0 and stub.stub_syncs_at_last_unmap >= 1
     moved = [30, 31, 25, 3, 4, 5]
-    b.map([base + s * P for s in moved], pages[::-1])
+    b.map([base + s * P for s in moved], pages[::-1])  # scattered: MAP_SCATTER
     for i, s in enumerate(moved):
         assert (_read(base + s * P, P) == 10 + (5 - i)).all()
+    b.unmap([base + s * P for s in moved])
+    calls = stub.stub_calls[MAP]
+    b.map([base + (10 + i) * P for i in range(6)], pages)  # one run: MAPs of maxBatch handles
+    assert stub.stub_calls[MAP] == calls + -(-6 * b.describe()["handles_per_page"] // 8)
+    for i in range(6):
+        assert (_read(base + (10 + i) * P, P) == 10 + i).all()
     b.close()
     assert (stub.stub_live_maps(), stub.stub_live_handles(), stub.stub_live_ranges()) == (0, 0, 0)
 

@@ -11,8 +11,10 @@ The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4
   ``UvmReserveVa`` does), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
   Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (memo 4.9: the other
   order lets CUDA reuse the VA while UVM still holds the range).
-* A physical page is one 64 KiB handle (``UVM_KVC_ALLOC``), or 2 / 4 of them for 128 / 256 KiB
-  pages (the hardware has no 128K/256K PTE; such a page is mapped as consecutive 64K PTEs).
+* A physical page is one ``UVM_KVC_ALLOC`` handle of ``page_size`` (64, 128 or 256 KiB; the
+  module maps the bigger ones as consecutive 64K PTEs, there being no 128K/256K PTE). Where a
+  module reports only 64K in ``supportedPageSizes``, a bigger page is 2 or 4 64K handles mapped
+  at consecutive VAs.
   Handles are opaque per-fd ids: the memory is pinned, zeroed on first use, and returned when the
   process closes the fd, even after a crash.
 * ``map`` is ``UVM_KVC_MAP`` per VA-contiguous run, or ``UVM_KVC_MAP_SCATTER`` when the pages are
@@ -40,7 +42,7 @@ from .._ffi.dlpack import device_tensor
 from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError
 from .base import KiB, MiB, Backend, Probe
 
-GRANULE = 64 * KiB  # the module's only page size; bigger pages are several granules
+GRANULE = 64 * KiB  # the module's smallest page and the granularity of every address
 PAGE_SIZES = (64 * KiB, 128 * KiB, 256 * KiB)
 _RESERVE_ALIGN = 2 * MiB
 _OOM = ("NV_ERR_NO_MEMORY", "NV_ERR_INSUFFICIENT_RESOURCES")
@@ -161,8 +163,14 @@ class UvmBackend(Backend):
                        "page_sizes": list(PAGE_SIZES), "granularity": GRANULE,
                        "max_batch": self.max_batch, "uvm_fd": self.fd}
         self._facts["module_version"] = module_version()
-        self._k = self.page_size // GRANULE  # granules per page
-        self._granules: dict[int, list[int]] = {}  # page handle (its first granule) -> granules
+        # A page is one handle of page_size where the module allocates that size, else 2 or 4
+        # 64K handles at consecutive VAs (the PTEs are 64K either way).
+        supported = int(info.supportedPageSizes)
+        self._unit = self.page_size if supported & self.page_size else GRANULE
+        self._k = self.page_size // self._unit  # handles per page
+        self._facts["supported_page_sizes"] = [s for s in PAGE_SIZES if supported & s]
+        self._facts["handles_per_page"] = self._k
+        self._parts: dict[int, list[int]] = {}  # page handle (its first module handle) -> module handles
         self._reservations: dict[int, int] = {}  # base -> nbytes (one UVM range each)
         self._mapped: dict[int, int] = {}  # page va -> page handle
         self._mapped_handles: set[int] = set()
@@ -310,46 +318,47 @@ class UvmBackend(Backend):
         done = 0
         try:
             for lo, hi in self._batches(n):
-                self._ioctl("UVM_KVC_ALLOC", gpuUuid=self._uuid, pageSize=GRANULE, count=hi - lo,
+                self._ioctl("UVM_KVC_ALLOC", gpuUuid=self._uuid, pageSize=self._unit, count=hi - lo,
                             handlesPtr=ptr + 8 * lo)
                 done = hi
         except UvmError as exc:
-            self._free_granules(list(arr[0:done]))  # all or nothing
+            self._free_handles(list(arr[0:done]))  # all or nothing
             if exc.status in _OOM:
                 raise OutOfPages(f"GPU memory exhausted creating {count} pages of {self.page_size} bytes "
                                  f"({exc.status})", needed=count, available=done // self._k) from exc
             raise
         except BaseException:
-            self._free_granules(list(arr[0:done]))
+            self._free_handles(list(arr[0:done]))
             raise
-        granules = list(arr)
+        made = list(arr)
         pages = []
         for i in range(0, n, self._k):
-            group = granules[i:i + self._k]
-            self._granules[group[0]] = group
+            group = made[i:i + self._k]
+            self._parts[group[0]] = group
             pages.append(group[0])
         return pages
 
-    def _free_granules(self, granules: list[int]) -> None:
-        if not granules:
+    def _free_handles(self, handles: list[int]) -> None:
+        """UVM_KVC_FREE of module handles, in batches of maxBatch."""
+        if not handles:
             return
-        arr, ptr = self._u64_array(granules)
-        for lo, hi in self._batches(len(granules)):
+        arr, ptr = self._u64_array(handles)
+        for lo, hi in self._batches(len(handles)):
             self._ioctl("UVM_KVC_FREE", count=hi - lo, handlesPtr=ptr + 8 * lo)
 
     def release_pages(self, handles: Sequence[int]) -> None:
         handles = list(handles)
         if len(set(handles)) != len(handles):
             raise ValueError("handles: duplicates in one call")
-        bad = [h for h in handles if h not in self._granules or h in self._mapped_handles]
+        bad = [h for h in handles if h not in self._parts or h in self._mapped_handles]
         if bad:
             raise ValueError(f"handles {bad[:4]} are not live, unmapped pages of this backend")
         per_call = max(1, self.max_batch // self._k)  # whole pages per FREE, so books stay exact
         for i in range(0, len(handles), per_call):
             chunk = handles[i:i + per_call]
-            self._free_granules([g for h in chunk for g in self._granules[h]])
+            self._free_handles([g for h in chunk for g in self._parts[h]])
             for h in chunk:
-                del self._granules[h]
+                del self._parts[h]
 
     # --- mapping -----------------------------------------------------------------------------
     def _check_runs(self, starts: list[int], lengths: list[int]) -> None:
@@ -371,7 +380,7 @@ class UvmBackend(Backend):
         if not n:
             return
         self._check_open()
-        P, k = self.page_size, self._k
+        P, k, unit = self.page_size, self._k, self._unit
         pairs = sorted(zip([int(v) for v in vas], [int(h) for h in handles]))  # VA order
         pvas, phandles = [v for v, _ in pairs], [h for _, h in pairs]
         starts, lengths = _runs(pvas, P)
@@ -380,16 +389,16 @@ class UvmBackend(Backend):
         self._check_runs(starts, lengths)
         if any(va in self._mapped for va in pvas):
             raise ValueError("vas: some are already mapped")
-        granules = self._granules
-        if len(set(phandles)) != n or any(h not in granules for h in phandles) \
+        parts = self._parts
+        if len(set(phandles)) != n or any(h not in parts for h in phandles) \
                 or not self._mapped_handles.isdisjoint(phandles):
             raise ValueError("handles: some are not live, unmapped, distinct pages of this backend")
-        # One entry per 64K granule, in VA order; a run of pages is a run of granules.
+        # One entry per module handle, in VA order; a run of pages is a run of handles.
         if k == 1:
-            gvas, ghandles = pvas, phandles  # a 64K page's handle is its only granule
+            gvas, ghandles = pvas, phandles  # the page's handle is the module's handle
         else:
-            gvas = [v + j * GRANULE for v in pvas for j in range(k)]
-            ghandles = [g for h in phandles for g in granules[h]]
+            gvas = [v + j * unit for v in pvas for j in range(k)]
+            ghandles = [g for h in phandles for g in parts[h]]
         glens = [m * k for m in lengths]
         run_calls = sum(-(-m // self.max_batch) for m in glens)
         scatter_calls = -(-len(gvas) // self.max_batch)
@@ -415,14 +424,15 @@ class UvmBackend(Backend):
         return getattr(self._uvm, "UVM_KVC_MAP_FLAGS_NO_REPLACE", 0)  # never replace by mistake
 
     def _map_runs(self, starts, lengths, ghandles, done) -> None:
+        unit = self._unit
         arr = self._uvm.ffi.new("NvU64[]", ghandles)
         ptr = int(self._uvm.ffi.cast("uintptr_t", arr))
         first = 0
         for base, n in zip(starts, lengths):
             for lo, hi in self._batches(n):
                 self._ioctl("UVM_KVC_MAP", flags=self._map_flags(), gpuUuid=self._uuid,
-                            base=base + lo * GRANULE, count=hi - lo, handlesPtr=ptr + 8 * (first + lo))
-                done.append((base + lo * GRANULE, (hi - lo) * GRANULE))
+                            base=base + lo * unit, count=hi - lo, handlesPtr=ptr + 8 * (first + lo))
+                done.append((base + lo * unit, (hi - lo) * unit))
             first += n
 
     def _map_scatter(self, gvas, ghandles, done) -> None:
@@ -438,7 +448,7 @@ class UvmBackend(Backend):
         for lo, hi in self._batches(n):
             self._ioctl("UVM_KVC_MAP_SCATTER", flags=self._map_flags(), gpuUuid=self._uuid,
                         entriesPtr=ptr + size * lo, count=hi - lo)
-            done.extend((v, GRANULE) for v in gvas[lo:hi])
+            done.extend((v, self._unit) for v in gvas[lo:hi])
 
     def _unmap_ranges(self, ranges) -> None:
         """UNMAP each (base, length); contiguous neighbours are merged into one call."""
@@ -526,9 +536,9 @@ class UvmBackend(Backend):
         for base, nbytes in list(self._reservations.items()):
             attempt(self._ioctl, "UVM_FREE", base=base, length=nbytes)
             attempt(libc.munmap, base, nbytes)
-        attempt(self._free_granules, [g for group in self._granules.values() for g in group])
+        attempt(self._free_handles, [g for group in self._parts.values() for g in group])
         self._reservations.clear()
-        self._granules.clear()
+        self._parts.clear()
         self._mapped.clear()
         self._mapped_handles.clear()
         self._closed = True
