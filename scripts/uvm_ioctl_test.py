@@ -236,6 +236,7 @@ def _(u: Uvm, check: Check):
                p.gpuState & u.abi.UVM_KVC_GPU_HAS_VA_SPACE and p.gpuState & u.abi.UVM_KVC_GPU_SUPPORTED)
     check.true("maxBatch >= 1", p.maxBatch >= 1)
     check.true("64K in supportedPageSizes", p.supportedPageSizes & K64)
+    check("supportedPageSizes", hex(p.supportedPageSizes), hex(u.abi.UVM_KVC_SUPPORTED_PAGE_SIZES))
 
 
 @case("query: other /dev/nvidia-uvm fds are not va_space fds with this GPU")
@@ -288,7 +289,7 @@ def _(u: Uvm, check: Check):
     out = u.u64s([0] * 4)
     valid = {"gpuUuid": u.uuid, "pageSize": K64, "count": 1, "handlesPtr": out}
     common_bad_inputs(u, check, "UVM_KVC_ALLOC", valid)
-    for size in (4096, 128 << 10, 256 << 10, 2 * MiB, 0):
+    for size in (4096, 192 << 10, 512 << 10, 2 * MiB, 0):
         check(f"pageSize {size}", u.call("UVM_KVC_ALLOC", **{**valid, "pageSize": size})[0],
               "NV_ERR_INVALID_ARGUMENT")
     check("count 0", u.call("UVM_KVC_ALLOC", **{**valid, "count": 0})[0], "NV_ERR_INVALID_ARGUMENT")
@@ -306,6 +307,59 @@ def _(u: Uvm, check: Check):
         check("uninitialised fd", u.call("UVM_KVC_ALLOC", fd=fresh, **valid)[0], "NV_ERR_ILLEGAL_ACTION")
     finally:
         os.close(fresh)
+
+
+@case("alloc/map 128K and 256K handles: back to back, scattered, data")
+def _(u: Uvm, check: Check):
+    supported = int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).supportedPageSizes)
+    for size in (128 << 10, 256 << 10):
+        out = u.u64s([0] * 4)
+        status, _ = u.call("UVM_KVC_ALLOC", gpuUuid=u.uuid, pageSize=size, count=4, handlesPtr=out)
+        if not supported & size:
+            check(f"{size >> 10}K not reported: ALLOC refuses it", status, "NV_ERR_INVALID_ARGUMENT")
+            continue
+        check(f"alloc 4 x {size >> 10}K", status, "NV_OK")
+        hs = list(u.abi.ffi.cast("NvU64 *", out)[0:4])
+        base = u.range(4 * MiB)
+        check(f"{size >> 10}K: map back to back", u.map(base, hs), "NV_OK")
+        v = u.view(base, 4 * size)
+        check(f"{size >> 10}K: fresh pages read as zeros", int(v.count_nonzero().item()), 0)
+        for i in range(4):
+            u.view(base + i * size, size).fill_(i + 1)
+        torch.cuda.synchronize(u.device)
+        check(f"{size >> 10}K: NO_REPLACE sees the whole handle mapped",
+              u.map(base + size - K64, hs[:1], flags=u.flag("UVM_KVC_MAP_FLAGS_NO_REPLACE")),
+              "NV_ERR_UVM_ADDRESS_IN_USE")
+        check(f"{size >> 10}K: unmap", u.unmap(base, 4 * size), "NV_OK")
+        spots = [2 * MiB + i * 2 * size for i in range(4)]
+        status, _ = u.call("UVM_KVC_MAP_SCATTER", gpuUuid=u.uuid, count=4,
+                           entriesPtr=u.entries([(base + o, h) for o, h in zip(spots, hs[::-1])]))
+        check(f"{size >> 10}K: scatter", status, "NV_OK")
+        check.true(f"{size >> 10}K: data moved with each handle",
+                   all(int((u.view(base + o, size) == 4 - i).all().item()) for i, o in enumerate(spots)))
+        check(f"{size >> 10}K: straddling the range end",
+              u.map(base + 4 * MiB - K64, hs[:1], flags=u.flag("UVM_KVC_MAP_FLAGS_NO_REPLACE")),
+              "NV_ERR_INVALID_ADDRESS")
+        u.unmap(base, 4 * MiB)
+        u.free(hs)
+        u.drop_range(base)
+
+
+class Skip(Exception):
+    """A case that cannot run on this machine (reason in the message)."""
+
+
+@case("kernel self-test UVM_KVC_TEST_SANITY (needs uvm_enable_builtin_tests=1)")
+def _(u: Uvm, check: Check):
+    base = u.prot_none(4 * MiB)
+    status, _ = u.call("UVM_KVC_TEST_SANITY", gpuUuid=u.uuid, base=base, length=4 * MiB,
+                       iterations=16, injectFailAfter=0)
+    if status in ("EINVAL", "ENOSYS"):
+        raise Skip(f"builtin tests are off ({status}): modprobe nvidia-uvm uvm_enable_builtin_tests=1")
+    check("self-test", status, "NV_OK")
+    check("fault injection rolls back cleanly", u.call(
+        "UVM_KVC_TEST_SANITY", gpuUuid=u.uuid, base=base, length=4 * MiB, iterations=4,
+        injectFailAfter=3)[0], "NV_OK")
 
 
 # FREE ----------------------------------------------------------------------------------------
@@ -766,6 +820,8 @@ def main(argv=None) -> int:
         else:
             try:
                 fn(u, Check(r))
+            except Skip as why:
+                r.detail, r.expected, r.got = str(why), "-", "skipped"
             except Exception as exc:
                 r.passed, r.got = False, f"{type(exc).__name__}: {exc}"
                 r.detail = traceback.format_exc(limit=3).strip().splitlines()[-1]
