@@ -22,6 +22,7 @@ import numpy as np
 from ..units import format_size
 
 KiB, MiB = 1 << 10, 1 << 20
+_MAX_JUMP = 4096  # steps simulated at once: bounds a (slots x steps) array to a few MiB
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class UnitMemory:
     """Simulated KV memory: ``max_batch`` slots, each holding units in ``regions`` regions, under
     a budget of whole units. Interface shared with the measured model (a real KVCache):
     ``alloc(prompt) -> slot | None``, ``grow(slots, lens) -> bool`` (all or nothing), ``free(slot)``,
-    ``allocated_bytes()``, ``capacity(slots) -> tokens``."""
+    ``allocated_bytes()``, ``capacity(slots) -> tokens``, ``advance(slots, lens, horizon)``."""
 
     def __init__(self, unit_bytes: int, token_bytes: int, regions: int, max_batch: int, max_len: int,
                  budget_bytes: int | None, deferred_reclaim: bool):
@@ -138,6 +139,25 @@ class UnitMemory:
         """Tokens each slot's units cover (what it can grow to without allocating)."""
         return np.minimum(self.max_len, self.units[slots] * self.unit_bytes // self.token_bytes)
 
+    def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> np.ndarray:
+        """Grow every slot in ``slots`` from ``lens`` by one token per step for as many steps
+        ``k <= horizon`` as fit the unspent budget without reclaiming anything, exactly as that
+        many :meth:`grow` calls would; return the allocated bytes after each of those steps."""
+        horizon = min(horizon, self.max_len - int(lens.max()), _MAX_JUMP)
+        if horizon <= 0:
+            return np.zeros(0, dtype=np.int64)
+        held = self.units[slots]
+        need = self.units_for(lens[:, None] + np.arange(1, horizon + 1)[None, :])
+        extra = np.maximum(need - held[:, None], 0).sum(axis=0) * self.regions  # non-decreasing in k
+        if self.budget_units is not None:
+            spare = self.budget_units - int(self.units.sum()) * self.regions
+            extra = extra[: int(np.searchsorted(extra, spare, side="right"))]
+        steps = len(extra)
+        if steps:
+            self.units[slots] = np.maximum(held, need[:, steps - 1])
+            self.lens[slots] = lens + steps
+        return self.allocated_bytes() - (extra[-1:] - extra) * self.unit_bytes if steps else extra
+
     def held_bytes(self, slots: np.ndarray) -> np.ndarray:
         """Bytes each slot holds across all regions."""
         return self.units[slots] * self.unit_bytes * self.regions
@@ -180,6 +200,12 @@ class CacheMemory:
 
     def held_bytes(self, slots: np.ndarray) -> np.ndarray:
         return np.array([self.cache.slot_mapped_bytes(s) for s in slots.tolist()], dtype=np.int64)
+
+    def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> np.ndarray:
+        """Steps the slots can grow within their mapped pages (nothing to map, so no call to the
+        cache: the next real step catches its lengths up); allocated bytes after each."""
+        steps = max(0, min(horizon, int((self.capacity(slots) - lens).min())))
+        return np.full(steps, self.allocated_bytes(), dtype=np.int64)
 
     def close(self) -> None:
         self.cache.close()

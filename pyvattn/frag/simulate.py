@@ -4,8 +4,9 @@ Requests arrive in trace order (or at their trace timestamps), are admitted whil
 and the memory model can hold their prompt, then grow by one token per step until they reach
 ``prompt + output`` tokens and leave. Decode growth is served before admissions; if it does not
 fit, the newest running request is preempted (its memory freed, the request queued again at the
-front, as vLLM's recompute preemption does). Steps in which nothing can change (no allocation, no
-completion, no admission possible) are skipped in one jump, which keeps a whole trace fast.
+front, as vLLM's recompute preemption does). Runs of steps in which only growth happens (no
+completion, no arrival, admission blocked, growth within the unspent budget) are computed in one
+vectorised jump, which keeps a whole trace fast.
 """
 
 from __future__ import annotations
@@ -147,17 +148,18 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
             bar.update(len(done))
             slots = np.flatnonzero(req >= 0)
         step += 1
-        # 4. skip steps in which nothing can happen: no growth beyond what is allocated, no
-        # completion, no arrival, and admission already blocked with nothing freed since
+        # 4. skip steps in which nothing but growth can happen: no completion, no arrival, no
+        # growth that needs a reclaim or preemption, and admission already blocked (free memory
+        # only shrinks until something completes, so it stays blocked)
         if blocked and len(done) == 0 and len(slots):
-            room = memory.capacity(slots) - length[slots]
-            until_done = total[req[slots]] - length[slots]
-            jump = int(min(room.min(), until_done.min() - 1))
+            horizon = int((total[req[slots]] - length[slots]).min()) - 1
             if next_arrival < n:
-                jump = min(jump, int(arrive[order[next_arrival]]) - step)
+                horizon = min(horizon, int(arrive[order[next_arrival]]) - step)
+            allocated = memory.advance(slots, length[slots], horizon) if horizon > 0 else []
+            jump = len(allocated)
             if jump > 0:
                 k = np.arange(1, jump + 1, dtype=np.int64)
-                alloc_s.append(np.full(jump, alloc_now))
+                alloc_s.append(allocated)
                 used_s.append(used_now + k * n_run * bytes_per_token)
                 run_s.append(np.full(jump, n_run))
                 length[slots] += jump
