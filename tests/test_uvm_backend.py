@@ -617,6 +617,30 @@ def test_stub_unmap_synchronizes_before_the_ioctl(stub):
     b.close()
 
 
+def test_stub_map_and_unmap_from_a_thread_with_no_current_context(stub):
+    """step_async maps on a background thread, which has no CUDA context current."""
+    import threading
+
+    b = _backend()
+    base = b.reserve(8 * K64)
+    pages = b.create_pages(4)
+    errors = []
+
+    def work():
+        try:
+            b.map([base + i * K64 for i in range(4)], pages)
+            _fill(base, 4 * K64, 9)
+            b.unmap([base + i * K64 for i in range(4)])  # its sync needs the context current
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors and stub.stub_live_maps() == 0 and stub.stub_syncs_at_last_unmap >= 1
+    b.close()
+
+
 def test_stub_close_frees_everything_and_is_idempotent(stub):
     b = _backend(4 * K64)
     base = b.reserve(8 * 4 * K64)
