@@ -110,12 +110,15 @@ class KVCache:
         self._mapped = np.zeros(self.max_batch_size, dtype=np.int64)  # pages per region, per slot
         self._seq_lens = np.zeros(self.max_batch_size, dtype=np.int64)
         # The decode hot path (nothing to map) must cost microseconds at batch 256, which numpy's
-        # per-call overhead does not allow for dict input: a dict of mapped capacity (tokens) per
-        # active slot answers "does everything fit?" in C-level builtins, and lengths from such
-        # steps are folded into _seq_lens lazily.
+        # per-call overhead does not allow for dict input. So lengths and mapped capacity (tokens)
+        # of active slots are also kept in dicts, and "does every length fit, and has none
+        # shrunk?" is answered in C-level builtins. Whichever copy of the lengths a step updated
+        # is the newer one; the other is refreshed when needed.
         self._capacity: dict[int, int] = {}
         self._capacity_arr = np.zeros(self.max_batch_size, dtype=np.int64)  # 0 for free slots
-        self._pending_lens: dict[int, int] = {}
+        self._lens: dict[int, int] = {}
+        self._np_stale = False  # _lens is newer than _seq_lens
+        self._dict_stale = False  # _seq_lens is newer than _lens
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._closed = False
@@ -145,6 +148,7 @@ class KVCache:
         slot = int(slot)
         self._active[slot] = True
         self._seq_lens[slot] = 0
+        self._lens[slot] = 0
         self._set_capacity(slot)
         return slot
 
@@ -159,6 +163,7 @@ class KVCache:
         self._sync_lens()
         self._active[slot] = False
         self._seq_lens[slot] = 0
+        self._lens.pop(slot, None)
         del self._capacity[slot]
         self._capacity_arr[slot] = 0
         if not self.deferred_reclaim:
@@ -180,25 +185,29 @@ class KVCache:
         """Fast path: record ``seq_lens`` and return True if nothing needs mapping (and the input
         is plainly valid); False sends the call through full validation."""
         if type(seq_lens) is dict:
-            cap = self._capacity  # active slots only: a free or unknown slot raises KeyError
+            self._refresh_dict()  # no-op unless a tensor-input step came last
+            cap, now = self._capacity, self._lens  # active slots only: others raise KeyError
             try:
-                ok = all(0 <= n <= cap[s] for s, n in seq_lens.items())
+                ok = all(now[s] <= n <= cap[s] for s, n in seq_lens.items())
             except (KeyError, TypeError):
                 return False
             if ok and type(sum(seq_lens.values())) is int:  # a float or numpy length: slow path
-                self._pending_lens.update(seq_lens)
+                now.update(seq_lens)
+                self._np_stale = True
                 return True
             return False
         if isinstance(seq_lens, torch.Tensor) and seq_lens.device.type == "cpu":
             seq_lens = seq_lens.numpy()
-        if (isinstance(seq_lens, np.ndarray) and seq_lens.shape == self._capacity_arr.shape
-                and seq_lens.dtype.kind in "iu"
-                # viewed unsigned, a negative length is huge and fails the test; free slots have
-                # capacity 0, so their entries must be 0
-                and (seq_lens.view(f"u{seq_lens.itemsize}") <= self._capacity_arr).all()):
-            self._pending_lens.clear()
-            np.maximum(self._seq_lens, seq_lens, out=self._seq_lens)
-            return True
+        if isinstance(seq_lens, np.ndarray) and seq_lens.shape == self._capacity_arr.shape \
+                and seq_lens.dtype.kind in "iu":
+            self._refresh_numpy()
+            # viewed unsigned, a negative length is huge and fails the test; free slots have
+            # capacity 0 and length 0, so their entries must be 0
+            if ((seq_lens.view(f"u{seq_lens.itemsize}") <= self._capacity_arr).all()
+                    and (seq_lens >= self._seq_lens).all()):
+                self._seq_lens[:] = seq_lens
+                self._dict_stale = True
+                return True
         return False
 
     def step_async(self, seq_lens: SeqLens) -> None:
@@ -224,7 +233,8 @@ class KVCache:
         growing = grow > 0
         if growing.any():
             self._map_growth(slots[growing], need[growing], slots, need)
-        self._seq_lens[slots] = np.maximum(self._seq_lens[slots], lens)
+        self._seq_lens[slots] = np.maximum(self._seq_lens[slots], lens)  # lengths never shrink
+        self._lens.update(zip(slots.tolist(), self._seq_lens[slots].tolist()))  # both current
 
     def _map_growth(self, slots: np.ndarray, need: np.ndarray, step_slots: np.ndarray,
                     step_need: np.ndarray) -> None:
@@ -405,10 +415,20 @@ class KVCache:
         self._capacity_arr[slot] = tokens
 
     def _sync_lens(self) -> None:
-        if self._pending_lens:
-            pending, self._pending_lens = self._pending_lens, {}
-            idx = list(map(int, pending))
-            self._seq_lens[idx] = np.maximum(self._seq_lens[idx], list(pending.values()))
+        """Make both copies of the lengths current."""
+        self._refresh_numpy()
+        self._refresh_dict()
+
+    def _refresh_numpy(self) -> None:
+        if self._np_stale:
+            self._seq_lens[list(map(int, self._lens))] = list(self._lens.values())
+            self._np_stale = False
+
+    def _refresh_dict(self) -> None:
+        if self._dict_stale:
+            active = np.flatnonzero(self._active)
+            self._lens = dict(zip(active.tolist(), self._seq_lens[active].tolist()))
+            self._dict_stale = False
 
     def _pages_for(self, seq_len):
         return -(-seq_len * self.token_bytes // self.page_size)

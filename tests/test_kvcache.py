@@ -263,3 +263,31 @@ def test_context_manager_closes(backend_device):
         assert float(cache.k[1][slot].sum()) == 3.0 * 64 * 8
     with pytest.raises(RuntimeError):
         cache.stats()
+
+
+def test_reused_slot_excess_is_reclaimed_but_written_tokens_never_are(make_cache):
+    probe = make_cache()
+    P, tb, regions = probe.page_size, probe.token_bytes, probe.num_regions
+    tpp = P // tb  # 32 tokens per page
+    probe.close()
+    cache = make_cache(memory_budget=12 * regions * P, max_batch_size=2)
+    big = cache.alloc_slot()
+    cache.step({big: 10 * tpp})  # 10 pages per region
+    cache.free_slot(big)
+    small = cache.alloc_slot(seq_len=2 * tpp)  # best fit: reuses the 10-page slot
+    assert small == big
+    cache.step({small: 2 * tpp})
+    write(cache, small, 1, 0, 2 * tpp)
+    cache.step({small: tpp})  # a smaller length does not shrink what the slot keeps
+    assert cache.seq_len(small) == 2 * tpp
+    other = cache.alloc_slot()
+    cache.step({other: 8 * tpp})  # needs 8 pages: 2 from the budget, 6 of small's 8 excess
+    s = cache.stats()
+    assert s["reclaimed_pages_total"] == 6 * regions
+    assert cache.mapped_tokens(small) == 4 * tpp
+    write(cache, other, 2, 0, 8 * tpp)
+    check(cache, small, 1, 2 * tpp)
+    check(cache, other, 2, 8 * tpp)
+    with pytest.raises(OutOfPages):
+        cache.step({other: 11 * tpp})  # would need small's written pages: refused, nothing changes
+    check(cache, small, 1, 2 * tpp)
