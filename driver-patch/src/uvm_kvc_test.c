@@ -1,0 +1,183 @@
+/*
+ * uvm_kvc_test.c: kernel self-test for the KVC ioctls (UVM_KVC_TEST_SANITY), reachable only when
+ * nvidia-uvm is loaded with uvm_enable_builtin_tests=1 (routed through uvm_test_ioctl()).
+ *
+ * Needs a GPU registered with a GPU VA space on the calling fd, and an unused PROT_NONE region
+ * [base, base + length) (>= 2 MiB, 64K aligned), which it turns into a KVC range and leaves in
+ * place: the caller frees it with UVM_FREE. Checks: handle table (alloc/free round trips, stale
+ * handles after reuse, duplicates and bad inputs refused with nothing changed), 128K/256K slot
+ * alignment, pool accounting back to zero, mapping references (map, FREE while mapped, partial
+ * unmap splitting a mapping, replace on remap) and that all memory returns to PMM.
+ */
+
+#include "uvm_kvc.h"
+#include "uvm_test.h"
+#include "uvm_api.h"
+#include "uvm_kvmalloc.h"
+
+#define KVC_TEST_PAGES 40
+
+static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu)
+{
+    NvU64 *handles = uvm_kvmalloc_zero(KVC_TEST_PAGES * sizeof(*handles));
+    NvU64 stale, again[2], phys, size, refs;
+    NV_STATUS status = NV_OK;
+    NvU64 i;
+
+    if (!handles)
+        return NV_ERR_NO_MEMORY;
+
+    uvm_va_space_down_read(va_space);
+
+    /* 40 x 64K needs two roots; all of it goes back on free. */
+    TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, KVC_TEST_PAGES, handles), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 2 * UVM_CHUNK_SIZE_MAX, out);
+    for (i = 0; i < KVC_TEST_PAGES; i++) {
+        TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[i], &phys, &size, &refs), out);
+        TEST_CHECK_GOTO(size == UVM_PAGE_SIZE_64K && refs == 0 && IS_ALIGNED(phys, UVM_PAGE_SIZE_64K), out);
+    }
+
+    /* Duplicates: refused, nothing freed. */
+    again[0] = handles[0];
+    again[1] = handles[0];
+    TEST_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 2, again) == NV_ERR_INVALID_ARGUMENT, out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[0], &phys, &size, &refs), out);
+
+    /* Unknown handle in the middle of a batch: refused, nothing freed. */
+    again[0] = handles[1];
+    again[1] = 0x1234ULL << 32 | 0x7fffffff;
+    TEST_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 2, again) == NV_ERR_INVALID_OBJECT_HANDLE, out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[1], &phys, &size, &refs), out);
+
+    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, KVC_TEST_PAGES, handles), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
+
+    /* Stale handle after id reuse: the generation makes it differ. */
+    stale = handles[0];
+    TEST_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 1, &stale) == NV_ERR_INVALID_OBJECT_HANDLE, out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, 1, &again[0]), out);
+    TEST_CHECK_GOTO(again[0] != stale, out);
+    TEST_CHECK_GOTO(uvm_kvc_handle_phys(va_space, stale, &phys, &size, &refs) == NV_ERR_INVALID_OBJECT_HANDLE, out);
+
+    /* 128K and 256K pages are naturally aligned runs of slots. */
+    TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_256K, UVM_KVC_ALLOC_FLAGS_ZERO, 1, &again[1]), out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, again[1], &phys, &size, &refs), out);
+    TEST_CHECK_GOTO(size == UVM_KVC_PAGE_SIZE_256K && IS_ALIGNED(phys, UVM_KVC_PAGE_SIZE_256K), out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 2, again), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
+
+out:
+    uvm_va_space_up_read(va_space);
+    uvm_kvfree(handles);
+    return status;
+}
+
+static NV_STATUS kvc_test_refs(uvm_va_space_t *va_space,
+                               uvm_gpu_t *gpu,
+                               const NvProcessorUuid *uuid,
+                               NvU64 base,
+                               NvU64 iterations)
+{
+    UVM_KVC_SCATTER_ENTRY entries[4];
+    NvU64 handles[4], phys, size, refs, it, i;
+    NV_STATUS status = NV_OK;
+
+    for (it = 0; it < iterations; it++) {
+        uvm_va_space_down_read(va_space);
+        status = uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, 4, handles);
+        uvm_va_space_up_read(va_space);
+        TEST_NV_CHECK_RET(status);
+
+        for (i = 0; i < 4; i++) {
+            entries[i].va = base + i * UVM_PAGE_SIZE_64K;
+            entries[i].handle = handles[i];
+        }
+        TEST_NV_CHECK_RET(uvm_kvc_map_scatter(va_space, uuid, 0, entries, 4));
+
+        /* NO_REPLACE over a live mapping is refused. */
+        TEST_CHECK_RET(uvm_kvc_map_scatter(va_space, uuid, UVM_KVC_MAP_FLAGS_NO_REPLACE, entries, 1) ==
+                       NV_ERR_UVM_ADDRESS_IN_USE);
+
+        /* Overlapping entries are refused. */
+        entries[1].va = entries[0].va;
+        TEST_CHECK_RET(uvm_kvc_map_scatter(va_space, uuid, 0, entries, 2) == NV_ERR_INVALID_ARGUMENT);
+        entries[1].va = base + UVM_PAGE_SIZE_64K;
+
+        uvm_va_space_down_read(va_space);
+        for (i = 0; i < 4; i++) {
+            TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[i], &phys, &size, &refs), unlock);
+            TEST_CHECK_GOTO(refs == 1, unlock);
+        }
+        /* FREE while mapped: FAIL_IF_MAPPED refuses; a plain FREE drops the handle and the
+         * memory stays until the unmap. */
+        TEST_CHECK_GOTO(uvm_kvc_free_pages(va_space, UVM_KVC_FREE_FLAGS_FAIL_IF_MAPPED, 1, &handles[0]) ==
+                        NV_ERR_IN_USE, unlock);
+        TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 1, &handles[0]), unlock);
+        TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == UVM_CHUNK_SIZE_MAX, unlock);
+        uvm_va_space_up_read(va_space);
+
+        /* Partial unmap splits the mapping; the other pages keep their reference. */
+        TEST_NV_CHECK_RET(uvm_kvc_unmap(va_space, uuid, base + UVM_PAGE_SIZE_64K, UVM_PAGE_SIZE_64K));
+        uvm_va_space_down_read(va_space);
+        TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[1], &phys, &size, &refs), unlock);
+        TEST_CHECK_GOTO(refs == 0, unlock);
+        TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[2], &phys, &size, &refs), unlock);
+        TEST_CHECK_GOTO(refs == 1, unlock);
+        uvm_va_space_up_read(va_space);
+
+        /* Remap page 3's VA with page 1 (replace): page 3 loses its reference. */
+        entries[0].va = base + 3 * UVM_PAGE_SIZE_64K;
+        entries[0].handle = handles[1];
+        TEST_NV_CHECK_RET(uvm_kvc_map_scatter(va_space, uuid, 0, entries, 1));
+        uvm_va_space_down_read(va_space);
+        TEST_NV_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[3], &phys, &size, &refs), unlock);
+        TEST_CHECK_GOTO(refs == 0, unlock);
+        uvm_va_space_up_read(va_space);
+
+        /* Unmap everything: the freed page 0 goes back to PMM with its root once all are freed. */
+        TEST_NV_CHECK_RET(uvm_kvc_unmap(va_space, uuid, base, 4 * UVM_PAGE_SIZE_64K));
+        uvm_va_space_down_read(va_space);
+        TEST_CHECK_GOTO(uvm_kvc_handle_phys(va_space, handles[0], &phys, &size, &refs) ==
+                        NV_ERR_INVALID_OBJECT_HANDLE, unlock);
+        TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 3, &handles[1]), unlock);
+        TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, unlock);
+        uvm_va_space_up_read(va_space);
+    }
+    return NV_OK;
+
+unlock:
+    uvm_va_space_up_read(va_space);
+    return status;
+}
+
+NV_STATUS uvm_test_kvc_sanity(UVM_KVC_TEST_SANITY_PARAMS *params, struct file *filp)
+{
+    uvm_va_space_t *va_space = uvm_va_space_get(filp);
+    uvm_gpu_t *gpu;
+    NV_STATUS status;
+
+    if (params->version != UVM_KVC_ABI_VERSION)
+        return NV_ERR_NOT_SUPPORTED;
+    if (params->flags != 0)
+        return NV_ERR_INVALID_FLAGS;
+    if (params->reserved != 0 || params->pad0 != 0 || params->injectFailAfter != 0)
+        return NV_ERR_INVALID_ARGUMENT;
+    if (params->length < UVM_CHUNK_SIZE_MAX || uvm_api_range_invalid_64k(params->base, params->length))
+        return NV_ERR_INVALID_ADDRESS;
+
+    uvm_va_space_down_read(va_space);
+    gpu = uvm_va_space_get_gpu_by_uuid_with_gpu_va_space(va_space, &params->gpuUuid);
+    uvm_va_space_up_read(va_space);
+    if (!gpu)
+        return NV_ERR_INVALID_DEVICE;
+    /* gpu stays valid: this thread holds the fd, and GPU unregister from another thread is the
+     * caller's own doing (the test would then fail with INVALID_DEVICE from the ioctl paths). */
+
+    status = kvc_test_table(va_space, gpu);
+    if (status != NV_OK)
+        return status;
+
+    TEST_NV_CHECK_RET(uvm_kvc_create_range(va_space, params->base, params->length));
+
+    return kvc_test_refs(va_space, gpu, &params->gpuUuid, params->base, params->iterations ? params->iterations : 1);
+}
