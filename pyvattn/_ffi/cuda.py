@@ -13,6 +13,7 @@ are declared as plain ints, with the values the code uses written out below.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from cffi import FFI
@@ -280,3 +281,51 @@ def allocation_granularity(dev: int, option: int = CU_MEM_ALLOC_GRANULARITY_MINI
     check("cuMemGetAllocationGranularity",
           lib().cuMemGetAllocationGranularity(out, allocation_prop(dev), option))
     return out[0]
+
+
+class PrimaryContext:
+    """A reference to a device's primary context (the one torch uses), made current around
+    driver calls from any thread: a background mapping thread has no current context.
+
+    ``current()`` makes it current if another (or none) is, and restores the previous one after.
+    ``release()`` drops the reference once; later calls do nothing.
+    """
+
+    def __init__(self, ordinal: int):
+        self.dev = device_get(ordinal)
+        out = ffi.new("CUcontext *")
+        check("cuDevicePrimaryCtxRetain", lib().cuDevicePrimaryCtxRetain(out, self.dev))
+        self.ctx = out[0]
+        self._released = False
+
+    @contextlib.contextmanager
+    def current(self):
+        """Yield the driver library with this context current on the calling thread."""
+        driver = lib()
+        cur = ffi.new("CUcontext *")
+        check("cuCtxGetCurrent", driver.cuCtxGetCurrent(cur))
+        prev = cur[0]
+        if prev != self.ctx:
+            check("cuCtxSetCurrent", driver.cuCtxSetCurrent(self.ctx))
+        try:
+            yield driver
+        finally:
+            if prev != self.ctx and prev != ffi.NULL:
+                driver.cuCtxSetCurrent(prev)
+
+    def synchronize(self) -> None:
+        """Wait for all work in the context (every torch stream on the device included)."""
+        with self.current() as driver:
+            check("cuCtxSynchronize", driver.cuCtxSynchronize())
+
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) device memory in bytes, as the driver reports it."""
+        with self.current():
+            return mem_get_info()
+
+    def release(self) -> int:
+        """Drop the reference (once); return the driver's status."""
+        if self._released:
+            return CUDA_SUCCESS
+        self._released = True
+        return lib().cuDevicePrimaryCtxRelease_v2(self.dev)

@@ -52,10 +52,8 @@ class CudaVmmBackend(Backend):
         self.device = torch.device("cuda", ordinal)
         self.check_page_size(self.device, self.page_size)
         self._lib = cuda.lib()
-        self._dev = cuda.device_get(ordinal)
-        ctx = cuda.ffi.new("CUcontext *")
-        cuda.check("cuDevicePrimaryCtxRetain", self._lib.cuDevicePrimaryCtxRetain(ctx, self._dev))
-        self._ctx = ctx[0]
+        self._primary = cuda.PrimaryContext(ordinal)
+        self._dev = self._primary.dev
         self._closed = False
         self._facts: dict | None = None
         self._handle_out = cuda.ffi.new("CUmemGenericAllocationHandle *")
@@ -117,21 +115,10 @@ class CudaVmmBackend(Backend):
         return {**super().describe(), **self._facts}
 
     # --- context -----------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _context(self):
-        """Run with this device's primary context current on the calling thread (a background
-        mapping thread has none). Makes it current if no context is; restores a different one."""
+        """The device's primary context, current on the calling thread for the ``with`` block."""
         self._check_open()
-        cur = cuda.ffi.new("CUcontext *")
-        cuda.check("cuCtxGetCurrent", self._lib.cuCtxGetCurrent(cur))
-        prev = cur[0]
-        if prev != self._ctx:
-            cuda.check("cuCtxSetCurrent", self._lib.cuCtxSetCurrent(self._ctx))
-        try:
-            yield self._lib
-        finally:
-            if prev != self._ctx and prev != cuda.ffi.NULL:
-                self._lib.cuCtxSetCurrent(prev)
+        return self._primary.current()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -272,13 +259,13 @@ class CudaVmmBackend(Backend):
         return device_tensor(base, nbytes, self.device)
 
     def synchronize(self) -> None:
-        with self._context() as lib:
-            cuda.check("cuCtxSynchronize", lib.cuCtxSynchronize())
+        self._check_open()
+        self._primary.synchronize()
 
     def mem_info(self) -> tuple[int, int]:
         """(free, total) device memory in bytes, as the driver reports it."""
-        with self._context():
-            return cuda.mem_get_info()
+        self._check_open()
+        return self._primary.mem_info()
 
     def close(self) -> None:
         """Unmap, release and unreserve everything, then drop the primary-context reference.
@@ -296,7 +283,7 @@ class CudaVmmBackend(Backend):
         cur = cuda.ffi.new("CUcontext *")
         lib.cuCtxGetCurrent(cur)
         prev = cur[0]
-        attempt("cuCtxSetCurrent", lib.cuCtxSetCurrent(self._ctx))
+        attempt("cuCtxSetCurrent", lib.cuCtxSetCurrent(self._primary.ctx))
         if self._mapped:
             attempt("cuCtxSynchronize", lib.cuCtxSynchronize())
         for va in list(self._mapped):
@@ -305,9 +292,9 @@ class CudaVmmBackend(Backend):
             attempt("cuMemRelease", lib.cuMemRelease(h))
         for base, nbytes in list(self._reservations.items()):
             attempt("cuMemAddressFree", lib.cuMemAddressFree(base, nbytes))
-        if prev != self._ctx:
+        if prev != self._primary.ctx:
             lib.cuCtxSetCurrent(prev)
-        attempt("cuDevicePrimaryCtxRelease_v2", lib.cuDevicePrimaryCtxRelease_v2(self._dev))
+        attempt("cuDevicePrimaryCtxRelease_v2", self._primary.release())
         self._mapped.clear()
         self._mapped_handles.clear()
         self._live.clear()

@@ -144,18 +144,16 @@ class UvmBackend(Backend):
         self._uvm = _abi()
         ordinal = _ordinal(self.device)
         self.device = torch.device("cuda", ordinal)
-        self._dev = cuda.device_get(ordinal)
         # Retaining the primary context (torch's) makes CUDA register the GPU and its VA space
         # with UVM, so the fd we look for exists and has the GPU.
-        ctx = cuda.ffi.new("CUcontext *")
-        cuda.check("cuDevicePrimaryCtxRetain", cuda.lib().cuDevicePrimaryCtxRetain(ctx, self._dev))
-        self._ctx = ctx[0]
+        self._primary = cuda.PrimaryContext(ordinal)
+        self._dev = self._primary.dev
         self._closed = False
         try:
             self._uuid = gpu_uuid(ordinal)
             self.fd, info = self._find_fd()
         except BaseException:
-            cuda.lib().cuDevicePrimaryCtxRelease_v2(self._dev)
+            self._primary.release()
             raise
         self.max_batch = int(info.maxBatch)
         self._facts = {"module_magic": f"{int(info.magic):#x}",
@@ -491,31 +489,17 @@ class UvmBackend(Backend):
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:
         return device_tensor(base, nbytes, self.device)
 
-    @contextlib.contextmanager
     def _context(self):
-        """Run with this device's primary context current on the calling thread (a background
-        mapping thread has none); restore a different one after."""
-        lib = cuda.lib()
-        cur = cuda.ffi.new("CUcontext *")
-        cuda.check("cuCtxGetCurrent", lib.cuCtxGetCurrent(cur))
-        prev = cur[0]
-        if prev != self._ctx:
-            cuda.check("cuCtxSetCurrent", lib.cuCtxSetCurrent(self._ctx))
-        try:
-            yield lib
-        finally:
-            if prev != self._ctx and prev != cuda.ffi.NULL:
-                lib.cuCtxSetCurrent(prev)
+        """The device's primary context, current on the calling thread for the ``with`` block."""
+        return self._primary.current()
 
     def synchronize(self) -> None:
         """Wait for all work on the device's primary context (torch's streams included)."""
-        with self._context() as lib:
-            cuda.check("cuCtxSynchronize", lib.cuCtxSynchronize())
+        self._primary.synchronize()
 
     def mem_info(self) -> tuple[int, int]:
         """(free, total) device memory in bytes, as the driver reports it."""
-        with self._context():
-            return cuda.mem_get_info()
+        return self._primary.mem_info()
 
     def close(self) -> None:
         """Free every range (which drops its maps), every page and every reservation; release the
@@ -542,6 +526,6 @@ class UvmBackend(Backend):
         self._mapped.clear()
         self._mapped_handles.clear()
         self._closed = True
-        cuda.lib().cuDevicePrimaryCtxRelease_v2(self._dev)
+        self._primary.release()
         if errors:
             raise errors[0]
