@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,27 @@ def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[P
     return [waste_png, conc_png]
 
 
-def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, progress: bool = True) -> list[RunResult]:
+def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, progress: bool = True,
+            jobs: int | None = None) -> list[RunResult]:
+    """Simulate every scheme on ``exp``, in ``schemes`` order; schemes are independent, so they run
+    in ``jobs`` worker processes (default: one per CPU; 1 runs them here, in this process)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
-    return [exp.simulate(s) for s in tqdm(schemes, desc=f"{exp.trace} {exp.model.name} TP{exp.tp}",
-                                           unit="scheme", disable=not progress)]
+    jobs = min(len(schemes), jobs or os.cpu_count() or 1)
+    bar = tqdm(total=len(schemes), desc=f"{exp.trace} {exp.model.name} TP{exp.tp}", unit="scheme",
+               disable=not progress)
+    if jobs == 1:
+        results = []
+        for s in schemes:
+            results.append(exp.simulate(s))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            futures = [pool.submit(exp.simulate, s) for s in schemes]
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            results = [f.result() for f in futures]
+    bar.close()
+    return results

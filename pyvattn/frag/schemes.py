@@ -102,10 +102,11 @@ class UnitMemory:
             count = int((g_need - self.units[g_slots]).sum()) * self.regions
             if self.budget_units is not None:
                 short = count - (self.budget_units - int(self.units.sum()) * self.regions)
-                keep = np.where(self.active, self.units_for(self.lens), 0)
-                keep[slots] = np.maximum(keep[slots], need)
-                if short > 0 and not self._reclaim(short, keep):
-                    return False
+                if short > 0:
+                    keep = np.where(self.active, self.units_for(self.lens), 0)
+                    keep[slots] = np.maximum(keep[slots], need)
+                    if not self._reclaim(short, keep):
+                        return False
             self.units[g_slots] = g_need
         self.lens[slots] = np.maximum(self.lens[slots], lens)
         return True
