@@ -1,0 +1,35 @@
+/*
+ * uvm_kvc_compat.h for nvidia-uvm 565+ (checked on 580.142): external ranges are the subclass
+ * uvm_va_range_external_t with a base `va_range`; page sizes NvU64; PMM alloc_kernel exported;
+ * UVM_FD_TEST exists.
+ */
+#ifndef __UVM_KVC_COMPAT_H__
+#define __UVM_KVC_COMPAT_H__
+
+#include "uvm_va_range.h"
+#include "uvm_global.h"
+#include "uvm_fd_type.h"
+
+typedef uvm_va_range_external_t uvm_kvc_ext_range_t;
+
+static inline uvm_kvc_ext_range_t *uvm_kvc_ext_range_find(uvm_va_space_t *va_space, NvU64 addr)
+{
+    return uvm_va_range_external_find(va_space, addr);
+}
+
+static inline NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space,
+                                                 struct mm_struct *mm,
+                                                 NvU64 start,
+                                                 NvU64 length,
+                                                 uvm_kvc_ext_range_t **out)
+{
+    return uvm_va_range_create_external(va_space, mm, start, length, out);
+}
+
+#define uvm_kvc_ext_range_node(range)        (&(range)->va_range.node)
+#define uvm_kvc_ext_range_owned(range)       ((range)->kvc_owned)
+#define uvm_kvc_ext_range_mapped_gpus(range) (&(range)->mapped_gpus)
+#define uvm_kvc_fd_is_test(type)             ((type) == UVM_FD_TEST)
+#define uvm_kvc_conf_computing_enabled(gpu)  (g_uvm_global.conf_computing_enabled)
+
+#endif /* __UVM_KVC_COMPAT_H__ */
