@@ -2,11 +2,14 @@
 
 Every loader returns a list of :class:`Request` in trace order. Shipped traces (see
 ``pyvattn/data/traces/LICENSES.md`` for origin and license): ``arxiv``, ``sharegpt``,
-``azure-conv``, ``azure-code``. Any path is accepted too: vAttention/Sarathi CSVs
-(``num_prefill_tokens, num_decode_tokens``), Azure LLM inference CSVs (``TIMESTAMP, ContextTokens,
-GeneratedTokens``), Vidur CSVs (``arrived_at, num_prefill_tokens, num_decode_tokens``), Mooncake
-JSONL (``timestamp`` in ms, ``input_length``, ``output_length``), or a CSV of your own with
-``prompt_tokens, output_tokens[, arrival_s]``.
+``azure-conv``, ``azure-code``, ``mooncake`` (the first 2,000 requests of Mooncake's conversation
+trace). Any path is accepted too: vAttention/Sarathi CSVs (``num_prefill_tokens,
+num_decode_tokens``), Azure LLM inference CSVs (``TIMESTAMP, ContextTokens, GeneratedTokens``),
+Vidur CSVs (``arrived_at, num_prefill_tokens, num_decode_tokens``), Mooncake JSONL (``timestamp``
+in ms, ``input_length``, ``output_length``), or a CSV of your own: its columns are found by name
+(case and spacing ignored), e.g. ``prompt_tokens``/``input_tokens``/``Request tokens`` and
+``output_tokens``/``completion_tokens``/``Response tokens``, with an optional arrival column
+(``arrival_s``, ``timestamp`` in seconds or as a date-time, ``timestamp_ms``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
@@ -23,15 +26,19 @@ SHIPPED = {
     "sharegpt": "sharegpt_8k_stats_llama2.csv",
     "azure-conv": "AzureLLMInferenceTrace_conv.csv",
     "azure-code": "AzureLLMInferenceTrace_code.csv",
+    "mooncake": "mooncake_conversation_first2000.jsonl",
 }
 
-# (prompt column, output column, arrival column or None, arrival unit): first match wins
-_CSV_COLUMNS = [
-    ("num_prefill_tokens", "num_decode_tokens", "arrived_at", "s"),
-    ("ContextTokens", "GeneratedTokens", "TIMESTAMP", "datetime"),
-    ("prompt_tokens", "output_tokens", "arrival_s", "s"),
-    ("input_length", "output_length", "timestamp", "ms"),
-]
+# Column names by role, normalised (lower case, letters and digits only); first match wins.
+_PROMPT_COLUMNS = ("numprefilltokens", "contexttokens", "prompttokens", "inputlength", "inputtokens",
+                   "requesttokens", "prefilltokens", "promptlength", "promptlen", "inputlen",
+                   "numprompttokens", "numinputtokens")
+_OUTPUT_COLUMNS = ("numdecodetokens", "generatedtokens", "outputtokens", "outputlength",
+                   "completiontokens", "responsetokens", "decodetokens", "outputlen", "numoutputtokens",
+                   "numgeneratedtokens", "numcompletiontokens")
+# arrival column -> unit; "auto" is seconds if numeric, else an ISO date-time
+_ARRIVAL_COLUMNS = {"arrivedat": "s", "arrivals": "s", "arrivaltime": "auto", "timestamp": "auto",
+                    "timestamps": "s", "timestampms": "ms", "arrivalms": "ms"}
 
 
 @dataclass(frozen=True)
@@ -79,17 +86,26 @@ def _number(text: str, path: Path, line: int) -> int:
     return int(value)
 
 
+def _normalise(column: str) -> str:
+    return "".join(c for c in column.lower() if c.isalnum())
+
+
+def _find_column(cols: list[str], names) -> str | None:
+    by_name = {_normalise(c): c for c in cols}
+    return next((by_name[n] for n in names if n in by_name), None)
+
+
 def _load_csv(path: Path) -> list[Request]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
-        for p_col, o_col, a_col, unit in _CSV_COLUMNS:
-            if p_col in cols and o_col in cols:
-                break
-        else:
-            raise ValueError(f"trace {path}: columns {cols} name no known format (expected e.g. "
-                             f"num_prefill_tokens,num_decode_tokens or prompt_tokens,output_tokens)")
-        a_col = a_col if a_col in cols else None
+        p_col, o_col = _find_column(cols, _PROMPT_COLUMNS), _find_column(cols, _OUTPUT_COLUMNS)
+        if p_col is None or o_col is None:
+            raise ValueError(f"trace {path}: columns {cols} name no prompt and output token counts "
+                             f"(expected e.g. num_prefill_tokens,num_decode_tokens or "
+                             f"prompt_tokens,output_tokens)")
+        a_col = _find_column(cols, _ARRIVAL_COLUMNS)
+        unit = _ARRIVAL_COLUMNS[_normalise(a_col)] if a_col else "s"
         out, t0 = [], None
         for line, row in enumerate(reader, start=2):
             arrival = None
@@ -102,9 +118,19 @@ def _load_csv(path: Path) -> list[Request]:
 
 
 def _seconds(text: str, unit: str) -> float:
+    if unit == "auto":
+        try:
+            return float(text)
+        except ValueError:
+            unit = "datetime"
     if unit == "datetime":  # Azure: "2023-11-16 18:17:03.9799600" (7 fractional digits)
-        head, _, frac = text.partition(".")
-        return datetime.fromisoformat(head).timestamp() + float("0." + (frac or "0"))
+        head, _, frac = text.strip().partition(".")
+        try:
+            when = datetime.fromisoformat(head)
+            when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)  # not local time: no DST jumps
+            return when.timestamp() + float("0." + (frac or "0"))
+        except ValueError:
+            raise ValueError(f"arrival time {text!r} is neither a number of seconds nor a date-time") from None
     return float(text) / (1000.0 if unit == "ms" else 1.0)
 
 
