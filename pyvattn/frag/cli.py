@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queue everything at once (order), or arrive at trace timestamps")
     p.add_argument("--step-ms", type=float, default=30.0, help="decode step duration for --arrivals timestamps")
     p.add_argument("--measured", action="store_true",
-                   help="also run every scheme on a real KVCache (host backend) and check it against the simulation")
+                   help="also run every scheme on a real KVCache, scaled down, and check it against the simulation")
+    p.add_argument("--measured-layers", type=int, default=1, help="layers of the scaled measured run")
+    p.add_argument("--measured-requests", type=int, default=None,
+                   help="requests of the scaled measured run (default: enough that the budget binds)")
+    p.add_argument("--backend", default="host", help="KVCache backend of the measured run (host, cuda-vmm, uvm64k)")
+    p.add_argument("--device", default="cpu", help="device of the measured run (cpu, cuda)")
     p.add_argument("--out", default="frag-results", help="directory for JSON and PNGs")
     p.add_argument("--no-plots", action="store_true")
     return p
@@ -51,17 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9.]+", "-", f"{Path(args.trace).stem}-{model.name}-tp{args.tp}").strip("-").lower()
+    measured = None
     if args.measured:
         from .measured import check_all
 
-        ok = check_all(exp, DEFAULT_SCHEMES, results)
-        if not ok:
-            return 1
-    save_json(out / f"{stem}.json", results, exp)
+        measured = check_all(exp, DEFAULT_SCHEMES, results, args.measured_layers, args.measured_requests,
+                             args.backend, args.device)
+    save_json(out / f"{stem}.json", results, exp, measured)
     written = [out / f"{stem}.json"]
     if not args.no_plots:
         written += plot(out / stem, results, exp)
     print(f"simulated {len(results)} schemes in {elapsed:.1f} s; wrote " + ", ".join(map(str, written)))
+    if measured is not None and any(r["agree"] is False for r in measured):
+        print("error: the measured run disagrees with the simulation (rows marked NO)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -85,10 +85,13 @@ def markdown_table(results: list[RunResult], exp: Experiment) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def save_json(path: Path, results: list[RunResult], exp: Experiment) -> None:
+def save_json(path: Path, results: list[RunResult], exp: Experiment, measured: list[dict] | None = None) -> None:
+    """Write the run's setup and every scheme's summary (and the measured-mode rows, if any)."""
     doc = {"trace": exp.trace, "requests": len(exp.requests), "model": exp.model.__dict__, "tp": exp.tp,
            "budget_bytes": exp.budget_bytes, "max_batch": exp.max_batch,
            "results": [{**r.summary(), **({"measured": r.extra} if r.extra else {})} for r in results]}
+    if measured is not None:
+        doc["measured_vs_simulated"] = measured
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 

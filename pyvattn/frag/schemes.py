@@ -34,9 +34,12 @@ class Scheme:
     block_tokens: int = 0
     page_bytes: int = 0
     deferred_reclaim: bool = False
+    label: str = ""  # overrides the derived name
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         if self.kind == "static":
             return "static (max length)"
         if self.kind == "paged":
@@ -51,6 +54,19 @@ class Scheme:
         if self.kind == "paged":
             return self.block_tokens * token_bytes
         return self.page_bytes
+
+
+def on_os_pages(scheme: Scheme, token_bytes: int, max_len: int, os_page: int = 4096) -> Scheme:
+    """``scheme`` with a unit that is a whole number of OS pages, as a host cache needs. Only static
+    reservation can need a change: one page of ``max_len`` tokens rounded up behaves exactly like a
+    reservation of ``max_len`` tokens (every length up to ``max_len`` needs exactly one unit)."""
+    unit = scheme.unit_bytes(token_bytes, max_len)
+    if unit % os_page == 0:
+        return scheme
+    if scheme.kind != "static":
+        raise ValueError(f"scheme={scheme.name!r}: a unit of {unit} B is not a whole number of {os_page} B pages")
+    rounded = -(-unit // os_page) * os_page
+    return Scheme("vattn", page_bytes=rounded, label=f"{scheme.name}, {format_size(rounded)} page")
 
 
 DEFAULT_SCHEMES: tuple[Scheme, ...] = (
