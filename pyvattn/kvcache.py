@@ -303,6 +303,8 @@ class KVCache:
         handles = self.buffer.unmap((self._region_first_page[:, None] + within[None, :]).ravel())
         self.pool.give(handles)
         self._mapped[slot] = top - pages
+        if self._active[slot]:  # a reused slot's excess: its fast-path capacity shrinks too
+            self._set_capacity(slot)
         self.unmapped_pages_total += len(handles)
         self.reclaimed_pages_total += len(handles)
 

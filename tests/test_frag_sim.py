@@ -64,9 +64,6 @@ def test_jumping_loop_equals_step_by_step_under_budget_pressure(scheme):
     assert fast.reclaimed_bytes > 0 or not scheme.deferred_reclaim
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: KVCache._reclaim_slot lowers an active slot's mapped "
-                   "pages without _set_capacity, so step()'s fast path skips mapping pages it needs "
-                   "(a later write segfaults on the host); remove this marker with the fix")
 def test_measured_deferred_reclaim_agrees_per_request_when_active_slots_lose_excess():
     from pyvattn.frag.measured import check, scaled
 

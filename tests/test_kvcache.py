@@ -291,3 +291,8 @@ def test_reused_slot_excess_is_reclaimed_but_written_tokens_never_are(make_cache
     with pytest.raises(OutOfPages):
         cache.step({other: 11 * tpp})  # would need small's written pages: refused, nothing changes
     check(cache, small, 1, 2 * tpp)
+    cache.free_slot(other)
+    cache.step({small: 6 * tpp})  # beyond what small kept: must map again, not trust old capacity
+    assert cache.mapped_tokens(small) == 6 * tpp
+    write(cache, small, 1, 2 * tpp, 6 * tpp)
+    check(cache, small, 1, 6 * tpp)
