@@ -124,16 +124,31 @@ def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[P
     fig.savefig(waste_png, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for r in results:
-        if r.scheme.endswith("deferred reclaim") and not r.scheme.startswith("vAttention 64"):
-            continue  # keep the plot readable; the table has them all
-        step = max(1, r.steps // 2000)
-        ax.plot(np.arange(0, r.steps, step), r.running[::step], label=r.scheme, lw=1)
+    # concurrency (smoothed) next to completed requests: the second shows throughput, and static
+    # (which runs far longer) would otherwise squeeze every other line against the left edge
+    shown = [r for r in results if not r.scheme.endswith("deferred reclaim") or r.scheme.startswith("vAttention 64")]
+    shown = [r for r in shown if r.scheme not in ("paged 32-token blocks", "vAttention 128KiB")]
+    others = [r.steps for r in shown if not r.scheme.startswith("static")]
+    xmax = 1.05 * max(others) if others else None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for r in shown:
+        style = "--" if r.scheme.startswith("paged") else ":" if r.scheme.startswith("static") else "-"
+        window = max(1, int(xmax or r.steps) // 300)
+        smooth = np.convolve(r.running, np.ones(window) / window, mode="valid")[::window]
+        x = np.arange(len(smooth)) * window + window // 2
+        label = r.scheme + (f" (runs to step {r.steps})" if xmax and r.steps > xmax else "")
+        ax.plot(x, smooth, style, label=label, lw=1.2)
+        done = np.sort(r.completion_step) if len(r.completion_step) else np.zeros(0)
+        ax2.plot(np.append(done, r.steps), np.append(np.arange(1, len(done) + 1), len(done)), style, lw=1.2)
+    ax.set_xlim(0, xmax)
     ax.set_xlabel("decode step")
-    ax.set_ylabel("requests in the batch")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("requests in the batch (mean over windows)")
+    ax.set_title("concurrent requests")
+    ax2.set_xlabel("decode step")
+    ax2.set_ylabel("requests completed")
+    ax2.set_title("completed requests (steeper = more throughput)")
+    ax2.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower right")  # the emptiest corner
+    fig.suptitle(title)
     fig.tight_layout()
     conc_png = Path(f"{path_prefix}-concurrency.png")
     fig.savefig(conc_png, dpi=110)

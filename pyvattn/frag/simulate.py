@@ -31,6 +31,7 @@ class RunResult:
     completion_waste: np.ndarray  # per finished request: 1 - used / its own allocation
     completion_alloc: np.ndarray  # bytes the request held when it finished
     completion_used: np.ndarray
+    completion_step: np.ndarray  # step at which each finished request completed
     served: int = 0
     preemptions: int = 0
     rejected: int = 0  # prompts that could never fit the budget
@@ -87,7 +88,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
     admitted_at = np.zeros(max_batch, dtype=np.int64)  # admission sequence: newest is preempted
     seq = 0
     alloc_s, used_s, run_s = [], [], []
-    c_waste, c_alloc, c_used = [], [], []
+    c_waste, c_alloc, c_used, c_step = [], [], [], []
     served = preemptions = rejected = 0
     step = 0
     bar = tqdm(total=n, desc=scheme or "serve", unit="req", disable=not progress, leave=False)
@@ -142,6 +143,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
                 c_alloc.append(a)
                 c_used.append(u)
                 c_waste.append(1.0 - u / a if a else 0.0)
+                c_step.append(step)
                 memory.free(s)
                 req[s] = -1
             served += len(done)
@@ -176,6 +178,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
                        np.concatenate(used_s) if used_s else np.zeros(0, np.int64),
                        np.concatenate(run_s) if run_s else np.zeros(0, np.int64),
                        np.array(c_waste), np.array(c_alloc, dtype=np.int64), np.array(c_used, dtype=np.int64),
+                       np.array(c_step, dtype=np.int64),
                        served=served, preemptions=preemptions, rejected=rejected)
     if hasattr(memory, "reclaimed_units"):
         result.reclaimed_bytes = memory.reclaimed_units * memory.unit_bytes
