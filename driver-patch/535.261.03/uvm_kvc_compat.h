@@ -1,7 +1,7 @@
 /*
  * uvm_kvc_compat.h for nvidia-uvm 535.x / 550.x: external ranges are uvm_va_range_t with an
  * `external` union member; page sizes NvU32; PMM alloc_kernel is a header wrapper; no
- * UVM_FD_TEST. The same file serves 550.163.01 (identical for everything KVC uses).
+ * UVM_FD_TEST. Identical in 535.261.03 and 550.163.01.
  */
 #ifndef __UVM_KVC_COMPAT_H__
 #define __UVM_KVC_COMPAT_H__

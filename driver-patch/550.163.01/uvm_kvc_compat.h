@@ -1,0 +1,38 @@
+/*
+ * uvm_kvc_compat.h for nvidia-uvm 535.x / 550.x: external ranges are uvm_va_range_t with an
+ * `external` union member; page sizes NvU32; PMM alloc_kernel is a header wrapper; no
+ * UVM_FD_TEST. Identical in 535.261.03 and 550.163.01.
+ */
+#ifndef __UVM_KVC_COMPAT_H__
+#define __UVM_KVC_COMPAT_H__
+
+#include "uvm_va_range.h"
+#include "uvm_global.h"
+
+typedef uvm_va_range_t uvm_kvc_ext_range_t;
+
+static inline uvm_kvc_ext_range_t *uvm_kvc_ext_range_find(uvm_va_space_t *va_space, NvU64 addr)
+{
+    uvm_va_range_t *va_range = uvm_va_range_find(va_space, addr);
+
+    if (!va_range || va_range->type != UVM_VA_RANGE_TYPE_EXTERNAL)
+        return NULL;
+    return va_range;
+}
+
+static inline NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space,
+                                                 struct mm_struct *mm,
+                                                 NvU64 start,
+                                                 NvU64 length,
+                                                 uvm_kvc_ext_range_t **out)
+{
+    return uvm_va_range_create_external(va_space, mm, start, length, out);
+}
+
+#define uvm_kvc_ext_range_node(range)        (&(range)->node)
+#define uvm_kvc_ext_range_owned(range)       ((range)->external.kvc_owned)
+#define uvm_kvc_ext_range_mapped_gpus(range) (&(range)->external.mapped_gpus)
+#define uvm_kvc_fd_is_test(type)             (false)
+#define uvm_kvc_conf_computing_enabled(gpu)  (g_uvm_global.conf_computing_enabled)
+
+#endif /* __UVM_KVC_COMPAT_H__ */
