@@ -5,8 +5,8 @@ scaled down: fewer layers (the budget shrinks in proportion, so the same number 
 and the first requests of the trace, enough of them that the budget still binds (preemptions, and
 reclaims with deferred reclaim). Every per-step series (allocated bytes, used bytes, batch size),
 every request's allocation at completion, and the preemption count must match the simulation
-exactly; the memory the OS really allocated (host backend: the memfd's blocks, sampled every
-step) is reported beside them.
+exactly; the memory really allocated (host backend: the memfd's blocks; on a GPU: the drop in
+free device memory reported by cuMemGetInfo; sampled every step) is reported beside them.
 """
 
 from __future__ import annotations
@@ -43,10 +43,17 @@ def check(exp: Experiment, scheme: Scheme, backend: str = "host", device: str = 
     """Simulate and measure ``scheme`` on ``exp``; return the comparison."""
     sim = exp.simulate(scheme)
     os_peak = [0]
+    on_gpu = device.startswith("cuda")
+    if on_gpu:  # device memory in use by anyone, as cuMemGetInfo reports it; the peak rise is ours
+        import torch
+
+        free0 = torch.cuda.mem_get_info()[0]
 
     def sample(step, memory):
-        if hasattr(memory.cache.backend, "allocated_bytes"):
+        if hasattr(memory.cache.backend, "allocated_bytes"):  # host: the memfd's allocated blocks
             os_peak[0] = max(os_peak[0], memory.cache.backend.allocated_bytes())
+        elif on_gpu:
+            os_peak[0] = max(os_peak[0], free0 - torch.cuda.mem_get_info()[0])
 
     real = exp.measure(scheme, backend, device, on_step=sample)
     series = (sim.steps == real.steps and np.array_equal(sim.allocated, real.allocated)
