@@ -155,6 +155,10 @@ build() {
     src=$(source_tree "$ver")
     kernel_dirs "$rel" || die "no kernel headers for $rel (install linux-headers-$rel, or pass KERNEL_SRC=/path)"
     tree=$out/tree
+    # One build per output directory at a time (CI and a developer may run concurrently).
+    mkdir -p "$out"
+    exec 9>"$out.lock"
+    flock 9 || die "cannot lock $out.lock"
     stamp="$(patch_stamp) $src $check"
     if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$tree/nvidia-uvm/uvm_kvc.c" ]; then
         say "reusing the patched tree $tree (patch unchanged)"
