@@ -90,6 +90,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
     alloc_s, used_s, run_s = [], [], []
     c_waste, c_alloc, c_used, c_step = [], [], [], []
     served = preemptions = rejected = 0
+    stuck = False  # the head of the queue failed admission and nothing was freed since
     step = 0
     bar = tqdm(total=n, desc=scheme or "serve", unit="req", disable=not progress, leave=False)
 
@@ -105,15 +106,18 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
             waiting.appendleft(int(req[victim]))
             req[victim] = -1
             preemptions += 1
+            stuck = False
             slots = np.flatnonzero(req >= 0)
         length[slots] += 1
-        # 2. admit waiting requests in order while a slot and memory allow
-        blocked = not waiting
-        while waiting:
+        # 2. admit waiting requests in order while a slot and memory allow. Once the head of the
+        # queue failed, it keeps failing until something is freed (free memory, reclaimable pages
+        # included, only shrinks meanwhile, and a failed try changes nothing), so don't retry.
+        blocked = not waiting or stuck
+        while waiting and not stuck:
             r = waiting[0]
             slot = memory.alloc(int(prompt[r]))
             if slot is None:
-                blocked = True
+                blocked = stuck = True
                 break
             if not memory.grow(np.array([slot]), np.array([prompt[r]])):
                 memory.free(slot)
@@ -122,7 +126,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
                     rejected += 1
                     bar.update(1)
                     continue
-                blocked = True
+                blocked = stuck = True
                 break
             waiting.popleft()
             req[slot], length[slot], admitted_at[slot] = r, prompt[r], seq
@@ -147,6 +151,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
                 memory.free(s)
                 req[s] = -1
             served += len(done)
+            stuck = False
             bar.update(len(done))
             slots = np.flatnonzero(req >= 0)
         step += 1
