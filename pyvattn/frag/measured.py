@@ -85,10 +85,13 @@ def check_all(exp: Experiment, schemes, results=None, layers: int = 1, requests:
     tb = small.model.token_bytes(small.tp)
     rows = []
     for s in tqdm(schemes, desc="measured", unit="scheme"):
+        paged = on_os_pages(s, tb, small.max_len) if s.kind == "static" else s
         try:
-            rows.append(check(small, on_os_pages(s, tb, small.max_len), backend, device))
+            rows.append(check(small, paged, backend, device))
         except ValueError as exc:  # a page the backend cannot map (see docs/fragmentation.md)
-            rows.append({"scheme": s.name, "agree": None, "skipped": str(exc)})
+            size = format_size(paged.unit_bytes(tb, small.max_len))
+            rows.append({"scheme": s.name, "agree": None,
+                         "skipped": f"the {backend} backend cannot map its {size} pages ({exc})"})
     print(f"\nmeasured on a real KVCache ({backend} backend): "
           f"{small.model.name}, first {len(small.requests)} requests, budget {format_size(small.budget_bytes)}\n")
     print("| scheme | steps | preemptions | reclaimed (deferred) | simulated peak | measured peak (mapped) | "
