@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     save_json(out / f"{stem}.json", results, exp, measured)
     written = [out / f"{stem}.json"]
     if not args.no_plots:
-        written += plot(out / stem, results, exp)
+        try:
+            written += plot(out / stem, results, exp)
+        except ImportError:  # matplotlib is the optional "plots" extra
+            print("no plots: matplotlib is not installed (pip install 'pyvattn[plots]')", file=sys.stderr)
     print(f"simulated {len(results)} schemes in {elapsed:.1f} s; wrote " + ", ".join(map(str, written)))
     if measured is not None and any(r["agree"] is False for r in measured):
         print("error: the measured run disagrees with the simulation (rows marked NO)", file=sys.stderr)
