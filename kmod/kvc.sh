@@ -136,7 +136,9 @@ ko_version() {
 
 # Files whose change means the patched tree must be made again.
 patch_stamp() {
-    (cd "$PATCH_DIR" && cat series apply.sh src/* include/* */uvm-kvc-hooks.patch */uvm_kvc_compat.h) | sha256sum | cut -c1-16
+    # kvc.sh too: it edits the tree (the check-only CFLAGS) after applying the patch.
+    (cd "$PATCH_DIR" && cat series apply.sh src/* include/* */uvm-kvc-hooks.patch */uvm_kvc_compat.h "$KMOD_DIR/kvc.sh") |
+        sha256sum | cut -c1-16
 }
 
 # The objects the patch adds or changes (driver-check compiles these; `make driver` links all).
@@ -168,7 +170,9 @@ build() {
         "$PATCH_DIR/apply.sh" "$tree" "$ver" >&2 || { rc=$?; [ $rc = 2 ] && clone_hint "$ver"; exit $rc; }
         if [ -n "$check" ]; then
             # -Werror (after NVIDIA's own -Wno-error) and missing-prototype checks on the new files only.
-            printf '\nCFLAGS_uvm_kvc.o += -Werror -Wmissing-prototypes\nCFLAGS_uvm_kvc_test.o += -Werror -Wmissing-prototypes\n' \
+            # NVIDIA's macro sets CFLAGS_ under both names kbuild may look up (with and without the
+            # nvidia-uvm/ prefix); a bare CFLAGS_uvm_kvc.o is silently ignored for M= builds on 6.x.
+            printf '\n$(call ASSIGN_PER_OBJ_CFLAGS, nvidia-uvm/uvm_kvc.o nvidia-uvm/uvm_kvc_test.o, -Werror -Wmissing-prototypes)\n' \
                 >> "$tree/nvidia-uvm/nvidia-uvm.Kbuild"
         fi
         echo "$stamp" > "$out/stamp"
