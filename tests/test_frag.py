@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pyvattn.frag.cli import main as frag_main
-from pyvattn.frag.measured import check, scaled
+from pyvattn.frag.measured import check, on_os_pages, scaled
 from pyvattn.frag.models import ModelConfig, get_model
 from pyvattn.frag.report import Experiment
 from pyvattn.frag.schemes import DEFAULT_SCHEMES, Scheme
@@ -90,10 +90,12 @@ def test_a_prompt_that_can_never_fit_is_rejected_not_looped():
     assert r.rejected == 1 and r.served == 1
 
 
-@pytest.mark.parametrize("scheme", [s for s in DEFAULT_SCHEMES if s.kind != "static"], ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", DEFAULT_SCHEMES, ids=lambda s: s.name)
 def test_measured_on_host_kvcache_agrees_exactly_with_simulation(scheme):
     exp = Experiment("arxiv", load_trace("arxiv", 40), get_model("llama-3-8b"), 2, 6 << 30, 16)
     small = scaled(exp, layers=1, requests=24)
+    if scheme.kind == "static":  # one page of max_len tokens per request (20.8 MiB here)
+        scheme = on_os_pages(scheme, small.model.token_bytes(small.tp), small.max_len)
     result = check(small, scheme)
     assert result["agree"], result  # every series, and each request's allocation at completion
     assert result["backend"] == "host"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvdata import write
+from kvdata import check, write
 from pyvattn import KVCache, OutOfPages, VirtualBuffer
 from pyvattn.backends.host import HostBackend
 
@@ -116,13 +116,19 @@ def test_trim_releases_free_pages():
         assert cache.stats()["mapped_bytes"] == cache.stats()["physical_bytes"]
 
 
-@pytest.mark.parametrize("page_size", [4096, 64 << 10, 2 << 20])
+# 192 KiB and 3 MiB do not divide the reservations' 2 MiB alignment (static's max-length pages don't)
+@pytest.mark.parametrize("page_size", [4096, 64 << 10, 192 << 10, 2 << 20, 3 << 20])
 def test_page_sizes(page_size):
-    with KVCache(2, 4, 64, 2, 9000, torch.bfloat16, device="cpu", page_size=page_size) as cache:
+    with KVCache(2, 4, 64, 2, 9000, torch.float32, device="cpu", page_size=page_size) as cache:
         slot = cache.alloc_slot()
         cache.step({slot: 5000})
         write(cache, slot, 1, 0, 5000)
         assert cache.stats()["mapped_bytes"] % page_size == 0
+        other = cache.alloc_slot()
+        cache.step({slot: 9000, other: 3000})
+        write(cache, other, 2, 0, 3000)
+        check(cache, slot, 1, 5000)
+        check(cache, other, 2, 3000)
 
 
 def test_virtual_buffer_rejects_bad_pages_without_changing_state():

@@ -120,8 +120,9 @@ class HostBackend(Backend):
 
     def _check_span(self, first_va: int, end_va: int, vas: list[int]) -> None:
         # MAP_FIXED outside our reservations would silently replace unrelated memory.
-        inside = any(b <= first_va and end_va <= b + n for b, n in self._reservations.items())
-        if not inside or any(va % self.page_size for va in vas):
+        # Alignment is relative to the reservation: a page size need not divide its 2 MiB alignment.
+        base = next((b for b, n in self._reservations.items() if b <= first_va and end_va <= b + n), None)
+        if base is None or any((va - base) % self.page_size for va in vas):
             raise ValueError(f"vas: [{first_va:#x}, {end_va:#x}) is not page-aligned inside one reservation")
 
     def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
