@@ -93,14 +93,15 @@ class UnitMemory:
         self.deferred_reclaim = deferred_reclaim
         self.active = np.zeros(max_batch, dtype=bool)
         self.units = np.zeros(max_batch, dtype=np.int64)  # per region, per slot
+        self.total_units = 0  # == units.sum(), kept up to date (summing every step is a hot spot)
         self.lens = np.zeros(max_batch, dtype=np.int64)  # tokens each active slot last grew to
         self.reclaimed_units = 0
 
     def units_for(self, lens: np.ndarray | int) -> np.ndarray | int:
-        return -(-np.asarray(lens) * self.token_bytes // self.unit_bytes)
+        return -(-lens * self.token_bytes // self.unit_bytes)
 
     def alloc(self, prompt: int) -> int | None:
-        free = np.flatnonzero(~self.active)
+        free = (~self.active).nonzero()[0]
         if len(free) == 0:
             return None
         units = self.units[free]
@@ -115,15 +116,16 @@ class UnitMemory:
         growing = need > self.units[slots]
         if growing.any():
             g_slots, g_need = slots[growing], need[growing]
-            count = int((g_need - self.units[g_slots]).sum()) * self.regions
+            added = int((g_need - self.units[g_slots]).sum())
             if self.budget_units is not None:
-                short = count - (self.budget_units - int(self.units.sum()) * self.regions)
+                short = (added + self.total_units) * self.regions - self.budget_units
                 if short > 0:
                     keep = np.where(self.active, self.units_for(self.lens), 0)
                     keep[slots] = np.maximum(keep[slots], need)
                     if not self._reclaim(short, keep):
                         return False
             self.units[g_slots] = g_need
+            self.total_units += added
         self.lens[slots] = np.maximum(self.lens[slots], lens)
         return True
 
@@ -132,12 +134,22 @@ class UnitMemory:
         excess = np.maximum(self.units - keep, 0)
         if short > int(excess.sum()) * self.regions:
             return False
-        donors = np.flatnonzero(excess > 0)
-        donors = donors[np.lexsort((-excess[donors], self.active[donors]))]
         per_region = -(-short // self.regions)
+        # Usually the first donor covers it: that is the finished slot with the most excess (else
+        # the active one); argmax picks the lowest slot among equals, as the stable sort below does.
+        finished = np.where(self.active, 0, excess)
+        first = int(finished.argmax()) if finished.any() else int(excess.argmax())
+        if excess[first] >= per_region:
+            self.units[first] -= per_region
+            self.total_units -= per_region
+            self.reclaimed_units += per_region * self.regions
+            return True
+        donors = (excess > 0).nonzero()[0]
+        donors = donors[np.lexsort((-excess[donors], self.active[donors]))]
         for slot in donors.tolist():
             take = min(per_region, int(excess[slot]))
             self.units[slot] -= take
+            self.total_units -= take
             self.reclaimed_units += take * self.regions
             per_region -= take
             if per_region <= 0:
@@ -147,10 +159,11 @@ class UnitMemory:
     def free(self, slot: int) -> None:
         self.active[slot] = False
         if not self.deferred_reclaim:
+            self.total_units -= int(self.units[slot])
             self.units[slot] = 0
 
     def allocated_bytes(self) -> int:
-        return int(self.units.sum()) * self.regions * self.unit_bytes
+        return self.total_units * self.regions * self.unit_bytes
 
     def capacity(self, slots: np.ndarray) -> np.ndarray:
         """Tokens each slot's units cover (what it can grow to without allocating)."""
@@ -164,14 +177,21 @@ class UnitMemory:
         if horizon <= 0:
             return np.zeros(0, dtype=np.int64)
         held = self.units[slots]
+        if self.budget_units is not None and self.budget_units - self.total_units * self.regions < self.regions:
+            # Not one more unit fits: only the steps every slot can take inside what it holds.
+            steps = max(0, min(horizon, int((self.capacity(slots) - lens).min())))
+            self.lens[slots] = lens + steps
+            return np.full(steps, self.allocated_bytes(), dtype=np.int64)
         need = self.units_for(lens[:, None] + np.arange(1, horizon + 1)[None, :])
         extra = np.maximum(need - held[:, None], 0).sum(axis=0) * self.regions  # non-decreasing in k
         if self.budget_units is not None:
-            spare = self.budget_units - int(self.units.sum()) * self.regions
+            spare = self.budget_units - self.total_units * self.regions
             extra = extra[: int(np.searchsorted(extra, spare, side="right"))]
         steps = len(extra)
         if steps:
-            self.units[slots] = np.maximum(held, need[:, steps - 1])
+            grown = np.maximum(held, need[:, steps - 1])
+            self.total_units += int((grown - held).sum())
+            self.units[slots] = grown
             self.lens[slots] = lens + steps
         return self.allocated_bytes() - (extra[-1:] - extra) * self.unit_bytes if steps else extra
 

@@ -98,7 +98,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
         while next_arrival < n and arrive[order[next_arrival]] <= step:
             waiting.append(int(order[next_arrival]))
             next_arrival += 1
-        slots = np.flatnonzero(req >= 0)
+        slots = (req >= 0).nonzero()[0]
         # 1. decode: every running request grows by one token, preempting the newest if needed
         while len(slots) and not memory.grow(slots, length[slots] + 1):
             victim = int(slots[np.argmax(admitted_at[slots])])
@@ -107,7 +107,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
             req[victim] = -1
             preemptions += 1
             stuck = False
-            slots = np.flatnonzero(req >= 0)
+            slots = (req >= 0).nonzero()[0]
         length[slots] += 1
         # 2. admit waiting requests in order while a slot and memory allow. Once the head of the
         # queue failed, it keeps failing until something is freed (free memory, reclaimable pages
@@ -121,7 +121,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
                 break
             if not memory.grow(np.array([slot]), np.array([prompt[r]])):
                 memory.free(slot)
-                if not np.any(req >= 0):  # nothing running and it still does not fit: never will
+                if not (req >= 0).any():  # nothing running and it still does not fit: never will
                     waiting.popleft()
                     rejected += 1
                     bar.update(1)
@@ -131,12 +131,12 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
             waiting.popleft()
             req[slot], length[slot], admitted_at[slot] = r, prompt[r], seq
             seq += 1
-        slots = np.flatnonzero(req >= 0)
+        slots = (req >= 0).nonzero()[0]
         alloc_now, n_run = memory.allocated_bytes(), len(slots)
         used_now = int(length[slots].sum()) * bytes_per_token
-        alloc_s.append(np.array([alloc_now]))
-        used_s.append(np.array([used_now]))
-        run_s.append(np.array([n_run]))
+        alloc_s.append(alloc_now)
+        used_s.append(used_now)
+        run_s.append(n_run)
         if on_step is not None:
             on_step(step, memory)
         # 3. completions
@@ -153,7 +153,7 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
             served += len(done)
             stuck = False
             bar.update(len(done))
-            slots = np.flatnonzero(req >= 0)
+            slots = (req >= 0).nonzero()[0]
         step += 1
         # 4. skip steps in which nothing but growth can happen: no completion, no arrival, no
         # growth that needs a reclaim or preemption, and admission already blocked (free memory
@@ -166,22 +166,21 @@ def serve(requests: list[Request], memory, bytes_per_token: int, max_batch: int,
             jump = len(allocated)
             if jump > 0:
                 k = np.arange(1, jump + 1, dtype=np.int64)
-                alloc_s.append(allocated)
-                used_s.append(used_now + k * n_run * bytes_per_token)
-                run_s.append(np.full(jump, n_run))
+                alloc_s.extend(allocated.tolist())
+                used_s.extend((used_now + k * n_run * bytes_per_token).tolist())
+                run_s.extend([n_run] * jump)
                 length[slots] += jump
                 step += jump
         elif not len(slots) and waiting == deque() and next_arrival < n:
             gap = int(arrive[order[next_arrival]]) - step  # idle until the next arrival
             if gap > 0:
-                alloc_s.append(np.full(gap, memory.allocated_bytes()))
-                used_s.append(np.zeros(gap, dtype=np.int64))
-                run_s.append(np.zeros(gap, dtype=np.int64))
+                alloc_s.extend([memory.allocated_bytes()] * gap)
+                used_s.extend([0] * gap)
+                run_s.extend([0] * gap)
                 step += gap
     bar.close()
-    result = RunResult(scheme, np.concatenate(alloc_s) if alloc_s else np.zeros(0, np.int64),
-                       np.concatenate(used_s) if used_s else np.zeros(0, np.int64),
-                       np.concatenate(run_s) if run_s else np.zeros(0, np.int64),
+    result = RunResult(scheme, np.array(alloc_s, dtype=np.int64), np.array(used_s, dtype=np.int64),
+                       np.array(run_s, dtype=np.int64),
                        np.array(c_waste), np.array(c_alloc, dtype=np.int64), np.array(c_used, dtype=np.int64),
                        np.array(c_step, dtype=np.int64),
                        served=served, preemptions=preemptions, rejected=rejected)
