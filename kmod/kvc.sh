@@ -248,9 +248,14 @@ cmd_check() {
             rel=$(any_kernel_release)
         fi
     fi
+    # Debian's sources by default; NVIDIA_SRC checks one tree of your own (e.g. a 580 tag).
+    local own_src=${NVIDIA_SRC:-}
+    if [ -n "$own_src" ] && [ "$(wc -w <<< "${CHECK_VERSIONS:-}")" != 1 ]; then
+        die "NVIDIA_SRC=$own_src: also say which version it is, e.g. CHECK_VERSIONS=580.142"
+    fi
     for ver in ${CHECK_VERSIONS:-535.261.03 550.163.01}; do
         out=$BUILD/check-$ver-$rel
-        if ( NVIDIA_SRC= build "$ver" "$rel" "$out" check >/dev/null ); then
+        if ( NVIDIA_SRC=$own_src build "$ver" "$rel" "$out" check >/dev/null ); then
             say "OK   $ver on $rel: patch applies, patched objects compile, new files -Werror and sparse clean"
         else
             say "FAIL $ver on $rel"; status=1
