@@ -136,17 +136,15 @@ class UnitMemory:
             return False
         per_region = -(-short // self.regions)
         # Usually the first donor covers it: that is the finished slot with the most excess (else
-        # the active one); argmax picks the lowest slot among equals, as the stable sort below does.
+        # the active one); argmax picks the lowest slot among equals, as the stable sort does.
         finished = np.where(self.active, 0, excess)
         first = int(finished.argmax()) if finished.any() else int(excess.argmax())
         if excess[first] >= per_region:
-            self.units[first] -= per_region
-            self.total_units -= per_region
-            self.reclaimed_units += per_region * self.regions
-            return True
-        donors = (excess > 0).nonzero()[0]
-        donors = donors[np.lexsort((-excess[donors], self.active[donors]))]
-        for slot in donors.tolist():
+            donors = [first]
+        else:
+            donors = (excess > 0).nonzero()[0]
+            donors = donors[np.lexsort((-excess[donors], self.active[donors]))].tolist()
+        for slot in donors:
             take = min(per_region, int(excess[slot]))
             self.units[slot] -= take
             self.total_units -= take
@@ -177,15 +175,15 @@ class UnitMemory:
         if horizon <= 0:
             return np.zeros(0, dtype=np.int64)
         held = self.units[slots]
-        if self.budget_units is not None and self.budget_units - self.total_units * self.regions < self.regions:
+        spare = None if self.budget_units is None else self.budget_units - self.total_units * self.regions
+        if spare is not None and spare < self.regions:
             # Not one more unit fits: only the steps every slot can take inside what it holds.
             steps = max(0, min(horizon, int((self.capacity(slots) - lens).min())))
             self.lens[slots] = lens + steps
             return np.full(steps, self.allocated_bytes(), dtype=np.int64)
         need = self.units_for(lens[:, None] + np.arange(1, horizon + 1)[None, :])
         extra = np.maximum(need - held[:, None], 0).sum(axis=0) * self.regions  # non-decreasing in k
-        if self.budget_units is not None:
-            spare = self.budget_units - self.total_units * self.regions
+        if spare is not None:
             extra = extra[: int(np.searchsorted(extra, spare, side="right"))]
         steps = len(extra)
         if steps:
