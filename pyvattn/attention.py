@@ -14,15 +14,20 @@ queries ``[..., Hq, D]`` with ``Hq`` a multiple of ``Hkv`` (GQA/MQA). Three entr
 Implementations (``impl=``):
 
 * ``"flash"``: flash-attn (``pip install pyvattn[flash]``) on CUDA tensors.
+* ``"torch-flash"``: the FlashAttention-2 kernels that CUDA builds of PyTorch carry
+  (``aten._flash_attention_forward``, varlen with ``seqused_k``) on fp16/bf16 CUDA tensors of
+  compute capability 8.0+: no extra package, and like flash-attn it reads each request's rows in
+  place, never past its length, in one kernel for the whole batch.
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, one call per request on the
   slice ``cache[slot, :len]``: it never reads past a request's length, which matters on the host
   backend (unmapped pages are ``PROT_NONE``: a read is SIGSEGV) and on cuda-vmm (a fault).
-* ``"auto"`` (default): flash when installed and the tensors are on CUDA, else sdpa.
+* ``"auto"`` (default): flash when installed and the tensors are on CUDA, else torch-flash where
+  it can run, else sdpa.
   :func:`backend_name` says which one a call would use.
 
-Lengths are validated only when they already live on the host: the flash paths of ``decode`` and
-``prefill`` (with ``max_seqlen``) never read GPU tensors back, which would synchronize every layer of
-every step. ``prefill_with_cache`` and the SDPA paths read lengths on the host (one sync per call).
+Lengths are validated only when they already live on the host: the flash paths (flash-attn and
+torch-flash) of ``decode`` and ``prefill`` (with ``max_seqlen``) never read GPU tensors back, which
+would synchronize every layer of every step. ``prefill_with_cache`` and the SDPA paths read lengths on the host (one sync per call).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ try:  # optional extra "flash"
 except Exception:  # ImportError, or a build that does not match this torch/CUDA
     flash_attn_varlen_func = flash_attn_with_kvcache = None
 
-IMPLS = ("auto", "flash", "sdpa")
+IMPLS = ("auto", "flash", "torch-flash", "sdpa")
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 
@@ -49,27 +54,58 @@ def flash_available() -> bool:
 
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_torch_flash_ok: dict[int, bool] = {}
+
+
+def torch_flash_available(device: torch.device | str = "cuda") -> bool:
+    """Whether this torch build carries its FlashAttention-2 kernels and ``device`` can run them
+    (a CUDA GPU of compute capability 8.0 or newer)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _torch_flash_ok:
+        _torch_flash_ok[index] = (hasattr(torch.ops.aten, "_flash_attention_forward")
+                                  and torch.backends.cuda.is_flash_attention_available()
+                                  and torch.cuda.get_device_capability(index) >= (8, 0))
+    return _torch_flash_ok[index]
 
 
 def backend_name(device: torch.device | str | torch.Tensor, impl: str = "auto",
-                 dtype: torch.dtype | None = None) -> str:
+                 dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
     """The implementation a call would run for tensors on ``device`` (or like a given tensor, whose
-    dtype then counts too): ``"flash-attn"`` or ``"sdpa"``. flash-attn runs fp16/bf16 on CUDA;
-    ``auto`` picks it there when it is installed. ``ValueError`` if ``impl`` cannot run."""
+    dtype and head size then count too): ``"flash-attn"``, ``"torch-flash"`` or ``"sdpa"``. Both
+    flash paths run fp16/bf16 on CUDA with head sizes up to 256 that are multiples of 8; ``auto``
+    picks flash-attn when installed, then torch-flash, then sdpa. ``ValueError`` if ``impl``
+    cannot run."""
     if isinstance(device, torch.Tensor):
-        device, dtype = device.device, device.dtype if dtype is None else dtype
+        dtype = device.dtype if dtype is None else dtype
+        head_dim = device.shape[-1] if head_dim is None and device.dim() else head_dim
+        device = device.device
     device = torch.device(device)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-    flash_ok = device.type == "cuda" and (dtype is None or dtype in FLASH_DTYPES)
+    flash_ok = (device.type == "cuda" and (dtype is None or dtype in FLASH_DTYPES)
+                and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 256)))
     if impl == "flash":
         if not flash_available():
             raise ValueError("impl='flash' needs flash-attn installed (pip install pyvattn[flash])")
         if not flash_ok:
-            raise ValueError(f"impl='flash' runs fp16/bf16 CUDA tensors only, not {dtype or ''} on {device}")
+            raise ValueError(f"impl='flash' runs fp16/bf16 CUDA tensors with head_dim a multiple of 8 "
+                             f"up to 256 only, not {dtype or ''} (head_dim {head_dim}) on {device}")
         name = "flash-attn"
-    elif impl == "auto" and flash_available() and flash_ok:
+    elif impl == "torch-flash":
+        if not torch_flash_available(device):
+            raise ValueError(f"impl='torch-flash' needs a CUDA build of torch with FlashAttention and a "
+                             f"GPU of compute capability 8.0+; {device} has none")
+        if not flash_ok:
+            raise ValueError(f"impl='torch-flash' runs fp16/bf16 CUDA tensors with head_dim a multiple of 8 "
+                             f"up to 256 only, not {dtype or ''} (head_dim {head_dim}) on {device}")
+        name = "torch-flash"
+    elif impl == "auto" and flash_ok and flash_available():
         name = "flash-attn"
+    elif impl == "auto" and flash_ok and torch_flash_available(device):
+        name = "torch-flash"
     else:
         name = "sdpa"
     if (device.type, name) not in _logged:  # once per device type and path
@@ -98,11 +134,16 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _check_values(lens, slot_t, k_cache, lo=1)
     scale = _scale(softmax_scale, q.shape[-1])
 
-    if backend_name(q, impl) == "flash-attn":
+    name = backend_name(q, impl)
+    if name == "flash-attn":
         if slot_t is None:  # rows 0..B-1; a view keeps flash-attn's batch sizes equal
             k_cache, v_cache = k_cache[:B], v_cache[:B]
         return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, cache_batch_idx=slot_t,
                                        softmax_scale=scale, causal=True)
+    if name == "torch-flash":
+        cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+        out = _torch_flash(q.reshape(B, *q.shape[2:]), k_cache, v_cache, cu_q, 1, lens, slot_t, scale, False)
+        return out.view(q.shape)
     out = torch.empty_like(q)
     lens_h = lens.tolist()
     slots_h = range(B) if slot_t is None else slot_t.tolist()
@@ -128,11 +169,18 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
     cu = _cu_seqlens(cu_seqlens, q.shape[0], q.device)
     scale = _scale(softmax_scale, q.shape[-1])
-    if backend_name(q, impl) == "flash-attn":
+    name = backend_name(q, impl)
+    if name in ("flash-attn", "torch-flash"):
         if max_seqlen is None:
             max_seqlen = int((cu[1:] - cu[:-1]).max())
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
-                                      softmax_scale=scale, causal=True)
+        if name == "flash-attn":
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                                          softmax_scale=scale, causal=True)
+        if q.shape[0] == 0:
+            return torch.empty_like(q)
+        return torch.ops.aten._flash_attention_forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen, 0.0, True, False,
+            scale=scale)[0]
     out = torch.empty_like(q)
     bounds = cu.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -168,7 +216,14 @@ def prefill_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                          "(cache_seqlens[b] >= cu_seqlens_q[b+1] - cu_seqlens_q[b])")
     scale = _scale(softmax_scale, q.shape[-1])
 
-    if backend_name(q, impl) == "flash-attn":
+    name = backend_name(q, impl)
+    if name == "torch-flash":
+        if q.shape[0] == 0:
+            return torch.empty_like(q)
+        # FlashAttention-2 aligns the causal mask to the end of each request's keys (its
+        # seqused_k): new query j sees keys 0 .. L - n + j, as this function promises.
+        return _torch_flash(q, k_cache, v_cache, cu, max(counts), lens, slot_t, scale, True)
+    if name == "flash-attn":
         # flash_attn_with_kvcache aligns the causal mask bottom-right, so padding each request's
         # queries on the left (not the right) gives every real query row its own causal limit.
         S = max(counts) if counts else 0
@@ -213,6 +268,27 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _torch_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_q: torch.Tensor, max_q: int,
+                 lens: torch.Tensor, slot_t: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
+    """Packed queries ``q [T, Hq, D]`` (request ``b`` owns rows ``cu_q[b]:cu_q[b+1]``) over the
+    first ``lens[b]`` rows of cache row ``slots[b]``, through torch's varlen FlashAttention: the
+    cache is read as one ``[max_batch * max_seq, Hkv, D]`` sequence whose request ``b`` starts at
+    ``slots[b] * max_seq`` and uses ``lens[b]`` keys, so nothing is copied and no row past a
+    request's length (perhaps unmapped) is read."""
+    B = lens.numel()
+    max_batch, max_seq, hkv, D = k_cache.shape
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("impl='torch-flash' needs contiguous k_cache/v_cache (KVCache's are)")
+    if max_batch * max_seq >= 2 ** 31:
+        raise ValueError("impl='torch-flash': the cache has over 2**31 token rows (int32 offsets)")
+    rows = torch.arange(B, dtype=torch.int32, device=q.device) if slot_t is None else slot_t
+    starts = rows * max_seq
+    cu_k = torch.cat([starts, starts[-1:] + max_seq]) if B else starts.new_zeros(1)
+    return torch.ops.aten._flash_attention_forward(
+        q.contiguous(), k_cache.view(-1, hkv, D), v_cache.view(-1, hkv, D), cu_q, cu_k, max_q, max_seq, 0.0,
+        causal, False, scale=scale, seqused_k=lens)[0]
+
+
 _GQA_KW = True  # SDPA's enable_gqa (torch >= 2.5); turned off on the first TypeError
 
 
@@ -326,4 +402,5 @@ def _cu_seqlens(cu, total: int, device, name: str = "cu_seqlens") -> torch.Tenso
     return torch.tensor(host, dtype=torch.int32, device=device)
 
 
-__all__ = ["IMPLS", "backend_name", "decode", "flash_available", "prefill", "prefill_with_cache", "store_kv"]
+__all__ = ["IMPLS", "backend_name", "decode", "flash_available", "prefill", "prefill_with_cache", "store_kv",
+           "torch_flash_available"]

@@ -8,6 +8,7 @@ unmodified attention kernel reads the cache with no block table.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping, Sequence
@@ -121,6 +122,7 @@ class KVCache:
         self._dict_stale = False  # _seq_lens is newer than _lens
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._worker_ident: int | None = None  # the mapping thread, once step_async started it
         self._closed = False
         self.map_calls = 0
         self.mapped_pages_total = 0
@@ -134,7 +136,8 @@ class KVCache:
         the smallest one that already covers ``seq_len`` tokens (best fit), else the one with the
         most pages mapped. Raises ``OutOfSlots`` when all ``max_batch_size`` slots are in use."""
         self._join()
-        if not 0 <= seq_len <= self.max_seq_len:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) \
+                or not 0 <= seq_len <= self.max_seq_len:
             raise ValueError(f"seq_len={seq_len} must lie in [0, max_seq_len={self.max_seq_len}]")
         free = np.flatnonzero(~self._active)
         if len(free) == 0:
@@ -191,7 +194,8 @@ class KVCache:
                 ok = all(now[s] <= n <= cap[s] for s, n in seq_lens.items())
             except (KeyError, TypeError):
                 return False
-            if ok and type(sum(seq_lens.values())) is int:  # a float or numpy length: slow path
+            # a float or numpy length or slot id takes the slow path, which validates it
+            if ok and type(sum(seq_lens.values())) is int and type(sum(seq_lens)) is int:
                 now.update(seq_lens)
                 self._np_stale = True
                 return True
@@ -213,18 +217,28 @@ class KVCache:
     def step_async(self, seq_lens: SeqLens) -> None:
         """Like ``step`` but on a background thread: call it while the current forward pass runs,
         with the lengths of the *following* step. Input is checked here; mapping errors are raised
-        by the next call into the cache."""
+        by the next call into the cache. When nothing needs mapping it returns at once, with no
+        thread hand-off (waking a thread each decode step costs the caller more than it saves)."""
         self._join()
+        if self._fits(seq_lens):
+            return
         slots, lens = self._parse(seq_lens)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyvattn-map")
-        self._pending = self._executor.submit(self._apply, slots, lens)
+        self._pending = self._executor.submit(self._apply_on_worker, slots, lens)
+
+    def _apply_on_worker(self, slots: np.ndarray, lens: np.ndarray) -> None:
+        self._worker_ident = threading.get_ident()
+        self._apply(slots, lens)
 
     def reserve(self, nbytes: int | str) -> int:
         """Create physical pages up front (vAttention's ``reserve_physical_pages``), so later steps
         map without creating; returns the number of pages created."""
         self._join()
-        return self.pool.reserve(parse_size(nbytes, "nbytes"))
+        size = parse_size(nbytes, "nbytes")
+        if size < 0:
+            raise ValueError(f"nbytes={nbytes!r} must not be negative")
+        return self.pool.reserve(size)
 
     def _apply(self, slots: np.ndarray, lens: np.ndarray) -> None:
         self._sync_lens()  # reclaim decisions below need every slot's current length
@@ -274,25 +288,38 @@ class KVCache:
             short = count - self.pool.free_pages - self.pool.headroom
             if short <= 0:  # the budget allowed it but the device did not: reclaim all we need
                 short = count - self.pool.free_pages
-            excess = np.maximum(self._mapped - keep, 0)
-            reclaimable = int(excess.sum()) * self.num_regions
+            reclaimable = int(np.maximum(self._mapped - keep, 0).sum()) * self.num_regions
             if short > reclaimable:
                 raise OutOfPages(
                     f"step needs {count} pages of {self.page_size} bytes: {self.pool.free_pages} free, "
                     f"{reclaimable} reclaimable (finished requests' pages, and pages a reused slot "
                     f"holds beyond its length), budget/device allows no more ({exc})",
                     needed=count, available=self.pool.free_pages + reclaimable) from None
-            # finished requests' slots first, then active slots' excess; most pages first
-            donors = np.flatnonzero(excess > 0)
-            donors = donors[np.lexsort((-excess[donors], self._active[donors]))]
-            per_region = -(-short // self.num_regions)
-            for slot in donors.tolist():
-                take = min(per_region, int(excess[slot]))
-                self._reclaim_slot(slot, take)
-                per_region -= take
-                if per_region <= 0:
-                    break
+            self._reclaim(short, keep)
+        try:
             return self.pool.take(count)
+        except OutOfPages:
+            # The budget had room but the device could not create that many pages after all:
+            # take the rest from mapped pages too, if they suffice (else the error stands).
+            short = count - self.pool.free_pages
+            if short > int(np.maximum(self._mapped - keep, 0).sum()) * self.num_regions:
+                raise
+            self._reclaim(short, keep)
+            return self.pool.take(count)
+
+    def _reclaim(self, pages: int, keep: np.ndarray) -> None:
+        """Return at least ``pages`` mapped pages to the pool (whole pages in every region):
+        finished requests' slots first, then active slots' pages beyond ``keep``; most first."""
+        excess = np.maximum(self._mapped - keep, 0)
+        donors = np.flatnonzero(excess > 0)
+        donors = donors[np.lexsort((-excess[donors], self._active[donors]))]
+        per_region = -(-pages // self.num_regions)
+        for slot in donors.tolist():
+            take = min(per_region, int(excess[slot]))
+            self._reclaim_slot(slot, take)
+            per_region -= take
+            if per_region <= 0:
+                break
 
     def _reclaim_slot(self, slot: int, pages: int) -> None:
         """Unmap the last ``pages`` pages of ``slot`` in every region and return them to the pool."""
@@ -373,17 +400,22 @@ class KVCache:
         if self._closed:
             return
         self._closed = True
-        if self._pending is not None:
-            self._pending.exception()  # waits
-            self._pending = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self.k, self.v = [], []
+        # A cache dropped while step_async ran can be collected on the mapping thread itself
+        # (its task held the last reference): that thread's task is over, and it cannot join itself.
+        on_worker = threading.get_ident() == self._worker_ident
         try:
-            self.pool.give(self.buffer.close())
-            self.pool.close()
+            if self._pending is not None and not on_worker:
+                self._pending.exception()  # waits: the buffer must not go while a map is in flight
+            self._pending = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=not on_worker)
         finally:
-            self.backend.close()
+            self.k, self.v = [], []
+            try:
+                self.pool.give(self.buffer.close())
+                self.pool.close()
+            finally:
+                self.backend.close()
 
     def __enter__(self) -> "KVCache":
         return self
@@ -407,9 +439,14 @@ class KVCache:
     def _join(self) -> None:
         if self._closed:
             raise RuntimeError("this KVCache is closed")
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
             pending.result()  # re-raises the background thread's error here
+        finally:
+            if pending.done():  # not if the wait itself was interrupted (KeyboardInterrupt)
+                self._pending = None
 
     def _set_capacity(self, slot: int) -> None:
         tokens = min(self.max_seq_len, int(self._mapped[slot]) * self.page_size // self.token_bytes)

@@ -20,6 +20,10 @@ PATHS = [
     pytest.param("cuda", "flash", id="cuda-flash", marks=[
         pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible to torch"),
         pytest.mark.skipif(not attention.flash_available(), reason="flash-attn is not installed")]),
+    pytest.param("cuda", "torch-flash", id="cuda-torch-flash", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible to torch"),
+        pytest.mark.skipif(HAS_CUDA and not attention.torch_flash_available(),
+                           reason="this torch build or GPU has no FlashAttention kernels")]),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -49,11 +53,11 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
 
 
 def skip_unsupported(impl, dtype):
-    """flash-attn has no fp32 kernels: asking for it must be a clear error, then nothing to test."""
-    if impl == "flash" and dtype == torch.float32:
+    """The flash paths have no fp32 kernels: asking for one must be a clear error, then nothing to test."""
+    if impl in ("flash", "torch-flash") and dtype == torch.float32:
         with pytest.raises(ValueError, match="fp16/bf16"):
-            attention.backend_name("cuda", impl="flash", dtype=dtype)
-        pytest.skip("flash-attn runs fp16/bf16 only")
+            attention.backend_name("cuda", impl=impl, dtype=dtype)
+        pytest.skip(f"{impl} runs fp16/bf16 only")
 
 
 def _rand(shape, dtype, device, gen):
@@ -171,10 +175,12 @@ def test_prefill_then_decode_through_a_host_kvcache():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible to torch")
-@pytest.mark.parametrize("impl", ["auto", "sdpa"])
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "torch-flash"])
 def test_decode_on_a_cuda_kvcache(impl):
     """Decode on real cuda-vmm (or uvm64k, via auto) pages: lengths end on 2 MiB page boundaries."""
     hkv, hq, D = 8, 32, 128  # 8*128*2 B = 2 KiB per token: 1024 tokens per 2 MiB page
+    if impl == "torch-flash" and not attention.torch_flash_available():
+        pytest.skip("this torch build or GPU has no FlashAttention kernels")
     with KVCache(1, hkv, D, max_batch_size=3, max_seq_len=4096, dtype=torch.float16, device="cuda") as cache:
         slots = [cache.alloc_slot() for _ in range(3)]
         lens = [1024, 2048, 5]
@@ -196,8 +202,12 @@ def test_decode_on_a_cuda_kvcache(impl):
 def test_backend_name_reports_the_path():
     assert attention.backend_name("cpu") == "sdpa"
     assert attention.backend_name(torch.zeros(1)) == "sdpa"
-    expected = "flash-attn" if attention.flash_available() else "sdpa"
+    expected = ("flash-attn" if attention.flash_available() else
+                "torch-flash" if attention.torch_flash_available() else "sdpa")
     assert attention.backend_name("cuda") == expected
+    assert attention.backend_name("cuda", head_dim=12) == "sdpa"  # flash kernels: multiples of 8
+    with pytest.raises(ValueError, match="torch-flash"):
+        attention.backend_name("cpu", impl="torch-flash")
     assert attention.backend_name("cuda", impl="sdpa") == "sdpa"
     assert attention.backend_name("cuda", dtype=torch.float32) == "sdpa"  # flash has no fp32
     with pytest.raises(ValueError, match="impl"):

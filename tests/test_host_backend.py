@@ -67,6 +67,9 @@ def test_map_outside_a_reservation_is_refused():
             b.map([base + 100], h)
         with pytest.raises(ValueError, match="not live"):
             b.map([base], [12345 * P])
+        # a run of pages: its first handle is live, the second is not
+        with pytest.raises(ValueError, match="not live"):
+            b.map([base, base + P], [h[0], h[0] + P])
     finally:
         b.close()
 

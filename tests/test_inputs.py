@@ -59,9 +59,25 @@ def test_step_validation_changes_nothing(cache):
     assert cache.stats() == before
 
 
-def test_alloc_slot_hint_is_checked(cache):
+@pytest.mark.parametrize("seq_len", [1000, -1, 1.5, "8", True])
+def test_alloc_slot_hint_is_checked(cache, seq_len):
     with pytest.raises(ValueError, match="seq_len"):
-        cache.alloc_slot(seq_len=1000)
+        cache.alloc_slot(seq_len=seq_len)
+    assert cache.stats()["active_slots"] == 0
+
+
+def test_float_slot_ids_take_the_validating_path(cache):
+    s = cache.alloc_slot()
+    cache.step({s: 10})  # maps a page: 12 tokens would fit without mapping
+    for bad in ({float(s): 12}, {s: 12.0}):
+        with pytest.raises(ValueError, match="seq_lens"):
+            cache.step(bad)
+    assert cache.seq_len(s) == 10
+
+
+def test_reserve_rejects_negative_sizes(cache):
+    with pytest.raises(ValueError, match="nbytes"):
+        cache.reserve(-4096)
 
 
 def test_sizes():

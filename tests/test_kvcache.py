@@ -296,3 +296,79 @@ def test_reused_slot_excess_is_reclaimed_but_written_tokens_never_are(make_cache
     assert cache.mapped_tokens(small) == 6 * tpp
     write(cache, small, 1, 2 * tpp, 6 * tpp)
     check(cache, small, 1, 6 * tpp)
+
+
+def test_step_async_with_nothing_to_map_records_lengths_without_a_thread(make_cache):
+    cache = make_cache()
+    s = cache.alloc_slot()
+    cache.step({s: 65})  # 3 pages of 32 tokens: room up to 96
+    threads = threading.active_count()
+    for n in range(66, 97):
+        cache.step_async({s: n})
+    assert threading.active_count() == threads and cache.seq_len(s) == 96
+    cache.step_async({s: 300})  # needs pages: mapped in the background
+    cache.step({s: 300})
+    write(cache, s, 1, 0, 300)
+    check(cache, s, 1, 300)
+
+
+def test_device_exhaustion_under_the_budget_reclaims_finished_slots(backend_device):
+    """The budget allows more pages than the device can create: step() must then reclaim a
+    finished slot's pages rather than fail (and must not lose the active slot's data)."""
+    from pyvattn import KVCache
+    name, device = backend_device
+    if name != "host":
+        pytest.skip("the device limit is imposed on the host backend's page creation")
+    P = 4096
+    cache = KVCache(1, 1, 64, 4, 1024, torch.float32, device="cpu", page_size=P, backend="host",
+                    memory_budget=10 * P)
+    create = cache.backend.create_pages
+
+    def create_on_an_8_page_device(count):
+        if cache.pool.total_pages + count > 8:
+            raise OutOfPages("device full", needed=count)
+        return create(count)
+
+    cache.backend.create_pages = create_on_an_8_page_device
+    try:
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        cache.step({a: 64, b: 0})  # 4 pages of 16 tokens in each of K and V: the device is full
+        write(cache, a, 1, 0, 64)
+        cache.free_slot(a)
+        cache.step({b: 48})  # 6 pages: only a's reclaimed pages can supply them
+        write(cache, b, 2, 0, 48)
+        check(cache, b, 2, 48)
+        assert cache.stats()["reclaimed_pages_total"] >= 6
+    finally:
+        cache.close()
+
+
+def test_cache_dropped_during_step_async_returns_its_memory():
+    """Dropped without close() while the mapper thread runs, the cache is finalised on that
+    thread; its memory must still go back (no self-join, no leak)."""
+    import gc
+    import os
+    import time
+    from pyvattn import KVCache
+
+    def kv_memfds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += "pyvattn" in os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass
+        return n
+
+    before = kv_memfds()
+    cache = KVCache(8, 8, 128, 8, 1024, torch.float16, device="cpu", page_size="64KiB", backend="host")
+    assert kv_memfds() == before + 1
+    slots = [cache.alloc_slot() for _ in range(8)]
+    cache.step_async({s: 1024 for s in slots})
+    del cache, slots
+    for _ in range(100):
+        gc.collect()
+        if kv_memfds() == before:
+            break
+        time.sleep(0.05)
+    assert kv_memfds() == before

@@ -133,7 +133,7 @@ class HostBackend(Backend):
         if not starts:
             return
         self._check_span(starts[0], starts[-1] + lengths[-1] * P, starts)
-        if not self._live.issuperset(offsets):
+        if not self._live.issuperset(handles):  # every handle, not only each run's first
             raise ValueError("handles: some are not live pages of this backend")
         raw, fd = libc.raw_mmap, self._fd
         prot, flags = libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED | libc.MAP_FIXED
