@@ -9,7 +9,8 @@ Sections (all in one run, side by side, so ratios compare like with like):
    ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per region;
 3. a decode loop through ``KVCache`` (write each new token's K/V, decode attention in every
    layer, synchronize like a sampler would): a fully pre-mapped cache vs ``step()`` every
-   iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute;
+   iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute
+   (the three interleaved in 8 rounds, so drift over the run falls on all alike);
 4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
 
 GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
@@ -171,10 +172,13 @@ def _start_lengths(cache: KVCache, batch: int, steps: int) -> list[int]:
 
 
 def bench_decode_loop(args, device: torch.device) -> dict:
+    """The three modes run interleaved, a slice of steps each in turn, so clock and thermal drift
+    over the run fall on all of them alike."""
     clock = Clock(device)
     gen = torch.Generator(device=device).manual_seed(0)
-    results = {}
-    for mode in ("premapped", "step", "step_async"):
+    modes = ("premapped", "step", "step_async")
+    runs = {}
+    for mode in modes:
         cache = _cache(args, device)
         slots = [cache.alloc_slot() for _ in range(args.batch)]
         lens0 = _start_lengths(cache, args.batch, args.steps)
@@ -186,35 +190,48 @@ def bench_decode_loop(args, device: torch.device) -> dict:
                 cache.k[layer][s, :n].normal_(generator=gen)
                 cache.v[layer][s, :n].normal_(generator=gen)
         slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
-        slot_l = slot_t.long()
-        q = torch.randn(args.batch, 1, MODEL["q_heads"], MODEL["head_dim"], dtype=args.dtype,
-                        device=device, generator=gen)
-        kv_new = torch.randn(args.batch, MODEL["kv_heads"], MODEL["head_dim"], dtype=args.dtype,
-                             device=device, generator=gen)
-        lens = np.array(lens0, dtype=np.int64)
-        times = []
-        map_s0 = cache.stats()["map_seconds"]
-        for it in range(args.steps):
-            nxt = lens + 1
-            t = clock.start()
-            cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
-            pos = torch.from_numpy(nxt - 1).to(device, non_blocking=True)
-            seqlens = torch.from_numpy(nxt.astype(np.int32)).to(device, non_blocking=True)
-            for layer in range(args.layers):
-                cache.k[layer][slot_l, pos] = kv_new
-                cache.v[layer][slot_l, pos] = kv_new
-                attention.decode(q, cache.k[layer], cache.v[layer], seqlens, slots=slot_t)
-            if mode == "step_async":
-                cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
-            ms = clock.stop(t)  # synchronizes, like sampling the next token would
-            if it >= args.warmup:
-                times.append(ms)
-            lens = nxt
-        s = cache.stats()
+        runs[mode] = dict(cache=cache, slots=slots, slot_t=slot_t, slot_l=slot_t.long(),
+                          lens=np.array(lens0, dtype=np.int64), times=[], it=0,
+                          map_s0=cache.stats()["map_seconds"])
+    q = torch.randn(args.batch, 1, MODEL["q_heads"], MODEL["head_dim"], dtype=args.dtype,
+                    device=device, generator=gen)
+    kv_new = torch.randn(args.batch, MODEL["kv_heads"], MODEL["head_dim"], dtype=args.dtype,
+                         device=device, generator=gen)
+
+    def one_step(mode: str) -> None:
+        r = runs[mode]
+        cache, slots, slot_t, slot_l = r["cache"], r["slots"], r["slot_t"], r["slot_l"]
+        nxt = r["lens"] + 1
+        t = clock.start()
+        cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
+        pos = torch.from_numpy(nxt - 1).to(device, non_blocking=True)
+        seqlens = torch.from_numpy(nxt.astype(np.int32)).to(device, non_blocking=True)
+        for layer in range(args.layers):
+            cache.k[layer][slot_l, pos] = kv_new
+            cache.v[layer][slot_l, pos] = kv_new
+            attention.decode(q, cache.k[layer], cache.v[layer], seqlens, slots=slot_t)
+        if mode == "step_async":
+            cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
+        ms = clock.stop(t)  # synchronizes, like sampling the next token would
+        if r["it"] >= args.warmup:
+            r["times"].append(ms)
+        r["it"] += 1
+        r["lens"] = nxt
+
+    rounds = 8
+    for i in range(rounds):
+        for mode in modes:
+            for _ in range(args.steps * (i + 1) // rounds - args.steps * i // rounds):
+                one_step(mode)
+    results = {"interleaved_rounds": rounds}
+    for mode in modes:
+        r = runs[mode]
+        s = r["cache"].stats()
+        times = r["times"]
         results[mode] = {"median_step_ms": statistics.median(times), "mean_step_ms": statistics.fmean(times),
                          "max_step_ms": max(times), "map_calls": s["map_calls"],
-                         "map_seconds": s["map_seconds"] - map_s0, "mapped_pages_total": s["mapped_pages_total"]}
-        cache.close()
+                         "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"]}
+        r["cache"].close()
     base = results["premapped"]["mean_step_ms"]
     for mode in ("step", "step_async"):
         results[mode]["mean_vs_premapped"] = results[mode]["mean_step_ms"] / base
