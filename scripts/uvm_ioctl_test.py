@@ -357,9 +357,12 @@ def _(u: Uvm, check: Check):
     if status in ("EINVAL", "ENOSYS"):
         raise Skip(f"builtin tests are off ({status}): modprobe nvidia-uvm uvm_enable_builtin_tests=1")
     check("self-test", status, "NV_OK")
-    check("fault injection rolls back cleanly", u.call(
+    check("injectFailAfter is reserved (must be 0)", u.call(
         "UVM_KVC_TEST_SANITY", gpuUuid=u.uuid, base=base, length=4 * MiB, iterations=4,
-        injectFailAfter=3)[0], "NV_OK")
+        injectFailAfter=3)[0], "NV_ERR_INVALID_ARGUMENT")
+    check("iterations are capped at 1000", u.call(
+        "UVM_KVC_TEST_SANITY", gpuUuid=u.uuid, base=base, length=4 * MiB, iterations=1001,
+        injectFailAfter=0)[0], "NV_ERR_INVALID_LIMIT")
 
 
 # FREE ----------------------------------------------------------------------------------------
@@ -613,22 +616,29 @@ def _(u: Uvm, check: Check):
     u.drop_range(base)
 
 
-@case("alloc ZERO flag: a recycled slot reads as zeros")
+@case("alloc ZERO flag: recycled slots read as zeros (31, and thousands in one call)")
 def _(u: Uvm, check: Check):
     zero = u.flag("UVM_KVC_ALLOC_FLAGS_ZERO")
-    base = u.range(2 * MiB)
-    hs = u.alloc(32)
-    u.map(base, hs)
-    u.view(base, 32 * K64).fill_(-1)
-    torch.cuda.synchronize(u.device)
-    u.unmap(base, 32 * K64)
-    u.free(hs)
-    again = u.alloc(32, flags=zero)
-    check("map recycled", u.map(base, again), "NV_OK")
-    check("zeros", int(u.view(base, 32 * K64).count_nonzero().item()), 0)
-    u.unmap(base, 32 * K64)
-    u.free(again)
-    u.drop_range(base)
+    for n in (32, 3008):  # 3008 = 94 roots: the re-zeroing spans many bounded pushes
+        size = n * K64
+        base = u.range(size)
+        hs = u.alloc(n)
+        u.map(base, hs)
+        u.view(base, size).fill_(-1)
+        torch.cuda.synchronize(u.device)
+        u.unmap(base, size)
+        # keep one page per 2 MiB root (slots fill roots in order) so the roots stay in the
+        # pool and the next ALLOC gets back dirty slots, not fresh roots
+        keep = hs[::32]
+        recycled = [h for i, h in enumerate(hs) if i % 32]
+        u.free(recycled)
+        again = u.alloc(len(recycled), flags=zero)
+        check(f"{len(recycled)} recycled: map", u.map(base, again), "NV_OK")
+        check(f"{len(recycled)} recycled: zeros",
+              int(u.view(base, len(recycled) * K64).count_nonzero().item()), 0)
+        u.unmap(base, len(recycled) * K64)
+        u.free(again + keep)
+        u.drop_range(base)
 
 
 # lifetime, in child processes ------------------------------------------------------------------

@@ -1,7 +1,8 @@
 /*
  * uvm_kvc_compat.h for nvidia-uvm 535.x / 550.x: external ranges are uvm_va_range_t with an
  * `external` union member; page sizes NvU32; PMM alloc_kernel is a header wrapper; no
- * UVM_FD_TEST. Identical in 535.261.03 and 550.163.01.
+ * UVM_FD_TEST. 535.261.03 and 550.163.01 differ only in where the SR-IOV heavy test lives
+ * (uvm_gpu_t in 535, uvm_parent_gpu_t from 550 on).
  */
 #ifndef __UVM_KVC_COMPAT_H__
 #define __UVM_KVC_COMPAT_H__
@@ -34,5 +35,6 @@ static inline NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space,
 #define uvm_kvc_ext_range_mapped_gpus(range) (&(range)->external.mapped_gpus)
 #define uvm_kvc_fd_is_test(type)             (false)
 #define uvm_kvc_conf_computing_enabled(gpu)  (g_uvm_global.conf_computing_enabled)
+#define uvm_kvc_sriov_heavy(gpu)             (uvm_parent_gpu_is_virt_mode_sriov_heavy((gpu)->parent))
 
 #endif /* __UVM_KVC_COMPAT_H__ */

@@ -31,5 +31,6 @@ static inline NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space,
 #define uvm_kvc_ext_range_mapped_gpus(range) (&(range)->mapped_gpus)
 #define uvm_kvc_fd_is_test(type)             ((type) == UVM_FD_TEST)
 #define uvm_kvc_conf_computing_enabled(gpu)  (g_uvm_global.conf_computing_enabled)
+#define uvm_kvc_sriov_heavy(gpu)             (uvm_parent_gpu_is_virt_mode_sriov_heavy((gpu)->parent))
 
 #endif /* __UVM_KVC_COMPAT_H__ */

@@ -131,8 +131,12 @@ typedef struct {
     NvU32 pad0;
 } UVM_KVC_QUERY_PARAMS;
 
-/* Allocate `count` zeroed pages of `pageSize` on gpuUuid; handles written to handlesPtr
- * (NvU64[count]). All or nothing. 72 bytes. */
+/* Allocate `count` pages of `pageSize` on gpuUuid; handles written to handlesPtr
+ * (NvU64[count]). All or nothing. Memory new to this fd is always zeroed (no data of another
+ * process is ever handed out); a slot this fd freed earlier and now gets again holds its own
+ * old data unless FLAGS_ZERO asks for it to be re-zeroed too. The module parameter
+ * uvm_kvc_max_mb_per_va_space caps what one fd holds per GPU (default 0: no cap beyond the
+ * GPU's memory). 72 bytes. */
 #define UVM_KVC_ALLOC UVM_KVC_IOCTL_BASE(1)
 typedef struct {
     NvU32 version;
@@ -176,7 +180,9 @@ typedef struct {
 
 /* Map handles[i] back to back from base (each takes its own page size of VA). Synchronous:
  * PTEs written and TLB invalidated on return. Replaces KVC mappings there unless NO_REPLACE.
- * 72 bytes. */
+ * With NO_REPLACE the call is all or nothing. Without it, a failure removes what the call
+ * mapped but not what it had already replaced (that VA is left unmapped, as UvmMapExternal
+ * leaves it). 72 bytes. */
 #define UVM_KVC_MAP UVM_KVC_IOCTL_BASE(4)
 typedef struct {
     NvU32 version;
@@ -228,7 +234,8 @@ typedef struct {
 /* Kernel self-test; routed through uvm_test_ioctl(), so it only exists when nvidia-uvm is loaded
  * with uvm_enable_builtin_tests=1. [base, base+length) is a PROT_NONE reservation (>= 2 MiB,
  * 2 MiB aligned) the test may turn into a KVC range; gpuUuid must be registered with a GPU VA
- * space on this fd. injectFailAfter: 0 = no fault injection. 64 bytes. */
+ * space on this fd. iterations: 0 means 1, at most 1000. injectFailAfter: must be 0 (reserved
+ * for fault injection). 64 bytes. */
 #define UVM_KVC_TEST_SANITY UVM_KVC_IOCTL_BASE(15)
 typedef struct {
     NvU32 version;

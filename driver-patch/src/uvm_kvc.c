@@ -20,6 +20,7 @@
 #include "uvm_mmu.h"
 #include "uvm_pmm_gpu.h"
 #include "uvm_push.h"
+#include "uvm_tracker.h"
 #include "uvm_test_ioctl.h"
 #include "uvm_kvmalloc.h"
 #include "uvm_va_space_mm.h"
@@ -31,6 +32,10 @@
 #define KVC_SLOT_SIZE       UVM_PAGE_SIZE_64K
 #define KVC_ROOT_SIZE       UVM_CHUNK_SIZE_MAX
 #define KVC_SLOTS_PER_ROOT  (KVC_ROOT_SIZE / KVC_SLOT_SIZE)
+
+/* Memsets per zeroing push: a push holds at most UVM_MAX_PUSH_SIZE of methods, and one CE memset
+ * takes well under 256 bytes on every architecture, so 64 stay far inside it. */
+#define KVC_ZERO_PER_PUSH   64
 
 static unsigned uvm_kvc_max_mb_per_va_space = 0;
 module_param(uvm_kvc_max_mb_per_va_space, uint, S_IRUGO);
@@ -58,6 +63,7 @@ typedef struct uvm_kvc_page_struct
     NvU64 refs;         /* number of 64 KiB PTEs mapping this page */
     bool in_table;      /* the handle is still valid (not freed) */
     bool marked;        /* scratch for duplicate detection under the lock */
+    bool needs_zero;    /* ALLOC scratch: a recycled slot to re-zero before publishing */
 } uvm_kvc_page_t;
 
 typedef struct
@@ -124,12 +130,15 @@ static uvm_kvc_va_space_t *kvc_get_or_create(uvm_va_space_t *va_space)
 }
 
 /* GPUs the feature refuses: no 64K big pages in this GPU VA space, no sparse (pre-Pascal),
- * confidential computing. */
+ * confidential computing, and SR-IOV heavy virtualization (there the guest's page tables are
+ * not where vidmem PTEs written by physical address would be honoured). */
 static NV_STATUS kvc_gpu_supported(uvm_va_space_t *va_space, uvm_gpu_t *gpu)
 {
     uvm_gpu_va_space_t *gpu_va_space = uvm_gpu_va_space_get(va_space, gpu);
 
     if (uvm_kvc_conf_computing_enabled(gpu))
+        return NV_ERR_NOT_SUPPORTED;
+    if (uvm_kvc_sriov_heavy(gpu))
         return NV_ERR_NOT_SUPPORTED;
     if (!gpu->parent->sparse_mappings_supported)
         return NV_ERR_NOT_SUPPORTED;
@@ -153,14 +162,57 @@ static NV_STATUS kvc_get_gpu(uvm_va_space_t *va_space, const NvProcessorUuid *uu
     return NV_OK;
 }
 
-static NV_STATUS kvc_zero(uvm_gpu_t *gpu, NvU64 phys, NvU64 size, uvm_push_t *push)
+/* One CE memset in `push`. Only the last memset of a push keeps its membar: the ones before it
+ * need not be ordered against each other, and the last one orders them all before the push's
+ * completion, which is waited on before any handle to the memory is returned. */
+static void kvc_zero(uvm_gpu_t *gpu, NvU64 phys, NvU64 size, bool last, uvm_push_t *push)
 {
     uvm_gpu_address_t addr = uvm_gpu_address_copy(gpu, uvm_gpu_phys_address(UVM_APERTURE_VID, phys));
 
     uvm_push_set_flag(push, UVM_PUSH_FLAG_CE_NEXT_PIPELINED);
-    uvm_push_set_flag(push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
+    if (!last)
+        uvm_push_set_flag(push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
     gpu->parent->ce_hal->memset_8(push, addr, 0, size);
-    return NV_OK;
+}
+
+/* No KVC lock held (a push is taken below the KVC lock and never held across it). Zeroes the
+ * pages marked needs_zero, in pushes of at most KVC_ZERO_PER_PUSH memsets, and waits for all of
+ * them. The pages belong to an ALLOC call and are not published yet: nobody else can reach them,
+ * and their roots cannot go away (their slots are marked used). */
+static NV_STATUS kvc_zero_pages(uvm_gpu_t *gpu, uvm_kvc_page_t **pages, NvU64 count)
+{
+    uvm_tracker_t tracker = UVM_TRACKER_INIT();
+    NvU64 batch[KVC_ZERO_PER_PUSH];
+    NV_STATUS status = NV_OK, wait_status;
+    uvm_push_t push;
+    NvU64 i = 0;
+    NvU32 n, k;
+
+    while (status == NV_OK) {
+        for (n = 0; i < count && n < KVC_ZERO_PER_PUSH; i++) {
+            if (pages[i]->needs_zero)
+                batch[n++] = i;
+        }
+        if (n == 0)
+            break;
+
+        status = uvm_push_begin(gpu->channel_manager, UVM_CHANNEL_TYPE_GPU_INTERNAL, &push,
+                                "KVC zero %u pages", n);
+        if (status != NV_OK)
+            break;
+        for (k = 0; k < n; k++) {
+            uvm_kvc_page_t *page = pages[batch[k]];
+
+            kvc_zero(gpu, kvc_page_phys(page, 0), (NvU64)page->nslots * KVC_SLOT_SIZE, k == n - 1, &push);
+        }
+        uvm_push_end(&push);
+        status = uvm_tracker_add_push_safe(&tracker, &push);
+        if (status != NV_OK)
+            (void)uvm_push_wait(&push); /* untracked: wait here, the loop ends with the error */
+    }
+
+    wait_status = uvm_tracker_wait_deinit(&tracker);
+    return status != NV_OK ? status : wait_status;
 }
 
 /* Called without the KVC lock: a new zeroed root (the memset is complete on return). */
@@ -191,7 +243,7 @@ static NV_STATUS kvc_root_alloc(uvm_gpu_t *gpu, NvU32 flags, uvm_kvc_root_t **ou
                                 "KVC zero root 0x%llx",
                                 root->chunk->address);
         if (status == NV_OK) {
-            kvc_zero(gpu, root->chunk->address, KVC_ROOT_SIZE, &push);
+            kvc_zero(gpu, root->chunk->address, KVC_ROOT_SIZE, true, &push);
             status = uvm_push_end_and_wait(&push);
         }
         if (status != NV_OK) {
@@ -314,8 +366,6 @@ NV_STATUS uvm_kvc_alloc_pages(uvm_va_space_t *va_space,
     uvm_kvc_root_t *spare = NULL;
     NvU32 nslots = (NvU32)(page_size / KVC_SLOT_SIZE);
     NvU64 i, done = 0, quota;
-    uvm_push_t push;
-    bool push_open = false;
     NV_STATUS status = NV_OK;
 
     uvm_assert_rwsem_locked(&va_space->lock);
@@ -380,29 +430,17 @@ NV_STATUS uvm_kvc_alloc_pages(uvm_va_space_t *va_space,
         page->root = root;
         page->slot = slot;
         page->nslots = nslots;
-        done++;
-
-        /* Recycled slots held this va_space's own data: re-zero them only on request. */
-        if ((flags & UVM_KVC_ALLOC_FLAGS_ZERO) && (root->dirty & mask)) {
-            if (!push_open) {
-                uvm_mutex_unlock(&kvc->lock);
-                status = uvm_push_begin(gpu->channel_manager, UVM_CHANNEL_TYPE_GPU_INTERNAL, &push, "KVC zero pages");
-                uvm_mutex_lock(&kvc->lock);
-                if (status != NV_OK)
-                    break;
-                push_open = true;
-            }
-            kvc_zero(gpu, kvc_page_phys(page, 0), page_size, &push);
-        }
+        /* Recycled slots held this va_space's own data (a new root is zeroed before it joins
+         * the pool): re-zeroed only on request, after the loop, without the KVC lock. A failed
+         * call marks the slots dirty again when it gives them back. */
+        page->needs_zero = (flags & UVM_KVC_ALLOC_FLAGS_ZERO) && (root->dirty & mask);
         root->dirty &= ~mask;
+        done++;
     }
     uvm_mutex_unlock(&kvc->lock);
 
-    if (push_open) {
-        NV_STATUS push_status = uvm_push_end_and_wait(&push);
-        if (status == NV_OK)
-            status = push_status;
-    }
+    if (status == NV_OK)
+        status = kvc_zero_pages(gpu, pages, done);
 
     uvm_mutex_lock(&kvc->lock);
     if (status == NV_OK) {
@@ -749,7 +787,11 @@ static bool kvc_range_has_mappings(uvm_kvc_ext_range_t *range, uvm_gpu_t *gpu, N
 }
 
 /* va_space lock held for read. Maps one run (its map is consumed: attached or freed). */
-static NV_STATUS kvc_map_run(uvm_va_space_t *va_space, uvm_gpu_t *gpu, kvc_run_t *run, struct list_head *deferred)
+static NV_STATUS kvc_map_run(uvm_va_space_t *va_space,
+                             uvm_gpu_t *gpu,
+                             kvc_run_t *run,
+                             bool no_replace,
+                             struct list_head *deferred)
 {
     uvm_gpu_va_space_t *gpu_va_space = uvm_gpu_va_space_get(va_space, gpu);
     uvm_ext_gpu_range_tree_t *range_tree = uvm_ext_gpu_range_tree(run->range, gpu);
@@ -765,8 +807,17 @@ static NV_STATUS kvc_map_run(uvm_va_space_t *va_space, uvm_gpu_t *gpu, kvc_run_t
 
     uvm_mutex_lock(&range_tree->lock);
 
+    /* NO_REPLACE was checked before any side effect; checked again under this lock so that a
+     * mapping another thread made since is refused, not replaced (the caller then undoes the
+     * runs it mapped: with NO_REPLACE the call is all or nothing). */
+    if (no_replace && kvc_range_has_mappings(run->range, gpu, run->start, end)) {
+        uvm_mutex_unlock(&range_tree->lock);
+        uvm_kvfree(ext_gpu_map);
+        return NV_ERR_UVM_ADDRESS_IN_USE;
+    }
+
     /* UvmMapExternal semantics: a new map over an existing one behaves as if it was unmapped
-     * first (NO_REPLACE conflicts were refused before any side effect). */
+     * first. */
     status = uvm_kvc_unmap_external_in_range(run->range, gpu, run->start, end, deferred);
     if (status != NV_OK) {
         uvm_mutex_unlock(&range_tree->lock);
@@ -985,13 +1036,15 @@ NV_STATUS uvm_kvc_map_scatter(uvm_va_space_t *va_space,
     /* 5. Map. The references now belong to the run maps. */
     refs_taken = 0;
     for (i = 0; i < nruns; i++) {
-        status = kvc_map_run(va_space, gpu, &runs[i], &deferred_free_list);
+        status = kvc_map_run(va_space, gpu, &runs[i], flags & UVM_KVC_MAP_FLAGS_NO_REPLACE, &deferred_free_list);
         if (status != NV_OK)
             break;
     }
 
     if (status != NV_OK) {
-        /* All or nothing: remove what this call mapped (the VA it replaced stays unmapped). */
+        /* Remove what this call mapped. Without NO_REPLACE, mappings it already replaced stay
+         * unmapped (as with UvmMapExternal); with NO_REPLACE nothing was replaced, so the call
+         * changed nothing. */
         for (j = 0; j < nruns; j++) {
             if (runs[j].mapped)
                 (void)kvc_unmap_locked(runs[j].range, gpu, runs[j].start, runs[j].length, &deferred_free_list);
@@ -1281,8 +1334,9 @@ void uvm_kvc_unregister_gpu(uvm_va_space_t *va_space, uvm_gpu_t *gpu)
             continue;
         idr_remove(&kvc->ids, id);
         page->in_table = false;
-        /* Every mapping on this GPU was destroyed with its GPU VA space before this point. */
-        UVM_ASSERT(page->refs == 0);
+        /* Every mapping on this GPU was destroyed with its GPU VA space before this point; a
+         * page still referenced would keep its root from PMM past the GPU's unregistration. */
+        UVM_ASSERT_RELEASE(page->refs == 0);
         if (page->refs == 0)
             kvc_page_destroy_locked(kvc, page);
     }

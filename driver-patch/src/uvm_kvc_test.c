@@ -6,8 +6,13 @@
  * [base, base + length) (>= 2 MiB, 64K aligned), which it turns into a KVC range and leaves in
  * place: the caller frees it with UVM_FREE. Checks: handle table (alloc/free round trips, stale
  * handles after reuse, duplicates and bad inputs refused with nothing changed), 128K/256K slot
- * alignment, pool accounting back to zero, mapping references (map, FREE while mapped, partial
- * unmap splitting a mapping, replace on remap) and that all memory returns to PMM.
+ * alignment, pool accounting back to zero, re-zeroing of recycled pages over several pushes,
+ * mapping references (map, FREE while mapped, partial unmap splitting a mapping, replace on
+ * remap) and that all memory returns to PMM.
+ *
+ * The GPU is retained for the whole test and looked up again under each va_space lock section
+ * that allocates on it: another thread of the caller may unregister it in between, and then the
+ * test fails with NV_ERR_INVALID_DEVICE instead of allocating on a GPU the va_space lost.
  */
 
 #include "uvm_kvc.h"
@@ -16,11 +21,21 @@
 #include "uvm_kvmalloc.h"
 
 #define KVC_TEST_PAGES 40
+#define KVC_TEST_ZERO_PAGES 200 /* recycled with FLAGS_ZERO: more than three zeroing pushes */
+#define KVC_TEST_MAX_ITERATIONS 1000
+#define KVC_TEST_SLOTS_PER_ROOT (UVM_CHUNK_SIZE_MAX / UVM_PAGE_SIZE_64K)
 
-static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu)
+/* va_space lock held: is `gpu` still the one registered (with a GPU VA space) under `uuid`? */
+static NV_STATUS kvc_test_gpu_current(uvm_va_space_t *va_space, const NvProcessorUuid *uuid, uvm_gpu_t *gpu)
 {
-    NvU64 *handles = uvm_kvmalloc_zero(KVC_TEST_PAGES * sizeof(*handles));
-    NvU64 stale, again[2], phys, size, refs;
+    return uvm_va_space_get_gpu_by_uuid_with_gpu_va_space(va_space, uuid) == gpu ? NV_OK : NV_ERR_INVALID_DEVICE;
+}
+
+static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const NvProcessorUuid *uuid)
+{
+    NvU64 *handles = uvm_kvmalloc_zero(KVC_TEST_ZERO_PAGES * sizeof(*handles));
+    NvU64 keep[DIV_ROUND_UP(KVC_TEST_ZERO_PAGES, KVC_TEST_SLOTS_PER_ROOT)];
+    NvU64 stale, again[2], phys, size, refs, roots, n, kept;
     NV_STATUS status = NV_OK;
     NvU64 i;
 
@@ -28,6 +43,7 @@ static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu)
         return NV_ERR_NO_MEMORY;
 
     uvm_va_space_down_read(va_space);
+    TEST_NV_CHECK_GOTO(kvc_test_gpu_current(va_space, uuid, gpu), out);
 
     /* 40 x 64K needs two roots; all of it goes back on free. */
     TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, KVC_TEST_PAGES, handles), out);
@@ -66,6 +82,27 @@ static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu)
     TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 2, again), out);
     TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
 
+    /* Recycled slots with FLAGS_ZERO: keep one page of each root (slots fill roots in order)
+     * so that no root goes back to PMM, free the rest, and allocate as many again with ZERO:
+     * every slot is a dirty recycled one, zeroed in several bounded pushes, and no new root is
+     * needed. */
+    TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, KVC_TEST_ZERO_PAGES, handles), out);
+    for (i = 0, n = 0, kept = 0; i < KVC_TEST_ZERO_PAGES; i++) {
+        if (i % KVC_TEST_SLOTS_PER_ROOT == 0)
+            keep[kept++] = handles[i];
+        else
+            handles[n++] = handles[i];
+    }
+    roots = uvm_kvc_bytes_allocated(va_space, gpu);
+    TEST_CHECK_GOTO(roots == kept * UVM_CHUNK_SIZE_MAX, out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, n, handles), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == roots, out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, UVM_KVC_ALLOC_FLAGS_ZERO, n, handles), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == roots, out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, n, handles), out);
+    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, kept, keep), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
+
 out:
     uvm_va_space_up_read(va_space);
     uvm_kvfree(handles);
@@ -83,8 +120,13 @@ static NV_STATUS kvc_test_refs(uvm_va_space_t *va_space,
     NV_STATUS status = NV_OK;
 
     for (it = 0; it < iterations; it++) {
+        if (fatal_signal_pending(current))
+            return NV_ERR_SIGNAL_PENDING;
+
         uvm_va_space_down_read(va_space);
-        status = uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, 4, handles);
+        status = kvc_test_gpu_current(va_space, uuid, gpu);
+        if (status == NV_OK)
+            status = uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, 4, handles);
         uvm_va_space_up_read(va_space);
         TEST_NV_CHECK_RET(status);
 
@@ -164,20 +206,24 @@ NV_STATUS uvm_test_kvc_sanity(UVM_KVC_TEST_SANITY_PARAMS *params, struct file *f
         return NV_ERR_INVALID_ARGUMENT;
     if (params->length < UVM_CHUNK_SIZE_MAX || uvm_api_range_invalid_64k(params->base, params->length))
         return NV_ERR_INVALID_ADDRESS;
+    if (params->iterations > KVC_TEST_MAX_ITERATIONS)
+        return NV_ERR_INVALID_LIMIT;
 
     uvm_va_space_down_read(va_space);
     gpu = uvm_va_space_get_gpu_by_uuid_with_gpu_va_space(va_space, &params->gpuUuid);
+    if (gpu)
+        uvm_gpu_retain(gpu);
     uvm_va_space_up_read(va_space);
     if (!gpu)
         return NV_ERR_INVALID_DEVICE;
-    /* gpu stays valid: this thread holds the fd, and GPU unregister from another thread is the
-     * caller's own doing (the test would then fail with INVALID_DEVICE from the ioctl paths). */
 
-    status = kvc_test_table(va_space, gpu);
-    if (status != NV_OK)
-        return status;
+    status = kvc_test_table(va_space, gpu, &params->gpuUuid);
+    if (status == NV_OK)
+        status = uvm_kvc_create_range(va_space, params->base, params->length);
+    if (status == NV_OK)
+        status = kvc_test_refs(va_space, gpu, &params->gpuUuid, params->base,
+                               params->iterations ? params->iterations : 1);
 
-    TEST_NV_CHECK_RET(uvm_kvc_create_range(va_space, params->base, params->length));
-
-    return kvc_test_refs(va_space, gpu, &params->gpuUuid, params->base, params->iterations ? params->iterations : 1);
+    uvm_gpu_release(gpu);
+    return status;
 }
