@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
+from .errors import DriverError
 
 UNMAPPED = -1
 
@@ -61,7 +62,13 @@ class VirtualBuffer:
         handles = self._handles[pages]
         if (handles == UNMAPPED).any():
             raise ValueError("pages: some are not mapped")
-        self.backend.unmap((self.base + pages * self.page_size).tolist())
+        try:
+            self.backend.unmap((self.base + pages * self.page_size).tolist())
+        except DriverError as exc:  # the pages unmapped before the failure are unmapped for good
+            gone = (np.asarray(exc.unmapped_vas, dtype=np.int64) - self.base) // self.page_size
+            self._handles[gone] = UNMAPPED
+            self.mapped_pages -= len(gone)
+            raise
         self._handles[pages] = UNMAPPED
         self.mapped_pages -= len(pages)
         return handles.tolist()

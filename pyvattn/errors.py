@@ -42,6 +42,16 @@ class DriverError(PyvattnError, RuntimeError):
         self.call = call
         self.status = status
         self.code = code
+        # set by a backend's unmap() that failed part-way: the addresses it did unmap
+        self.unmapped_vas: list[int] = []
+
+
+def note_cleanup_failure(exc: BaseException, what: str, cleanup_exc: BaseException) -> None:
+    """Keep ``exc`` the error a caller sees when the clean-up after it fails too, and say so on
+    it (``add_note`` from Python 3.11; the clean-up error is also ``exc.__cleanup_error__``)."""
+    exc.__cleanup_error__ = cleanup_exc
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"clean-up ({what}) also failed: {cleanup_exc!r}")
 
 
 class OSCallError(DriverError):

@@ -200,7 +200,7 @@ static struct { uint64_t va, size, h; int access; } maps[MAXN];
 static int nres, nhandles, nmaps, memfd = -1;
 static long limit_pages = 1 << 30, used_pages;
 int stub_calls[16];   /* 0 map, 1 setaccess, 2 unmap, 3 create, 4 release, 5 sync, 6 reserve, 7 free */
-int stub_fail_map_after = -1, stub_fail_access = 0;
+int stub_fail_map_after = -1, stub_fail_access = 0, stub_fail_unmap_after = -1;
 uint64_t stub_last_sync_before_unmap;  /* stub_calls[5] when the last unmap ran */
 
 void stub_set_limit(long pages) { limit_pages = pages; }
@@ -302,6 +302,8 @@ CUresult cuMemSetAccess(uint64_t va, size_t size, const Access *d, size_t count)
 }
 CUresult cuMemUnmap(uint64_t va, size_t size) {
     if (!current) return 201;
+    if (stub_fail_unmap_after == 0) return 999;  /* CUDA_ERROR_UNKNOWN */
+    if (stub_fail_unmap_after > 0) stub_fail_unmap_after--;
     for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va == va) {
         if (maps[j].size != size) return 1;
         maps[j].size = 0; stub_calls[2]++; stub_last_sync_before_unmap = stub_calls[5];
@@ -313,7 +315,7 @@ CUresult cuMemUnmap(uint64_t va, size_t size) {
 """
 STUB_CDEF = """
     extern int stub_calls[16];
-    extern int stub_fail_map_after, stub_fail_access;
+    extern int stub_fail_map_after, stub_fail_access, stub_fail_unmap_after;
     extern uint64_t stub_last_sync_before_unmap;
     void stub_set_limit(long pages);
     int stub_live_handles(void);
@@ -451,6 +453,26 @@ def test_stub_map_failure_rolls_back_the_whole_batch(stub, fail):
     assert stub.stub_live_mappings() == 1  # only the page mapped before the batch
     b.map([base + i * GRAN for i in range(1, 6)], handles[1:])  # the backend's books agree
     assert stub.stub_accessible_mappings() == 6
+    b.close()
+    assert stub.stub_live_mappings() == stub.stub_live_handles() == 0
+
+
+def test_stub_unmap_failure_part_way_keeps_exact_books(stub):
+    """The third cuMemUnmap fails: the two before it are unmapped for good (and the error says
+    so), the rest stays mapped, and everything can still be unmapped and closed."""
+    b = _backend()
+    base = b.reserve(8 * GRAN)
+    handles = b.create_pages(5)
+    vas = [base + i * GRAN for i in range(5)]
+    b.map(vas, handles)
+    stub.stub_fail_unmap_after = 2
+    with pytest.raises(CudaError) as info:
+        b.unmap(vas)
+    stub.stub_fail_unmap_after = -1
+    assert info.value.unmapped_vas == vas[:2] and stub.stub_live_mappings() == 3
+    with pytest.raises(ValueError, match="not mapped"):
+        b.unmap(vas[:1])
+    b.unmap(vas[2:])
     b.close()
     assert stub.stub_live_mappings() == stub.stub_live_handles() == 0
 

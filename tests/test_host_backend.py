@@ -157,3 +157,31 @@ def test_budget_is_a_hard_limit():
             cache.step({slot: 100000})
         cache.step({slot: 1024})  # 2 x 256 KiB fits
         assert cache.stats()["physical_bytes"] <= 1 << 20
+
+
+def test_unmap_failure_part_way_keeps_the_buffer_page_table_exact(monkeypatch):
+    """The second run's munmap-equivalent fails: the VirtualBuffer marks the first run unmapped
+    (it is), keeps the second mapped, and the cache still closes cleanly afterwards."""
+    from pyvattn._ffi import libc
+    from pyvattn.errors import OSCallError
+
+    cache = KVCache(1, 1, 64, 4, 1024, torch.float32, device="cpu", page_size=4096, backend="host")
+    a = cache.alloc_slot()
+    cache.step({a: 64})  # 4 pages in K, 4 in V: two runs
+    buf = cache.buffer
+    mapped = buf.mapped_pages
+    real_mmap, calls = libc.mmap, []
+
+    def failing_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSCallError("mmap", "ENOMEM", 12)
+        return real_mmap(*args)
+
+    monkeypatch.setattr(libc, "mmap", failing_second)
+    pages = np.flatnonzero(buf._handles >= 0)
+    with pytest.raises(OSCallError) as info:
+        buf.unmap(pages)
+    monkeypatch.setattr(libc, "mmap", real_mmap)
+    assert len(info.value.unmapped_vas) == 4 and buf.mapped_pages == mapped - 4
+    cache.close()  # unmaps the rest and releases everything without complaint

@@ -607,6 +607,55 @@ def test_stub_map_failure_rolls_back_every_earlier_batch(stub, status, error):
     b.close()
 
 
+def test_stub_unmap_failure_part_way_keeps_exact_books(stub):
+    """Three separate runs; the second UNMAP fails: the first run is unmapped for good (and the
+    error says so), the rest stays mapped, and everything can still be unmapped and closed."""
+    from pyvattn._ffi import uvm
+
+    b = _backend()
+    base = b.reserve(16 * K64)
+    pages = b.create_pages(6)
+    vas = [base + i * K64 for i in (0, 1, 4, 5, 8, 9)]  # runs at 0, 4 and 8
+    b.map(vas, pages)
+    stub.stub_fail_request, stub.stub_fail_after = uvm.UVM_KVC_UNMAP, 1
+    stub.stub_fail_status = uvm.STATUS["NV_ERR_INVALID_ARGUMENT"]
+    with pytest.raises(UvmError) as info:
+        b.unmap(vas)
+    stub.stub_fail_request = -1
+    assert sorted(info.value.unmapped_vas) == vas[:2]
+    assert stub.stub_live_maps() == 4
+    with pytest.raises(ValueError, match="not mapped"):
+        b.unmap(vas[:1])  # the backend knows these are gone
+    b.unmap(vas[2:])
+    b.release_pages(pages)
+    b.close()
+    assert (stub.stub_live_maps(), stub.stub_live_handles()) == (0, 0)
+
+
+def test_stub_failed_rollback_does_not_hide_the_first_error(stub):
+    """A MAP fails, and undoing the batches mapped before it fails too: the caller still gets the
+    MAP's error, with the clean-up failure noted on it."""
+    from pyvattn._ffi import uvm
+
+    b = _backend()
+    base = b.reserve(32 * K64)
+    pages = b.create_pages(20)
+    stub.stub_fail_request, stub.stub_fail_after = uvm.UVM_KVC_MAP, 2
+    stub.stub_fail_status = uvm.STATUS["NV_ERR_INVALID_ADDRESS"]
+
+    def broken_unmap(ranges, on_done=None):
+        raise UvmError("UVM_KVC_UNMAP", "NV_ERR_INVALID_STATE", 0x40)
+
+    b._unmap_ranges = broken_unmap  # instance attribute over the method, removed below
+    with pytest.raises(UvmError) as info:
+        b.map([base + i * K64 for i in range(20)], pages)
+    stub.stub_fail_request = -1
+    assert info.value.status == "NV_ERR_INVALID_ADDRESS"
+    assert info.value.__cleanup_error__.status == "NV_ERR_INVALID_STATE"
+    del b._unmap_ranges
+    b.close()
+
+
 def test_stub_unmap_synchronizes_before_the_ioctl(stub):
     b = _backend()
     base = b.reserve(4 * K64)

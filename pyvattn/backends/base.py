@@ -115,7 +115,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def unmap(self, vas: Sequence[int]) -> None:
-        """Unmap the pages at ``vas``; the physical pages stay alive for reuse."""
+        """Unmap the pages at ``vas``; the physical pages stay alive for reuse. If the driver
+        fails part-way, the ``DriverError`` raised lists in ``unmapped_vas`` the pages that were
+        unmapped before the failure (the others are still mapped)."""
 
     # --- access ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -246,13 +246,20 @@ class CudaVmmBackend(Backend):
         if missing:
             raise ValueError(f"vas: {[hex(v) for v in missing[:4]]} are not mapped")
         P = self.page_size
+        done: list[int] = []
         with self._context() as lib:
             cuda.check("cuCtxSynchronize", lib.cuCtxSynchronize())
             for va in vas:
                 status = lib.cuMemUnmap(va, P)
                 self.calls["cuMemUnmap"] += 1
-                cuda.check("cuMemUnmap", status)
+                if status != cuda.CUDA_SUCCESS:
+                    try:
+                        cuda.check("cuMemUnmap", status)
+                    except CudaError as exc:
+                        exc.unmapped_vas = done
+                        raise
                 self._mapped_handles.discard(self._mapped.pop(va))
+                done.append(va)
 
     # --- access ------------------------------------------------------------------------------
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:

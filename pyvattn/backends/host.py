@@ -151,8 +151,12 @@ class HostBackend(Backend):
         if not starts:
             return
         self._check_span(starts[0], starts[-1] + lengths[-1] * P, starts)
-        for va, n in zip(starts, lengths):
-            self._protect_none(va, n * P)
+        for i, (va, n) in enumerate(zip(starts, lengths)):
+            try:
+                self._protect_none(va, n * P)
+            except OSCallError as exc:
+                exc.unmapped_vas = [s + k * P for s, m in zip(starts[:i], lengths[:i]) for k in range(m)]
+                raise
 
     @staticmethod
     def _protect_none(va: int, nbytes: int) -> None:

@@ -39,7 +39,7 @@ import torch
 
 from .._ffi import cuda, libc
 from .._ffi.dlpack import device_tensor
-from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError
+from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError, note_cleanup_failure
 from .base import KiB, MiB, Backend, Probe
 
 GRANULE = 64 * KiB  # the module's smallest page and the granularity of every address
@@ -319,14 +319,12 @@ class UvmBackend(Backend):
                 self._ioctl("UVM_KVC_ALLOC", gpuUuid=self._uuid, pageSize=self._unit, count=hi - lo,
                             handlesPtr=ptr + 8 * lo)
                 done = hi
-        except UvmError as exc:
-            self._free_handles(list(arr[0:done]))  # all or nothing
-            if exc.status in _OOM:
+        except BaseException as exc:
+            self._cleanup(exc, "freeing the pages this call allocated", self._free_handles,
+                          list(arr[0:done]))  # all or nothing
+            if isinstance(exc, UvmError) and exc.status in _OOM:
                 raise OutOfPages(f"GPU memory exhausted creating {count} pages of {self.page_size} bytes "
                                  f"({exc.status})", needed=count, available=done // self._k) from exc
-            raise
-        except BaseException:
-            self._free_handles(list(arr[0:done]))
             raise
         made = list(arr)
         pages = []
@@ -406,14 +404,11 @@ class UvmBackend(Backend):
                 self._map_scatter(gvas, ghandles, done)
             else:
                 self._map_runs(starts, glens, ghandles, done)
-        except UvmError as exc:
-            self._unmap_ranges(done)
-            if exc.status in _OOM:  # page tables could not be allocated
+        except BaseException as exc:
+            self._cleanup(exc, "unmapping what this call mapped", self._unmap_ranges, done)
+            if isinstance(exc, UvmError) and exc.status in _OOM:  # page tables could not be allocated
                 raise OutOfPages(f"{exc.call}: GPU memory exhausted mapping {n} pages ({exc.status})",
                                  needed=n) from exc
-            raise
-        except BaseException:
-            self._unmap_ranges(done)
             raise
         self._mapped.update(pairs)
         self._mapped_handles.update(phandles)
@@ -448,8 +443,17 @@ class UvmBackend(Backend):
                         entriesPtr=ptr + size * lo, count=hi - lo)
             done.extend((v, self._unit) for v in gvas[lo:hi])
 
-    def _unmap_ranges(self, ranges) -> None:
-        """UNMAP each (base, length); contiguous neighbours are merged into one call."""
+    @staticmethod
+    def _cleanup(exc: BaseException, what: str, fn, *args) -> None:
+        """Undo after ``exc``; a failure here is noted on ``exc``, which stays the error raised."""
+        try:
+            fn(*args)
+        except Exception as cleanup_exc:
+            note_cleanup_failure(exc, what, cleanup_exc)
+
+    def _unmap_ranges(self, ranges, on_done=None) -> None:
+        """UNMAP each (base, length); contiguous neighbours are merged into one call.
+        ``on_done(base, length)`` follows each call that succeeded."""
         if not ranges:
             return
         merged: list[list[int]] = []
@@ -465,6 +469,8 @@ class UvmBackend(Backend):
             p.base, p.length, p.rmStatus = base, length, 0
             self.calls["UVM_KVC_UNMAP"] += 1
             uvm.ioctl(self.fd, uvm.UVM_KVC_UNMAP, p)
+            if on_done is not None:
+                on_done(base, length)
 
     def unmap(self, vas: Sequence[int]) -> None:
         """Unmap pages once all work issued before the call is done.
@@ -480,10 +486,18 @@ class UvmBackend(Backend):
         if missing:
             raise ValueError(f"vas: {[hex(v) for v in missing[:4]]} are not mapped")
         self.synchronize()
-        starts, lengths = _runs(vas, self.page_size)
-        self._unmap_ranges([(va, m * self.page_size) for va, m in zip(starts, lengths)])
-        for va in vas:
-            self._mapped_handles.discard(self._mapped.pop(va))
+        P = self.page_size
+        starts, lengths = _runs(vas, P)
+
+        def forget(base: int, length: int) -> None:
+            for va in range(base, base + length, P):
+                self._mapped_handles.discard(self._mapped.pop(va))
+
+        try:
+            self._unmap_ranges([(va, m * P) for va, m in zip(starts, lengths)], on_done=forget)
+        except UvmError as exc:
+            exc.unmapped_vas = [va for va in vas if va not in self._mapped]
+            raise
 
     # --- access ------------------------------------------------------------------------------
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:
