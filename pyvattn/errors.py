@@ -48,8 +48,8 @@ class DriverError(PyvattnError, RuntimeError):
 
 def note_cleanup_failure(exc: BaseException, what: str, cleanup_exc: BaseException) -> None:
     """Keep ``exc`` the error a caller sees when the clean-up after it fails too, and say so on
-    it (``add_note`` from Python 3.11; the clean-up error is also ``exc.__cleanup_error__``)."""
-    exc.__cleanup_error__ = cleanup_exc
+    it (``add_note`` from Python 3.11; the clean-up error is also ``exc.cleanup_error``)."""
+    exc.cleanup_error = cleanup_exc
     if hasattr(exc, "add_note"):
         exc.add_note(f"clean-up ({what}) also failed: {cleanup_exc!r}")
 

@@ -651,7 +651,7 @@ def test_stub_failed_rollback_does_not_hide_the_first_error(stub):
         b.map([base + i * K64 for i in range(20)], pages)
     stub.stub_fail_request = -1
     assert info.value.status == "NV_ERR_INVALID_ADDRESS"
-    assert info.value.__cleanup_error__.status == "NV_ERR_INVALID_STATE"
+    assert info.value.cleanup_error.status == "NV_ERR_INVALID_STATE"
     del b._unmap_ranges
     b.close()
 
