@@ -7,7 +7,8 @@ Sections (all in one run, side by side, so ratios compare like with like):
    one call over a run of pages), cuMemUnmap, cuMemRelease -- host wall time per call, median;
 2. growing one request by one page in every layer's K and V (2 x layers maps): one batched
    ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per region;
-3. a decode loop through ``KVCache`` (write each new token's K/V, decode attention in every
+3. a decode loop through ``KVCache``, eagerly and (on a GPU) replayed from CUDA graphs captured
+   before the cache grows (write each new token's K/V, decode attention in every
    layer, synchronize like a sampler would): a fully pre-mapped cache vs ``step()`` every
    iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute
    (the three interleaved in rounds of 16 steps, so drift over the run falls on all alike; the
@@ -179,9 +180,15 @@ def _start_lengths(cache: KVCache, batch: int, steps: int) -> list[int]:
     return [tpp + (tpp - 1 - (b * spread) // max(1, batch - 1) % tpp) for b in range(batch)]
 
 
-def bench_decode_loop(args, device: torch.device) -> dict:
+def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     """The three modes run interleaved, a slice of steps each in turn, so clock and thermal drift
-    over the run fall on all of them alike."""
+    over the run fall on all of them alike.
+
+    With ``graphs``, each mode's per-step GPU work (K/V writes and decode attention in every layer)
+    is captured once in a CUDA graph and replayed every step, as serving engines do for decode:
+    the host is then idle while the GPU works, which is when ``step_async`` can overlap mapping.
+    The graph is captured before the cache grows and stays valid while pages are mapped under its
+    fixed addresses: that is the point of contiguous virtual KV memory."""
     clock = Clock(device)
     gen = torch.Generator(device=device).manual_seed(0)
     modes = ("premapped", "step", "step_async")
@@ -200,24 +207,48 @@ def bench_decode_loop(args, device: torch.device) -> dict:
         slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
         runs[mode] = dict(cache=cache, slots=slots, slot_t=slot_t, slot_l=slot_t.long(),
                           lens=np.array(lens0, dtype=np.int64), times=[], round_ms={}, it=0,
-                          map_s0=cache.stats()["map_seconds"])
+                          map_s0=cache.stats()["map_seconds"],
+                          pos=torch.zeros(args.batch, dtype=torch.int64, device=device),
+                          seqlens=torch.ones(args.batch, dtype=torch.int32, device=device))
     q = torch.randn(args.batch, 1, MODEL["q_heads"], MODEL["head_dim"], dtype=args.dtype,
                     device=device, generator=gen)
     kv_new = torch.randn(args.batch, MODEL["kv_heads"], MODEL["head_dim"], dtype=args.dtype,
                          device=device, generator=gen)
 
-    def one_step(mode: str) -> None:
-        r = runs[mode]
-        cache, slots, slot_t, slot_l = r["cache"], r["slots"], r["slot_t"], r["slot_l"]
-        nxt = r["lens"] + 1
-        t = clock.start()
-        cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
-        pos = torch.from_numpy(nxt - 1).to(device, non_blocking=True)
-        seqlens = torch.from_numpy(nxt.astype(np.int32)).to(device, non_blocking=True)
+    def forward(r: dict) -> None:
+        cache, slot_t, slot_l, pos, seqlens = r["cache"], r["slot_t"], r["slot_l"], r["pos"], r["seqlens"]
         for layer in range(args.layers):
             cache.k[layer][slot_l, pos] = kv_new
             cache.v[layer][slot_l, pos] = kv_new
             attention.decode(q, cache.k[layer], cache.v[layer], seqlens, slots=slot_t)
+
+    if graphs:
+        for r in runs.values():
+            # static inputs hold a valid step (the last prompt token) while warming up and capturing
+            r["pos"].copy_(torch.from_numpy(r["lens"] - 1))
+            r["seqlens"].copy_(torch.from_numpy(r["lens"].astype(np.int32)))
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    forward(r)
+            torch.cuda.current_stream(device).wait_stream(side)
+            r["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(r["graph"]):
+                forward(r)
+
+    def one_step(mode: str) -> None:
+        r = runs[mode]
+        cache, slots = r["cache"], r["slots"]
+        nxt = r["lens"] + 1
+        t = clock.start()
+        cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
+        r["pos"].copy_(torch.from_numpy(nxt - 1), non_blocking=True)
+        r["seqlens"].copy_(torch.from_numpy(nxt.astype(np.int32)), non_blocking=True)
+        if graphs:
+            r["graph"].replay()
+        else:
+            forward(r)
         if mode == "step_async":
             cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
         ms = clock.stop(t)  # synchronizes, like sampling the next token would
@@ -232,7 +263,7 @@ def bench_decode_loop(args, device: torch.device) -> dict:
         for mode in modes:
             for _ in range(args.steps * (round_no + 1) // rounds - args.steps * round_no // rounds):
                 one_step(mode)
-    results = {"interleaved_rounds": rounds}
+    results = {"interleaved_rounds": rounds, "cuda_graphs": graphs}
     for mode in modes:
         r = runs[mode]
         s = r["cache"].stats()
@@ -350,21 +381,24 @@ def main(argv=None) -> int:
     print(f"  batched, 4 pages per region:  {g['batched_4_pages_per_region_ms']:8.3f} ms "
           f"({g['batched_4_pages_per_region_ms'] / 4:.3f} ms per page-of-growth)")
 
-    dl = result["decode_loop"] = bench_decode_loop(args, device)
-    print(f"\ndecode loop: {args.layers} layers, batch {args.batch}, {args.steps} steps, "
-          f"attention via {dl['attention_impl']}")
-    print(f"  {'mode':<12} {'median':>10} {'mean':>10} {'max':>10} {'mean vs pre':>12} "
-          f"{'per-round vs pre: median [q1, q3]':>34} {'map calls':>10}")
-    for mode in ("premapped", "step", "step_async"):
-        r = dl[mode]
-        ratio = f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-"
-        rounds = (f"{r['round_median_vs_premapped']:.3f}x [{r['round_q1_vs_premapped']:.3f}, "
-                  f"{r['round_q3_vs_premapped']:.3f}]") if "round_median_vs_premapped" in r else "-"
-        print(f"  {mode:<12} {r['median_step_ms']:>7.3f} ms {r['mean_step_ms']:>7.3f} ms "
-              f"{r['max_step_ms']:>7.3f} ms {ratio:>12} {rounds:>34} {r['map_calls']:>10}")
-    ok = dl["step_async"]["round_median_vs_premapped"] <= 1.03
-    print(f"  step_async within 3% of premapped (median over {dl['interleaved_rounds']} interleaved "
-          f"rounds): {'met' if ok else 'NOT met'}")
+    for key, graphs in (("decode_loop", False), ("decode_loop_cuda_graphs", True)):
+        if graphs and device.type != "cuda":
+            continue
+        dl = result[key] = bench_decode_loop(args, device, graphs=graphs)
+        print(f"\ndecode loop{' from CUDA graphs' if graphs else ''}: {args.layers} layers, batch {args.batch}, "
+              f"{args.steps} steps, attention via {dl['attention_impl']}")
+        print(f"  {'mode':<12} {'median':>10} {'mean':>10} {'max':>10} {'mean vs pre':>12} "
+              f"{'per-round vs pre: median [q1, q3]':>34} {'map calls':>10}")
+        for mode in ("premapped", "step", "step_async"):
+            r = dl[mode]
+            ratio = f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-"
+            rounds = (f"{r['round_median_vs_premapped']:.3f}x [{r['round_q1_vs_premapped']:.3f}, "
+                      f"{r['round_q3_vs_premapped']:.3f}]") if "round_median_vs_premapped" in r else "-"
+            print(f"  {mode:<12} {r['median_step_ms']:>7.3f} ms {r['mean_step_ms']:>7.3f} ms "
+                  f"{r['max_step_ms']:>7.3f} ms {ratio:>12} {rounds:>34} {r['map_calls']:>10}")
+        ok = dl["step_async"]["round_median_vs_premapped"] <= 1.03
+        print(f"  step_async within 3% of premapped (median over {dl['interleaved_rounds']} interleaved "
+              f"rounds): {'met' if ok else 'NOT met'}")
 
     a = result["attention"] = bench_attention(args, device)
     print(f"\ndecode attention, batch {a['batch']}, {a['seq_len']} tokens, {a['impl']}: "

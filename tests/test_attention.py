@@ -198,6 +198,60 @@ def test_decode_on_a_cuda_kvcache(impl):
             assert_close(out[b], want, torch.float16)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible to torch")
+def test_cuda_graph_captured_before_growth_keeps_working_as_pages_are_mapped():
+    """A decode step captured in a CUDA graph while a request has one page keeps giving the right
+    answer after the cache maps more pages under the same addresses: nothing is re-captured."""
+    hkv, hq, D = 8, 32, 128  # 2 KiB per token: 1024 tokens per 2 MiB page
+    if attention.backend_name("cuda", dtype=torch.float16, head_dim=D) == "sdpa":
+        pytest.skip("the SDPA path reads lengths on the host, which a CUDA graph cannot capture")
+    gen = torch.Generator().manual_seed(3)
+    with KVCache(1, hkv, D, max_batch_size=2, max_seq_len=4096, dtype=torch.float16, device="cuda") as cache:
+        slots = [cache.alloc_slot() for _ in range(2)]
+        lens = [1020, 5]
+        cache.step(dict(zip(slots, lens)))
+        for s, n in zip(slots, lens):
+            cache.k[0][s, :n] = _rand((n, hkv, D), torch.float16, "cuda", gen)
+            cache.v[0][s, :n] = _rand((n, hkv, D), torch.float16, "cuda", gen)
+        maps_before = cache.stats()["map_calls"]
+        slot_t = torch.tensor(slots, dtype=torch.int32, device="cuda")
+        slot_l = slot_t.long()
+        pos = torch.tensor([n - 1 for n in lens], device="cuda")
+        seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        q = _rand((2, 1, hq, D), torch.float16, "cuda", gen)
+        kv_new = cache.k[0][slot_l, pos].clone()  # rewriting the last prompt token: a valid step
+
+        def forward():
+            cache.k[0][slot_l, pos] = kv_new
+            cache.v[0][slot_l, pos] = kv_new
+            return attention.decode(q, cache.k[0], cache.v[0], seqlens, slots=slot_t)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = forward()
+
+        for _ in range(8):  # request 0 crosses into its second page at token 1025
+            lens = [n + 1 for n in lens]
+            cache.step(dict(zip(slots, lens)))
+            kv_new.copy_(_rand((2, hkv, D), torch.float16, "cuda", gen))
+            q.copy_(_rand((2, 1, hq, D), torch.float16, "cuda", gen))
+            pos.copy_(torch.tensor([n - 1 for n in lens]))
+            seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            for b, (s, n) in enumerate(zip(slots, lens)):
+                assert torch.equal(cache.k[0][s, n - 1], kv_new[b]) and torch.equal(cache.v[0][s, n - 1], kv_new[b])
+                want = reference(q[b], cache.k[0][s, :n], cache.v[0][s, :n], 1 / math.sqrt(D), None)
+                assert_close(out[b], want, torch.float16)
+        assert cache.stats()["map_calls"] > maps_before  # pages were mapped under the graph
+
+
 # --- path choice and input checks ---------------------------------------------------------------
 def test_backend_name_reports_the_path():
     assert attention.backend_name("cpu") == "sdpa"
