@@ -162,16 +162,16 @@ static NV_STATUS kvc_get_gpu(uvm_va_space_t *va_space, const NvProcessorUuid *uu
     return NV_OK;
 }
 
-/* One CE memset in `push`. Only the last memset of a push keeps its membar: the ones before it
- * need not be ordered against each other, and the last one orders them all before the push's
- * completion, which is waited on before any handle to the memory is returned. */
-static void kvc_zero(uvm_gpu_t *gpu, NvU64 phys, NvU64 size, bool last, uvm_push_t *push)
+/* One CE memset in `push`, with no membar of its own, as stock UVM zeroes new chunks
+ * (block_zero_new_gpu_chunk): the release of the push's tracking semaphore at uvm_push_end()
+ * always comes with a membar sys, and every zeroing push is waited on before a handle to the
+ * memory is returned, so the zeroes are visible to every engine before anyone can map them. */
+static void kvc_zero(uvm_gpu_t *gpu, NvU64 phys, NvU64 size, uvm_push_t *push)
 {
     uvm_gpu_address_t addr = uvm_gpu_address_copy(gpu, uvm_gpu_phys_address(UVM_APERTURE_VID, phys));
 
     uvm_push_set_flag(push, UVM_PUSH_FLAG_CE_NEXT_PIPELINED);
-    if (!last)
-        uvm_push_set_flag(push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
+    uvm_push_set_flag(push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
     gpu->parent->ce_hal->memset_8(push, addr, 0, size);
 }
 
@@ -182,17 +182,15 @@ static void kvc_zero(uvm_gpu_t *gpu, NvU64 phys, NvU64 size, bool last, uvm_push
 static NV_STATUS kvc_zero_pages(uvm_gpu_t *gpu, uvm_kvc_page_t **pages, NvU64 count)
 {
     uvm_tracker_t tracker = UVM_TRACKER_INIT();
-    NvU64 batch[KVC_ZERO_PER_PUSH];
     NV_STATUS status = NV_OK, wait_status;
     uvm_push_t push;
-    NvU64 i = 0;
+    NvU64 i = 0, first;
     NvU32 n, k;
 
     while (status == NV_OK) {
-        for (n = 0; i < count && n < KVC_ZERO_PER_PUSH; i++) {
-            if (pages[i]->needs_zero)
-                batch[n++] = i;
-        }
+        /* The next (at most) KVC_ZERO_PER_PUSH pages to zero start at `first`. */
+        for (first = i, n = 0; i < count && n < KVC_ZERO_PER_PUSH; i++)
+            n += pages[i]->needs_zero;
         if (n == 0)
             break;
 
@@ -200,15 +198,17 @@ static NV_STATUS kvc_zero_pages(uvm_gpu_t *gpu, uvm_kvc_page_t **pages, NvU64 co
                                 "KVC zero %u pages", n);
         if (status != NV_OK)
             break;
-        for (k = 0; k < n; k++) {
-            uvm_kvc_page_t *page = pages[batch[k]];
+        for (k = 0; k < n; first++) {
+            uvm_kvc_page_t *page = pages[first];
 
-            kvc_zero(gpu, kvc_page_phys(page, 0), (NvU64)page->nslots * KVC_SLOT_SIZE, k == n - 1, &push);
+            if (!page->needs_zero)
+                continue;
+            kvc_zero(gpu, kvc_page_phys(page, 0), (NvU64)page->nslots * KVC_SLOT_SIZE, &push);
+            k++;
         }
         uvm_push_end(&push);
+        /* On failure to track the push, this waits for it itself: nothing is left running. */
         status = uvm_tracker_add_push_safe(&tracker, &push);
-        if (status != NV_OK)
-            (void)uvm_push_wait(&push); /* untracked: wait here, the loop ends with the error */
     }
 
     wait_status = uvm_tracker_wait_deinit(&tracker);
@@ -243,7 +243,7 @@ static NV_STATUS kvc_root_alloc(uvm_gpu_t *gpu, NvU32 flags, uvm_kvc_root_t **ou
                                 "KVC zero root 0x%llx",
                                 root->chunk->address);
         if (status == NV_OK) {
-            kvc_zero(gpu, root->chunk->address, KVC_ROOT_SIZE, true, &push);
+            kvc_zero(gpu, root->chunk->address, KVC_ROOT_SIZE, &push);
             status = uvm_push_end_and_wait(&push);
         }
         if (status != NV_OK) {

@@ -6,7 +6,8 @@
  * [base, base + length) (>= 2 MiB, 64K aligned), which it turns into a KVC range and leaves in
  * place: the caller frees it with UVM_FREE. Checks: handle table (alloc/free round trips, stale
  * handles after reuse, duplicates and bad inputs refused with nothing changed), 128K/256K slot
- * alignment, pool accounting back to zero, re-zeroing of recycled pages over several pushes,
+ * alignment, pool accounting back to zero, recycled pages read back through CE (old data without
+ * FLAGS_ZERO, zeros with it, over several zeroing pushes),
  * mapping references (map, FREE while mapped, partial unmap splitting a mapping, replace on
  * remap) and that all memory returns to PMM.
  *
@@ -18,7 +19,11 @@
 #include "uvm_kvc.h"
 #include "uvm_test.h"
 #include "uvm_api.h"
+#include "uvm_gpu.h"
+#include "uvm_hal.h"
 #include "uvm_kvmalloc.h"
+#include "uvm_mem.h"
+#include "uvm_push.h"
 
 #define KVC_TEST_PAGES 40
 #define KVC_TEST_ZERO_PAGES 200 /* recycled with FLAGS_ZERO: more than three zeroing pushes */
@@ -33,9 +38,8 @@ static NV_STATUS kvc_test_gpu_current(uvm_va_space_t *va_space, const NvProcesso
 
 static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const NvProcessorUuid *uuid)
 {
-    NvU64 *handles = uvm_kvmalloc_zero(KVC_TEST_ZERO_PAGES * sizeof(*handles));
-    NvU64 keep[DIV_ROUND_UP(KVC_TEST_ZERO_PAGES, KVC_TEST_SLOTS_PER_ROOT)];
-    NvU64 stale, again[2], phys, size, refs, roots, n, kept;
+    NvU64 *handles = uvm_kvmalloc_zero(KVC_TEST_PAGES * sizeof(*handles));
+    NvU64 stale, again[2], phys, size, refs;
     NV_STATUS status = NV_OK;
     NvU64 i;
 
@@ -82,29 +86,138 @@ static NV_STATUS kvc_test_table(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const 
     TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, 2, again), out);
     TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
 
-    /* Recycled slots with FLAGS_ZERO: keep one page of each root (slots fill roots in order)
-     * so that no root goes back to PMM, free the rest, and allocate as many again with ZERO:
-     * every slot is a dirty recycled one, zeroed in several bounded pushes, and no new root is
-     * needed. */
+out:
+    uvm_va_space_up_read(va_space);
+    uvm_kvfree(handles);
+    return status;
+}
+
+#define KVC_TEST_PATTERN 0xa5a5a5a5a5a5a5a5ULL
+
+/* va_space lock held, no KVC lock: CE-fill every 64K page of `handles` with `value`, waited on. */
+static NV_STATUS kvc_test_fill(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const NvU64 *handles, NvU64 n, NvU64 value)
+{
+    NvU64 i, phys, size, refs;
+    uvm_push_t push;
+    NV_STATUS status;
+
+    /* At most KVC_TEST_ZERO_PAGES memsets: well inside one push. */
+    status = uvm_push_begin(gpu->channel_manager, UVM_CHANNEL_TYPE_GPU_INTERNAL, &push, "KVC test fill");
+    if (status != NV_OK)
+        return status;
+    for (i = 0; i < n; i++) {
+        status = uvm_kvc_handle_phys(va_space, handles[i], &phys, &size, &refs);
+        if (status != NV_OK)
+            break;
+        uvm_push_set_flag(&push, UVM_PUSH_FLAG_CE_NEXT_PIPELINED);
+        uvm_push_set_flag(&push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
+        gpu->parent->ce_hal->memset_8(&push, uvm_gpu_address_copy(gpu, uvm_gpu_phys_address(UVM_APERTURE_VID, phys)),
+                                      value, size);
+    }
+    if (status == NV_OK)
+        return uvm_push_end_and_wait(&push);
+    (void)uvm_push_end_and_wait(&push);
+    return status;
+}
+
+/* va_space lock held, no KVC lock: does every 64K page of `handles` read back as `value`?
+ * Each page is CE-copied into a sysmem buffer and compared on the CPU. */
+static NV_STATUS kvc_test_expect(uvm_va_space_t *va_space,
+                                 uvm_gpu_t *gpu,
+                                 const NvU64 *handles,
+                                 NvU64 n,
+                                 NvU64 value,
+                                 uvm_mem_t *buf)
+{
+    const NvU64 *cpu = uvm_mem_get_cpu_addr_kernel(buf);
+    NvU64 i, j, phys, size, refs;
+    uvm_push_t push;
+    NV_STATUS status = NV_OK;
+
+    for (i = 0; i < n && status == NV_OK; i++) {
+        TEST_NV_CHECK_RET(uvm_kvc_handle_phys(va_space, handles[i], &phys, &size, &refs));
+        TEST_CHECK_RET(size == UVM_PAGE_SIZE_64K);
+        TEST_NV_CHECK_RET(uvm_push_begin(gpu->channel_manager, UVM_CHANNEL_TYPE_GPU_INTERNAL, &push, "KVC test read"));
+        gpu->parent->ce_hal->memcopy(&push,
+                                     uvm_mem_gpu_address_virtual_kernel(buf, gpu),
+                                     uvm_gpu_address_copy(gpu, uvm_gpu_phys_address(UVM_APERTURE_VID, phys)),
+                                     size);
+        TEST_NV_CHECK_RET(uvm_push_end_and_wait(&push));
+        for (j = 0; j < size / sizeof(*cpu); j++) {
+            if (cpu[j] != value) {
+                UVM_TEST_PRINT("KVC page %llu of %llu: word %llu is 0x%llx, expected 0x%llx\n", i, n, j, cpu[j], value);
+                status = NV_ERR_INVALID_STATE;
+                break;
+            }
+        }
+    }
+    return status;
+}
+
+/* Recycled slots, read back through CE: keep one page of each root (slots fill roots in order)
+ * so that no root goes back to PMM, dirty and free the rest, and allocate as many again: every
+ * slot is then a recycled one. Without FLAGS_ZERO it still holds the pattern (the check can see
+ * old data); with FLAGS_ZERO it reads zero, after several bounded zeroing pushes, and no new root
+ * is needed either time. Every page is freed again on any failure. */
+static NV_STATUS kvc_test_recycled_zero(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const NvProcessorUuid *uuid)
+{
+    NvU64 *handles = uvm_kvmalloc_zero(KVC_TEST_ZERO_PAGES * sizeof(*handles));
+    NvU64 keep[DIV_ROUND_UP(KVC_TEST_ZERO_PAGES, KVC_TEST_SLOTS_PER_ROOT)];
+    NvU64 i, n = 0, kept = 0, live = 0, roots;
+    uvm_mem_t *buf = NULL;
+    NV_STATUS status = NV_OK;
+
+    if (!handles)
+        return NV_ERR_NO_MEMORY;
+
+    TEST_NV_CHECK_GOTO(uvm_mem_alloc_sysmem_and_map_cpu_kernel(UVM_PAGE_SIZE_64K, current->mm, &buf), out_free);
+    TEST_NV_CHECK_GOTO(uvm_mem_map_gpu_kernel(buf, gpu), out_free);
+
+    uvm_va_space_down_read(va_space);
+    TEST_NV_CHECK_GOTO(kvc_test_gpu_current(va_space, uuid, gpu), out);
+    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
+
     TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, KVC_TEST_ZERO_PAGES, handles), out);
-    for (i = 0, n = 0, kept = 0; i < KVC_TEST_ZERO_PAGES; i++) {
+    for (i = 0; i < KVC_TEST_ZERO_PAGES; i++) {
         if (i % KVC_TEST_SLOTS_PER_ROOT == 0)
             keep[kept++] = handles[i];
         else
             handles[n++] = handles[i];
     }
+    live = n;
     roots = uvm_kvc_bytes_allocated(va_space, gpu);
     TEST_CHECK_GOTO(roots == kept * UVM_CHUNK_SIZE_MAX, out);
+
+    /* Negative control: recycled without ZERO, the old data is still there. */
+    TEST_NV_CHECK_GOTO(kvc_test_fill(va_space, gpu, handles, n, KVC_TEST_PATTERN), out);
     TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, n, handles), out);
+    live = 0;
+    TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, 0, n, handles), out);
+    live = n;
     TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == roots, out);
+    TEST_NV_CHECK_GOTO(kvc_test_expect(va_space, gpu, handles, n, KVC_TEST_PATTERN, buf), out);
+
+    /* With ZERO: zeros. */
+    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, n, handles), out);
+    live = 0;
     TEST_NV_CHECK_GOTO(uvm_kvc_alloc_pages(va_space, gpu, UVM_KVC_PAGE_SIZE_64K, UVM_KVC_ALLOC_FLAGS_ZERO, n, handles), out);
+    live = n;
     TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == roots, out);
-    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, n, handles), out);
-    TEST_NV_CHECK_GOTO(uvm_kvc_free_pages(va_space, 0, kept, keep), out);
-    TEST_CHECK_GOTO(uvm_kvc_bytes_allocated(va_space, gpu) == 0, out);
+    TEST_NV_CHECK_GOTO(kvc_test_expect(va_space, gpu, handles, n, 0, buf), out);
 
 out:
+    if (live)
+        (void)uvm_kvc_free_pages(va_space, 0, live, handles);
+    if (kept)
+        (void)uvm_kvc_free_pages(va_space, 0, kept, keep);
+    if (status == NV_OK && uvm_kvc_bytes_allocated(va_space, gpu) != 0) {
+        UVM_TEST_PRINT("KVC pool not empty after freeing every page\n");
+        status = NV_ERR_INVALID_STATE;
+    }
     uvm_va_space_up_read(va_space);
+out_free:
+    if (buf)
+        uvm_mem_free(buf);
     uvm_kvfree(handles);
     return status;
 }
@@ -218,6 +331,8 @@ NV_STATUS uvm_test_kvc_sanity(UVM_KVC_TEST_SANITY_PARAMS *params, struct file *f
         return NV_ERR_INVALID_DEVICE;
 
     status = kvc_test_table(va_space, gpu, &params->gpuUuid);
+    if (status == NV_OK)
+        status = kvc_test_recycled_zero(va_space, gpu, &params->gpuUuid);
     if (status == NV_OK)
         status = uvm_kvc_create_range(va_space, params->base, params->length);
     if (status == NV_OK)

@@ -180,9 +180,10 @@ typedef struct {
 
 /* Map handles[i] back to back from base (each takes its own page size of VA). Synchronous:
  * PTEs written and TLB invalidated on return. Replaces KVC mappings there unless NO_REPLACE.
- * With NO_REPLACE the call is all or nothing. Without it, a failure removes what the call
- * mapped but not what it had already replaced (that VA is left unmapped, as UvmMapExternal
- * leaves it). 72 bytes. */
+ * With NO_REPLACE the call is all or nothing (provided no other thread of the process maps the
+ * same VA without NO_REPLACE meanwhile: a failed call's rollback unmaps its VA ranges whoever
+ * mapped them last). Without it, a failure removes what the call mapped but not what it had
+ * already replaced (that VA is left unmapped, as UvmMapExternal leaves it). 72 bytes. */
 #define UVM_KVC_MAP UVM_KVC_IOCTL_BASE(4)
 typedef struct {
     NvU32 version;
