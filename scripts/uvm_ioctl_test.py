@@ -239,6 +239,30 @@ def _(u: Uvm, check: Check):
     check("supportedPageSizes", hex(p.supportedPageSizes), hex(u.abi.UVM_KVC_SUPPORTED_PAGE_SIZES))
 
 
+@case("query: per-GPU limits: the quota, and bytes held growing by whole 2 MiB roots")
+def _(u: Uvm, check: Check):
+    quota = _module_param("uvm_kvc_max_mb_per_va_space")
+    p = u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid)
+    if quota is not None:
+        check("quotaBytes is the module parameter", int(p.quotaBytes), quota << 20)
+    before = int(p.bytesHeld)
+    hs = u.alloc(33)  # 33 x 64 KiB: at least one more 2 MiB root
+    after = int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).bytesHeld)
+    check.true(f"bytesHeld grew by whole roots ({before} -> {after})",
+               after > before and (after - before) % (2 * MiB) == 0 and after - before <= 4 * MiB)
+    u.free(hs)
+    check("bytesHeld back after FREE", int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).bytesHeld), before)
+    check("no GPU: bytesHeld 0", int(u.ok("UVM_KVC_QUERY", gpuUuid=WRONG_UUID).bytesHeld), 0)
+
+
+def _module_param(name: str) -> int | None:
+    try:
+        with open(f"/sys/module/nvidia_uvm/parameters/{name}") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 @case("query: other /dev/nvidia-uvm fds are not va_space fds with this GPU")
 def _(u: Uvm, check: Check):
     from pyvattn.backends.uvm import uvm_fds
@@ -266,7 +290,7 @@ def _(u: Uvm, check: Check):
     check("gpuState", int(p.gpuState), 0)
 
 
-@case("query: bad version / flags / reserved / pad0")
+@case("query: bad version / flags / pad0")
 def _(u: Uvm, check: Check):
     common_bad_inputs(u, check, "UVM_KVC_QUERY", {"gpuUuid": u.uuid})
 

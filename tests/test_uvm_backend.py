@@ -71,6 +71,7 @@ NvU64 stub_magic = UVM_KVC_MAGIC;
 NvU32 stub_max_batch = 8;
 NvU64 stub_page_sizes = UVM_KVC_SUPPORTED_PAGE_SIZES;
 long stub_limit = 1 << 20;            /* 64K pages the "GPU" can hold */
+NvU64 stub_quota_bytes;               /* what QUERY reports as the module parameter's cap */
 int stub_calls[64];                   /* by request - 1536; [63] counts UVM_FREE */
 int stub_fail_request = -1, stub_fail_after;   /* fail that request after N successes */
 NV_STATUS stub_fail_status;
@@ -161,7 +162,12 @@ static NV_STATUS map_one(NvU64 va, NvU64 handle, int read_only) {
 }
 
 static NV_STATUS query(int fd, UVM_KVC_QUERY_PARAMS *p) {
-    COMMON(p, 0);
+    if (p->version != stub_abi_version) return ST(NOT_SUPPORTED);  /* no reserved field: outputs */
+    if (p->flags) return ST(INVALID_FLAGS);
+    if (p->pad0) return ST(INVALID_ARGUMENT);
+    p->quotaBytes = stub_quota_bytes;
+    p->bytesHeld = fd == stub_va_fd && !memcmp(p->gpuUuid.uuid, stub_uuid, 16)  /* whole 2 MiB roots */
+        ? (NvU64)((used * 65536 + (2 << 20) - 1) / (2 << 20)) * (2 << 20) : 0;
     p->magic = stub_magic;
     p->supportedPageSizes = stub_page_sizes;
     p->maxBatch = stub_max_batch;
@@ -362,6 +368,7 @@ STUB_CDEF = """
     extern int stub_syncs, stub_syncs_at_last_unmap, stub_freed_unreserved;
     int stub_live_handles(void);
     long stub_used_pages(void);
+    extern uint64_t stub_quota_bytes;
     int stub_live_maps(void);
     int stub_live_ranges(void);
     uint64_t stub_handle_at(uint64_t va);
@@ -429,6 +436,10 @@ def test_stub_probe_answers_and_explains(stub, monkeypatch):
 
     p = UvmBackend.probe(torch.device("cuda"))
     assert p.available and f"fd {stub.stub_va_fd}" in p.reason and "8 per ioctl" in p.reason
+    assert "per-process cap none" in p.reason
+    stub.stub_quota_bytes = 3 << 30
+    assert "per-process cap 3072 MiB" in UvmBackend.probe(torch.device("cuda")).reason
+    stub.stub_quota_bytes = 0
     assert backends.probe("uvm64k", torch.device("cuda")).available
     assert "CUDA devices only" in UvmBackend.probe(torch.device("cpu")).reason
     assert "no CUDA device 3" in UvmBackend.probe(torch.device("cuda:3")).reason
@@ -467,6 +478,16 @@ def test_stub_uses_the_va_space_fd_never_the_mm_fd(stub, monkeypatch):
 
 
 # --- ranges and pages ----------------------------------------------------------------------------
+def test_stub_bytes_held_comes_from_query(stub):
+    b = _backend()
+    assert b.bytes_held() == 0 and b.describe()["module_quota_bytes"] == 0
+    pages = b.create_pages(33)  # 33 x 64 KiB: two 2 MiB roots
+    assert b.bytes_held() == 4 << 20
+    b.release_pages(pages)
+    assert b.bytes_held() == 0
+    b.close()
+
+
 def test_stub_reserve_is_2mib_aligned_and_unreserve_frees_the_range_before_munmap(stub):
     b = _backend()
     base = b.reserve(3 * K64)

@@ -114,7 +114,7 @@ typedef struct { NvU8 uuid[16]; } NvProcessorUuid;
 #define UVM_KVC_STATUS_NV_ERR_OUT_OF_RANGE 0x0000005B
 #define UVM_KVC_STATUS_NV_ERR_UVM_ADDRESS_IN_USE 0x00000068
 
-/* Feature probe and fd discovery; works on any UVM fd (no init check). 80 bytes. */
+/* Feature probe, fd discovery and per-GPU limits; works on any UVM fd (no init check). 80 bytes. */
 #define UVM_KVC_QUERY UVM_KVC_IOCTL_BASE(0)
 typedef struct {
     NvU32 version;
@@ -126,7 +126,11 @@ typedef struct {
     NvU32 fdType;                          /* out: UVM_KVC_FD_* */
     NvU32 gpuState;                        /* out: UVM_KVC_GPU_* for gpuUuid */
     NvU32 pad1;
-    NvU64 reserved[2] UVM_KVC_ALIGN8;
+    NvU64 quotaBytes UVM_KVC_ALIGN8;       /* out: the most GPU memory this fd may hold for KVC
+                                              pages on one GPU (uvm_kvc_max_mb_per_va_space);
+                                              0: no cap but the GPU's memory */
+    NvU64 bytesHeld UVM_KVC_ALIGN8;        /* out: what this fd holds on gpuUuid (whole 2 MiB
+                                              roots; 0 without a GPU or on another fd type) */
     NV_STATUS rmStatus;
     NvU32 pad0;
 } UVM_KVC_QUERY_PARAMS;
@@ -256,7 +260,8 @@ typedef struct {
 UVM_KVC_STATIC_ASSERT(sizeof(NvProcessorUuid) == 16, "NvProcessorUuid is 16 bytes");
 UVM_KVC_STATIC_ASSERT(sizeof(UVM_KVC_QUERY_PARAMS) == 80, "UVM_KVC_QUERY_PARAMS size");
 UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, magic) == 24, "QUERY.magic");
-UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, reserved) == 56, "QUERY.reserved");
+UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, quotaBytes) == 56, "QUERY.quotaBytes");
+UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, bytesHeld) == 64, "QUERY.bytesHeld");
 UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, rmStatus) == 72, "QUERY.rmStatus");
 UVM_KVC_STATIC_ASSERT(sizeof(UVM_KVC_ALLOC_PARAMS) == 72, "UVM_KVC_ALLOC_PARAMS size");
 UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_ALLOC_PARAMS, pageSize) == 24, "ALLOC.pageSize");

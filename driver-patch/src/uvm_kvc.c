@@ -1280,12 +1280,12 @@ NV_STATUS uvm_api_kvc_query(UVM_KVC_QUERY_PARAMS *params, struct file *filp)
     params->fdType = UVM_KVC_FD_UNINITIALIZED;
     params->gpuState = 0;
     params->pad1 = 0;
+    params->quotaBytes = (NvU64)uvm_kvc_max_mb_per_va_space << 20;
+    params->bytesHeld = 0;
 
     status = kvc_check_header(params->version, params->flags, 0, params->pad0);
     if (status != NV_OK)
         return status;
-    if (params->reserved[0] != 0 || params->reserved[1] != 0)
-        return NV_ERR_INVALID_ARGUMENT;
 
     type = uvm_fd_type(filp, (void **)&va_space);
     if (type == UVM_FD_VA_SPACE)
@@ -1306,6 +1306,7 @@ NV_STATUS uvm_api_kvc_query(UVM_KVC_QUERY_PARAMS *params, struct file *filp)
                 params->gpuState |= UVM_KVC_GPU_HAS_VA_SPACE;
             if (kvc_gpu_supported(va_space, gpu) == NV_OK)
                 params->gpuState |= UVM_KVC_GPU_SUPPORTED;
+            params->bytesHeld = uvm_kvc_bytes_allocated(va_space, gpu);
         }
         uvm_va_space_up_read(va_space);
     }

@@ -168,6 +168,7 @@ class UvmBackend(Backend):
         self._k = self.page_size // self._unit  # handles per page
         self._facts["supported_page_sizes"] = [s for s in PAGE_SIZES if supported & s]
         self._facts["handles_per_page"] = self._k
+        self._facts["module_quota_bytes"] = int(info.quotaBytes)  # 0: no per-fd cap
         self._parts: dict[int, list[int]] = {}  # page handle (its first module handle) -> module handles
         self._reservations: dict[int, int] = {}  # base -> nbytes (one UVM range each)
         self._mapped: dict[int, int] = {}  # page va -> page handle
@@ -214,11 +215,14 @@ class UvmBackend(Backend):
         for fd, info in answered:
             if info.gpuState & uvm.UVM_KVC_GPU_REGISTERED and not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
                 return Probe(False, f"the patched nvidia-uvm does not support {device} "
-                                    f"(pre-Pascal, big page size not 64K, or confidential computing)")
+                                    f"(pre-Pascal, big page size not 64K, confidential computing or "
+                                    f"SR-IOV heavy vGPU)")
         if answered:  # prefer naming the fd the backend will use
             fd, info = next(((fd, i) for fd, i in answered if i.fdType == uvm.UVM_KVC_FD_VA_SPACE), answered[0])
+            quota = int(info.quotaBytes)
             return Probe(True, f"patched nvidia-uvm (KVC ABI {uvm.UVM_KVC_ABI_VERSION}) answers on fd "
-                               f"{fd}: 64 KiB pages, {int(info.maxBatch)} per ioctl")
+                               f"{fd}: 64 KiB pages, {int(info.maxBatch)} per ioctl, per-process cap "
+                               + (f"{quota >> 20} MiB" if quota else "none"))
         return Probe(False, "; ".join(dict.fromkeys(reasons)))
 
     @classmethod
@@ -235,6 +239,12 @@ class UvmBackend(Backend):
 
     def describe(self) -> dict:
         return {**super().describe(), **self._facts}
+
+    def bytes_held(self) -> int:
+        """GPU memory the module says this process holds for its pages on this GPU (whole 2 MiB
+        roots, so at least what the pages need), from ``UVM_KVC_QUERY``."""
+        self._check_open()
+        return int(query(self.fd, self._uuid).bytesHeld)
 
     def _find_fd(self):
         """CUDA's va_space fd that has this GPU's VA space, and its QUERY answer."""
