@@ -399,14 +399,16 @@ class KVCache:
         dropped here: the cache is going away anyway."""
         if self._closed:
             return
-        self._closed = True
         # A cache dropped while step_async ran can be collected on the mapping thread itself
         # (its task held the last reference): that thread's task is over, and it cannot join itself.
         on_worker = threading.get_ident() == self._worker_ident
+        if self._pending is not None and not on_worker:
+            # The buffer must not go while a map is in flight: if this wait is interrupted, the
+            # cache stays open (and whole) for another close().
+            self._pending.exception()
+        self._closed = True
+        self._pending = None
         try:
-            if self._pending is not None and not on_worker:
-                self._pending.exception()  # waits: the buffer must not go while a map is in flight
-            self._pending = None
             if self._executor is not None:
                 self._executor.shutdown(wait=not on_worker)
         finally:
