@@ -27,7 +27,8 @@ Implementations (``impl=``):
 
 Lengths are validated only when they already live on the host: the flash paths (flash-attn and
 torch-flash) of ``decode`` and ``prefill`` (with ``max_seqlen``) never read GPU tensors back, which
-would synchronize every layer of every step. ``prefill_with_cache`` and the SDPA paths read lengths on the host (one sync per call).
+would synchronize every layer of every step. ``prefill_with_cache`` and the SDPA paths read
+lengths on the host (one sync per call).
 """
 
 from __future__ import annotations
@@ -87,21 +88,16 @@ def backend_name(device: torch.device | str | torch.Tensor, impl: str = "auto",
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     flash_ok = (device.type == "cuda" and (dtype is None or dtype in FLASH_DTYPES)
                 and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 256)))
-    if impl == "flash":
-        if not flash_available():
-            raise ValueError("impl='flash' needs flash-attn installed (pip install pyvattn[flash])")
+    if impl == "flash" and not flash_available():
+        raise ValueError("impl='flash' needs flash-attn installed (pip install pyvattn[flash])")
+    if impl == "torch-flash" and not torch_flash_available(device):
+        raise ValueError(f"impl='torch-flash' needs a CUDA build of torch with FlashAttention and a "
+                         f"GPU of compute capability 8.0+; {device} has none")
+    if impl in ("flash", "torch-flash"):
         if not flash_ok:
-            raise ValueError(f"impl='flash' runs fp16/bf16 CUDA tensors with head_dim a multiple of 8 "
+            raise ValueError(f"impl={impl!r} runs fp16/bf16 CUDA tensors with head_dim a multiple of 8 "
                              f"up to 256 only, not {dtype or ''} (head_dim {head_dim}) on {device}")
-        name = "flash-attn"
-    elif impl == "torch-flash":
-        if not torch_flash_available(device):
-            raise ValueError(f"impl='torch-flash' needs a CUDA build of torch with FlashAttention and a "
-                             f"GPU of compute capability 8.0+; {device} has none")
-        if not flash_ok:
-            raise ValueError(f"impl='torch-flash' runs fp16/bf16 CUDA tensors with head_dim a multiple of 8 "
-                             f"up to 256 only, not {dtype or ''} (head_dim {head_dim}) on {device}")
-        name = "torch-flash"
+        name = "flash-attn" if impl == "flash" else "torch-flash"
     elif impl == "auto" and flash_ok and flash_available():
         name = "flash-attn"
     elif impl == "auto" and flash_ok and torch_flash_available(device):

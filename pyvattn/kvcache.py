@@ -288,7 +288,7 @@ class KVCache:
             short = count - self.pool.free_pages - self.pool.headroom
             if short <= 0:  # the budget allowed it but the device did not: reclaim all we need
                 short = count - self.pool.free_pages
-            reclaimable = int(np.maximum(self._mapped - keep, 0).sum()) * self.num_regions
+            reclaimable = self._reclaimable(keep)
             if short > reclaimable:
                 raise OutOfPages(
                     f"step needs {count} pages of {self.page_size} bytes: {self.pool.free_pages} free, "
@@ -302,10 +302,14 @@ class KVCache:
             # The budget had room but the device could not create that many pages after all:
             # take the rest from mapped pages too, if they suffice (else the error stands).
             short = count - self.pool.free_pages
-            if short > int(np.maximum(self._mapped - keep, 0).sum()) * self.num_regions:
+            if short > self._reclaimable(keep):
                 raise
             self._reclaim(short, keep)
             return self.pool.take(count)
+
+    def _reclaimable(self, keep: np.ndarray) -> int:
+        """Pages (all regions) mapped beyond what each slot must keep."""
+        return int(np.maximum(self._mapped - keep, 0).sum()) * self.num_regions
 
     def _reclaim(self, pages: int, keep: np.ndarray) -> None:
         """Return at least ``pages`` mapped pages to the pool (whole pages in every region):

@@ -206,7 +206,7 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
                 cache.v[layer][s, :n].normal_(generator=gen)
         slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
         runs[mode] = dict(cache=cache, slots=slots, slot_t=slot_t, slot_l=slot_t.long(),
-                          lens=np.array(lens0, dtype=np.int64), times=[], round_ms={}, it=0,
+                          lens=np.array(lens0, dtype=np.int64), round_ms={}, it=0,
                           map_s0=cache.stats()["map_seconds"],
                           pos=torch.zeros(args.batch, dtype=torch.int64, device=device),
                           seqlens=torch.ones(args.batch, dtype=torch.int32, device=device))
@@ -237,7 +237,7 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
             with torch.cuda.graph(r["graph"]):
                 forward(r)
 
-    def one_step(mode: str) -> None:
+    def one_step(mode: str, round_no: int) -> None:
         r = runs[mode]
         cache, slots = r["cache"], r["slots"]
         nxt = r["lens"] + 1
@@ -253,7 +253,6 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
             cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
         ms = clock.stop(t)  # synchronizes, like sampling the next token would
         if r["it"] >= args.warmup:
-            r["times"].append(ms)
             r["round_ms"].setdefault(round_no, []).append(ms)
         r["it"] += 1
         r["lens"] = nxt
@@ -262,12 +261,12 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     for round_no in range(rounds):
         for mode in modes:
             for _ in range(args.steps * (round_no + 1) // rounds - args.steps * round_no // rounds):
-                one_step(mode)
+                one_step(mode, round_no)
     results = {"interleaved_rounds": rounds, "cuda_graphs": graphs}
     for mode in modes:
         r = runs[mode]
         s = r["cache"].stats()
-        times = r["times"]
+        times = [ms for k in sorted(r["round_ms"]) for ms in r["round_ms"][k]]
         results[mode] = {"median_step_ms": statistics.median(times), "mean_step_ms": statistics.fmean(times),
                          "max_step_ms": max(times), "map_calls": s["map_calls"],
                          "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"]}

@@ -249,17 +249,16 @@ class CudaVmmBackend(Backend):
         done: list[int] = []
         with self._context() as lib:
             cuda.check("cuCtxSynchronize", lib.cuCtxSynchronize())
-            for va in vas:
-                status = lib.cuMemUnmap(va, P)
-                self.calls["cuMemUnmap"] += 1
-                if status != cuda.CUDA_SUCCESS:
-                    try:
-                        cuda.check("cuMemUnmap", status)
-                    except CudaError as exc:
-                        exc.unmapped_vas = done
-                        raise
-                self._mapped_handles.discard(self._mapped.pop(va))
-                done.append(va)
+            try:
+                for va in vas:
+                    status = lib.cuMemUnmap(va, P)
+                    self.calls["cuMemUnmap"] += 1
+                    cuda.check("cuMemUnmap", status)
+                    self._mapped_handles.discard(self._mapped.pop(va))
+                    done.append(va)
+            except CudaError as exc:
+                exc.unmapped_vas = done
+                raise
 
     # --- access ------------------------------------------------------------------------------
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:
