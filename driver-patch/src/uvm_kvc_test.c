@@ -94,29 +94,39 @@ out:
 
 #define KVC_TEST_PATTERN 0xa5a5a5a5a5a5a5a5ULL
 
-/* va_space lock held, no KVC lock: CE-fill every 64K page of `handles` with `value`, waited on. */
+/* va_space lock held, no KVC lock: CE-fill every 64K page of `handles` with `value`, waited on.
+ * The addresses are looked up (under the KVC lock) before the push begins: no push is ever open
+ * while the KVC lock is taken. */
 static NV_STATUS kvc_test_fill(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const NvU64 *handles, NvU64 n, NvU64 value)
 {
-    NvU64 i, phys, size, refs;
+    NvU64 *phys = uvm_kvmalloc(n * sizeof(*phys));
+    NvU64 i, size, refs;
     uvm_push_t push;
-    NV_STATUS status;
+    NV_STATUS status = NV_OK;
+
+    if (!phys)
+        return NV_ERR_NO_MEMORY;
+    for (i = 0; i < n && status == NV_OK; i++) {
+        status = uvm_kvc_handle_phys(va_space, handles[i], &phys[i], &size, &refs);
+        if (status == NV_OK && size != UVM_PAGE_SIZE_64K)
+            status = NV_ERR_INVALID_STATE;
+    }
 
     /* At most KVC_TEST_ZERO_PAGES memsets: well inside one push. */
-    status = uvm_push_begin(gpu->channel_manager, UVM_CHANNEL_TYPE_GPU_INTERNAL, &push, "KVC test fill");
-    if (status != NV_OK)
-        return status;
-    for (i = 0; i < n; i++) {
-        status = uvm_kvc_handle_phys(va_space, handles[i], &phys, &size, &refs);
-        if (status != NV_OK)
-            break;
-        uvm_push_set_flag(&push, UVM_PUSH_FLAG_CE_NEXT_PIPELINED);
-        uvm_push_set_flag(&push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
-        gpu->parent->ce_hal->memset_8(&push, uvm_gpu_address_copy(gpu, uvm_gpu_phys_address(UVM_APERTURE_VID, phys)),
-                                      value, size);
-    }
     if (status == NV_OK)
-        return uvm_push_end_and_wait(&push);
-    (void)uvm_push_end_and_wait(&push);
+        status = uvm_push_begin(gpu->channel_manager, UVM_CHANNEL_TYPE_GPU_INTERNAL, &push, "KVC test fill");
+    if (status == NV_OK) {
+        for (i = 0; i < n; i++) {
+            uvm_push_set_flag(&push, UVM_PUSH_FLAG_CE_NEXT_PIPELINED);
+            uvm_push_set_flag(&push, UVM_PUSH_FLAG_NEXT_MEMBAR_NONE);
+            gpu->parent->ce_hal->memset_8(&push,
+                                          uvm_gpu_address_copy(gpu, uvm_gpu_phys_address(UVM_APERTURE_VID, phys[i])),
+                                          value,
+                                          UVM_PAGE_SIZE_64K);
+        }
+        status = uvm_push_end_and_wait(&push);
+    }
+    uvm_kvfree(phys);
     return status;
 }
 
