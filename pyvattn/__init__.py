@@ -12,12 +12,20 @@ demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer
     ...     cache.k[0][slot, :100] = 1.0     # [batch, seq, kv_heads, head_dim]
 """
 
-from .backends import backend_names, select as select_backend
-from .buffer import VirtualBuffer
-from .errors import (BackendUnavailable, CudaError, DriverError, OSCallError, OutOfPages,
-                     OutOfSlots, PyvattnError, UvmError)
-from .kvcache import KVCache
-from .pool import PagePool
+from __future__ import annotations
+
+import importlib
+
+from .errors import (
+    BackendUnavailable,
+    CudaError,
+    DriverError,
+    OSCallError,
+    OutOfPages,
+    OutOfSlots,
+    PyvattnError,
+    UvmError,
+)
 
 __version__ = "0.1.0"
 
@@ -26,6 +34,29 @@ __all__ = [
     "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
     "CudaError", "UvmError",
 ]
+
+# Imported on first use: importing torch takes seconds, and `python -m pyvattn --help`, the errors,
+# traces and model shapes do not need it.
+_LAZY = {
+    "KVCache": ("pyvattn.kvcache", "KVCache"),
+    "VirtualBuffer": ("pyvattn.buffer", "VirtualBuffer"),
+    "PagePool": ("pyvattn.pool", "PagePool"),
+    "backend_names": ("pyvattn.backends", "backend_names"),
+    "select_backend": ("pyvattn.backends", "select"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pyvattn' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def info(device: str | None = None) -> dict:

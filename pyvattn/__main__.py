@@ -1,10 +1,139 @@
-"""Command line: ``python -m pyvattn {info,demo,frag} ...``."""
+"""Command line: python -m pyvattn {info,demo,frag} ...
+
+The parsers are built without importing torch, so --help answers at once; a command imports what
+it needs when it runs. Bad arguments are one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
+
+from .frag.models import MODELS, get_model
+from .frag.traces import SHIPPED
+from .units import parse_size
+
+# The names of pyvattn.backends.backend_names() (which imports torch), plus "auto".
+BACKENDS = ("auto", "uvm64k", "cuda-vmm", "host")
+MODEL_NAMES = ", ".join(m.name.lower() for m in MODELS.values())
+TRACE_NAMES = ", ".join(SHIPPED)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless it has none); descriptions keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``python -m pyvattn demo: error: ... (see --help)``, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- argument types: each raises ArgumentTypeError naming what is wrong -------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text, "size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 64KiB, 2MiB, 1GiB)") from None
+
+
+def page_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 bytes")
+    return value
+
+
+def device(text: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)")
+
+
+def trace(text: str) -> str:
+    if text in SHIPPED or Path(text).is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a shipped trace ({TRACE_NAMES}) nor a file")
+
+
+def model(text: str):
+    try:
+        return get_model(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a known model ({MODEL_NAMES}) nor 'layers,kv_heads,head_dim'") from None
+
+
+# --- the commands ------------------------------------------------------------------------------
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N; default: cuda if torch sees a GPU, else cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    arg = p.add_argument
+    arg("--trace", type=trace, default="arxiv", metavar="NAME", help=f"shipped trace ({TRACE_NAMES}) or a trace file")
+    arg("--requests", type=positive_int, default=24, metavar="N", help="requests taken from the start of the trace")
+    arg("--model", type=model, default="llama-3-8b", metavar="NAME",
+        help=f"KV heads and head dim of this model ({MODEL_NAMES}; or 'layers,kv_heads,head_dim')")
+    arg("--layers", type=positive_int, default=4, metavar="N",
+        help="layers to allocate (fewer than the model's, so the demo runs in seconds)")
+    arg("--max-batch", type=positive_int, default=16, metavar="N", help="request slots (most requests running at once)")
+    arg("--max-seq-len", type=positive_int, default=32768, metavar="TOKENS", help="longest request, in tokens")
+    arg("--page-size", type=page_size, default="auto", metavar="SIZE",
+        help="bytes per page, e.g. 64KiB, 2MiB; auto: the backend's own (64 KiB on host)")
+    arg("--budget", type=size, default="1GiB", metavar="SIZE", help="physical memory for K and V of every layer")
+    arg("--device", type=device, default="cpu", metavar="DEVICE", help="cpu, cuda or cuda:N")
+    arg("--backend", choices=BACKENDS, default="auto", help="where physical pages come from")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="python -m pyvattn",
+        description="pyvattn: KV-cache memory for LLM serving, the vAttention way.",
+        epilog="examples:\n"
+               "  python -m pyvattn info              which backends run here, and which one auto picks\n"
+               "  python -m pyvattn demo              KV tensors growing for requests of a real trace\n"
+               "  python -m pyvattn frag --help       memory wasted by allocation schemes on real traces")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_info_arguments(sub.add_parser(
+        "info", help="backends available here and what backend='auto' picks",
+        description="Which backends can run here, which one backend='auto' picks, and why."))
+    add_demo_arguments(sub.add_parser(
+        "demo", help="KV tensors growing for a batch of requests from a real trace",
+        description="Admits requests from a real trace into a KVCache, prefills and decodes them, and\n"
+                    "prints where the memory goes (legend in the output). Every K/V value is written and\n"
+                    "read back. The same requests under static reservation are shown side by side."))
+    sub.add_parser("frag", add_help=False, help="fragmentation of allocation schemes on request traces (frag --help)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,19 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         from .frag.cli import main as frag_main
 
         return frag_main(argv[1:])
-
-    parser = argparse.ArgumentParser(prog="python -m pyvattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="backends available here and what backend='auto' picks")
-    p_info.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if visible)")
-    p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p_demo = sub.add_parser("demo", help="KV tensors growing for a batch of requests from a real trace")
-    from .demo import add_arguments
-
-    add_arguments(p_demo)
-    sub.add_parser("frag", help="fragmentation comparison on request traces (see `frag --help`)")
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         from .info import collect, render
 
