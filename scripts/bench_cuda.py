@@ -16,10 +16,11 @@ Sections (all in one run, side by side, so ratios compare like with like):
 4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
 
 GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
-(default benchmarks/results/bench_cuda.json). Goals printed with the results: one-page growth of a
+to out/bench_cuda.json (git-ignored), or with --save to the committed
+benchmarks/results/bench_cuda.json. Goals printed with the results: one-page growth of a
 32-layer model under 1 ms; step_async within 3% of pre-mapped; attention within 2% of torch memory.
 
-    python scripts/bench_cuda.py [--layers 32] [--batch 32] [--steps 1024] [--out PATH]
+    python scripts/bench_cuda.py [--layers 32] [--batch 32] [--steps 1024] [--save | --out PATH]
     python scripts/bench_cuda.py --device cpu --backend host --steps 40   # smoke run, no GPU
 """
 
@@ -312,7 +313,7 @@ def bench_attention(args, device: torch.device) -> dict:
         for kc, vc, sink in ((k_py, v_py, t_py), (k_t, v_t, t_torch)):
             t = clock.start()
             for _ in range(inner):
-                out = attention.decode(q, kc, vc, lens, slots=slot_t)
+                attention.decode(q, kc, vc, lens, slots=slot_t)
             ms = clock.stop(t) / inner
             if it >= 3:
                 sink.append(ms)
@@ -338,7 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--calls", type=int, default=256, help="driver calls timed per kind")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--out", default=None)
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--save", action="store_true", help="write the committed benchmarks/results/bench_cuda.json")
+    where.add_argument("--out", default=None, help="JSON file to write (default: out/bench_cuda.json, git-ignored)")
     args = ap.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -354,7 +357,8 @@ def main(argv=None) -> int:
     if probe is not None and not probe.available:
         print(f"bench_cuda.py: backend {args.backend} cannot run on {device}: {probe.reason}", file=sys.stderr)
         return 2
-    out_path = Path(args.out or f"benchmarks/results/bench_cuda{'' if device.type == 'cuda' else '_smoke_cpu'}.json")
+    name = f"bench_cuda{'' if device.type == 'cuda' else '_smoke_cpu'}.json"
+    out_path = Path(args.out or ("benchmarks/results/" if args.save else "out/") + name)
 
     result = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                           "torch": torch.__version__,

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Host-backend benchmark: mapping throughput, step() cost, and overhead over the bare mmap calls.
 
-Prints a table and saves JSON (default benchmarks/results/bench_host.json). Ratios are measured
-side by side in one run; absolute times are this machine's and only indicative.
+Prints a table and saves JSON: out/bench_host.json (git-ignored), or with --save the committed
+benchmarks/results/bench_host.json. Ratios are measured side by side in one run; absolute times are
+this machine's and only indicative.
 
-    python scripts/bench_host.py [--layers 32] [--repeat 7] [--out PATH]
+    python scripts/bench_host.py [--layers 32] [--repeat 7] [--save | --out PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from tqdm import tqdm
 
 from pyvattn import KVCache
 from pyvattn._ffi import libc
+
+LOCAL = "out/bench_host.json"
+COMMITTED = "benchmarks/results/bench_host.json"
 
 
 def median_time(fn, repeat: int, setup=None) -> float:
@@ -139,10 +143,17 @@ def bench_overhead(layers: int, batch: int, repeat: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--out", default="benchmarks/results/bench_host.json")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the cache (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=7, help="timed runs per measurement; medians are kept "
+                    "(default: %(default)s)")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--save", action="store_const", dest="out", const=COMMITTED,
+                       help=f"write the committed results, {COMMITTED}")
+    where.add_argument("--out", default=LOCAL, help="JSON file to write (default: %(default)s, git-ignored)")
     args = ap.parse_args(argv)
+    for name in ("layers", "repeat"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
 
     steps = [bench_step(args.layers, b, args.repeat) for b in tqdm((1, 32, 256), desc="step()")]
     over = bench_overhead(args.layers, 256, args.repeat)
