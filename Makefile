@@ -7,7 +7,7 @@ TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: all demo test pytest info bench venv driver driver-check install-driver uninstall-driver clean
+.PHONY: all demo test lint pytest info bench venv driver driver-check install-driver uninstall-driver clean
 
 all: test
 
@@ -27,8 +27,11 @@ demo: $(STAMP)
 info: $(STAMP)
 	$(PY) -m pyvattn info
 
-## Tests: the Python suite, then the kernel patch compiled against Debian's driver sources.
-test: pytest driver-check
+## Tests: ruff, the Python suite, then the kernel patch compiled against Debian's driver sources.
+test: lint pytest driver-check
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q

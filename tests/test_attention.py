@@ -71,7 +71,8 @@ def test_decode_matches_reference(device, impl, dtype, hq, hkv):
     skip_unsupported(impl, dtype)
     gen = torch.Generator().manual_seed(hq * 10 + hkv)
     D, max_batch, max_seq = 64, 5, 300
-    kc, vc = _rand((max_batch, max_seq, hkv, D), dtype, device, gen), _rand((max_batch, max_seq, hkv, D), dtype, device, gen)
+    kc = _rand((max_batch, max_seq, hkv, D), dtype, device, gen)
+    vc = _rand((max_batch, max_seq, hkv, D), dtype, device, gen)
     lens, slots = [1, 300, 77, 128], [4, 0, 2, 1]
     q = _rand((4, 1, hq, D), dtype, device, gen)
     out = attention.decode(q, kc, vc, torch.tensor(lens, dtype=torch.int32, device=device),

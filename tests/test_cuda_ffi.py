@@ -79,7 +79,7 @@ def test_every_needed_function_is_declared():
         with pytest.raises(AttributeError, match="not found in library"):
             getattr(libc, name)
     with pytest.raises(AttributeError) as info:
-        libc.cuMemGetInfo  # the unversioned name is not what cuda.h programs call
+        _ = libc.cuMemGetInfo  # the unversioned name is not what cuda.h programs call
     assert "not found in library" not in str(info.value)
 
 

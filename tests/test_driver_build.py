@@ -54,9 +54,9 @@ def test_hooks_patch_touches_only_expected_files():
         files = {line.split()[1][2:] for line in text.splitlines() if line.startswith("+++ ")}
         assert files <= allowed, (d, files - allowed)
         # no stock line is removed except the lock count and the module version
-        removed = [l for l in text.splitlines() if l.startswith("-") and not l.startswith("---")]
-        assert all("UVM_LOCK_ORDER_COUNT" in l or "MODULE_VERSION" in l or "UVM_ROUTE_CMD" in l
-                   or l.strip() in ("-", "-    }") for l in removed), (d, removed)
+        removed = [line for line in text.splitlines() if line.startswith("-") and not line.startswith("---")]
+        assert all("UVM_LOCK_ORDER_COUNT" in line or "MODULE_VERSION" in line or "UVM_ROUTE_CMD" in line
+                   or line.strip() in ("-", "-    }") for line in removed), (d, removed)
 
 
 def test_apply_refuses_unsupported_version(tmp_path):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 import threading
 
-import numpy as np
 import pytest
 import torch
-
 from kvdata import check, write
+
 from pyvattn import OutOfPages, OutOfSlots
 
 
@@ -30,7 +29,7 @@ def test_random_growth_across_page_boundaries_keeps_every_value(make_cache):
     cache = make_cache()
     rng = random.Random(1234)
     lens = {}
-    for tag in range(4):
+    for _ in range(4):
         lens[cache.alloc_slot()] = 0
     tags = {slot: 100 + slot for slot in lens}
     for _ in range(60):
@@ -349,6 +348,7 @@ def test_cache_dropped_during_step_async_returns_its_memory():
     import gc
     import os
     import time
+
     from pyvattn import KVCache
 
     def kv_memfds() -> int:

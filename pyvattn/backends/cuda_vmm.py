@@ -16,7 +16,6 @@ are ordinary CUDA tensors to torch and to every kernel.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import torch
 from .._ffi import cuda
 from .._ffi.dlpack import device_tensor
 from ..errors import BackendUnavailable, CudaError, OutOfPages
-from .base import MiB, Backend, Probe, contiguous_runs
+from .base import Backend, MiB, Probe, contiguous_runs
 
 
 def _ordinal(device: torch.device) -> int:

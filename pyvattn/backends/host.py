@@ -19,7 +19,7 @@ import torch
 
 from .._ffi import libc
 from ..errors import OSCallError, OutOfPages
-from .base import MiB, Backend, Probe, coalesce, contiguous_runs
+from .base import Backend, MiB, Probe, coalesce, contiguous_runs
 
 _RESERVE_ALIGN = 2 * MiB  # lets 2 MiB pages (and huge pages) line up with the reservation
 

@@ -29,7 +29,6 @@ to an unmapped page is a fatal MMU fault (CUDA error 700), not a zero read.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from typing import Sequence
@@ -40,7 +39,7 @@ import torch
 from .._ffi import cuda, libc
 from .._ffi.dlpack import device_tensor
 from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError, note_cleanup_failure
-from .base import KiB, MiB, Backend, Probe
+from .base import Backend, KiB, MiB, Probe
 
 GRANULE = 64 * KiB  # the module's smallest page and the granularity of every address
 PAGE_SIZES = (64 * KiB, 128 * KiB, 256 * KiB)
@@ -212,7 +211,7 @@ class UvmBackend(Backend):
                 answered.append((fd, query(fd, uuid)))
             except (OSCallError, UvmError, BackendUnavailable) as exc:
                 reasons.append(_why_not(exc))
-        for fd, info in answered:
+        for _fd, info in answered:
             if info.gpuState & uvm.UVM_KVC_GPU_REGISTERED and not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
                 return Probe(False, f"the patched nvidia-uvm does not support {device} "
                                     f"(pre-Pascal, big page size not 64K, confidential computing or "

@@ -102,7 +102,8 @@ def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title = f"{exp.model.name} TP{exp.tp}, {exp.trace} ({len(exp.requests)} req), budget {format_size(exp.budget_bytes)}"
+    title = (f"{exp.model.name} TP{exp.tp}, {exp.trace} ({len(exp.requests)} req), "
+             f"budget {format_size(exp.budget_bytes)}")
     names = [r.scheme for r in results]
     summ = [r.summary() for r in results]
     y = np.arange(len(names))

@@ -45,7 +45,8 @@ class RunResult:
     def summary(self) -> dict:
         waste = self.allocated - self.used
         alloc_total = float(self.completion_alloc.sum()) or 1.0
-        pct = (lambda q: float(np.percentile(self.completion_waste, q))) if len(self.completion_waste) else (lambda q: 0.0)
+        pct = ((lambda q: float(np.percentile(self.completion_waste, q))) if len(self.completion_waste)
+               else (lambda q: 0.0))
         return {
             "scheme": self.scheme,
             "steps": self.steps,
