@@ -1,4 +1,5 @@
-# pyvattn top-level targets. `make demo` and `make test` each build their own venv (.venv).
+# pyvattn top-level targets. `make demo` and `make test` each build their own venv (.venv) after
+# scripts/prereqs.sh has checked the system packages they need (.ci/apt-prerequisites, README).
 # The driver targets are implemented in kmod/ (see README, "The 64 KiB driver").
 
 PYTHON      ?= python3
@@ -7,11 +8,16 @@ TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: all demo test lint pytest info bench venv driver driver-check install-driver uninstall-driver clean
+.PHONY: all prereqs demo test lint pytest info bench venv driver driver-check install-driver uninstall-driver \
+        clean distclean
 
 all: test
 
-$(STAMP): pyproject.toml
+## The system packages this needs; names the first one missing.
+prereqs:
+	@scripts/prereqs.sh $(PYTHON)
+
+$(STAMP): pyproject.toml | prereqs
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
@@ -36,12 +42,19 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest -q
 
+## Host benchmark into out/bench_host.json (SAVE=1: benchmarks/results/, the committed results).
 bench: $(STAMP)
-	$(PY) scripts/bench_host.py
+	$(PY) scripts/bench_host.py $(if $(SAVE),--save)
 
 driver driver-check install-driver uninstall-driver:
 	$(MAKE) -C kmod $@
 
+driver-check: | prereqs
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 	-$(MAKE) -C kmod clean
+
+## Also the downloads (.cache: Debian packages for the driver check) and local outputs (out/).
+distclean: clean
+	rm -rf .cache out
