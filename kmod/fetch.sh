@@ -67,10 +67,6 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ ${#packages[@]} -gt 0 ] || usage_error "no package named"
-for tool in apt-get apt-cache dpkg-deb; do
-    command -v "$tool" >/dev/null ||
-        die "cannot fetch ${packages[*]}: this machine has no $tool (kmod/fetch.sh reads Debian's archive with apt); install the packages yourself"
-done
 [ ${#components[@]} -gt 0 ] || components=(main)
 for word in "$suite" "${components[@]}" "${packages[@]}"; do
     [[ $word =~ ^[A-Za-z0-9.+~:=_-]*$ ]] || usage_error "'$word' is not a Debian package, version, suite or component name"
@@ -100,6 +96,10 @@ if already_fetched; then
     exit 0
 fi
 
+for tool in apt-get apt-cache dpkg-deb; do
+    command -v "$tool" >/dev/null ||
+        die "cannot fetch ${packages[*]}: this machine has no $tool (kmod/fetch.sh reads Debian's archive with apt); install the packages yourself"
+done
 mkdir -p "$CACHE" "$DEBS" "$CACHE/root" "$APT/sources.list.d" "$APT/state/lists/partial" \
     "$APT/cache/archives/partial"
 exec 9>"$CACHE/fetch.lock"
