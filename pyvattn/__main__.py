@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .demo import run
 
-    return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # the cache is closed on the way out
+        print("python -m pyvattn demo: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 
@@ -144,3 +145,15 @@ def test_memory_split_accounts_for_every_physical_byte():
         assert m.retained == 0
         assert m.fragmentation == (3 * 4096 - 20 * 512 + 4096 - 2 * 512) * 4
         assert m.in_use + m.fragmentation + m.retained + m.pool == m.physical
+
+
+def test_demo_interrupted_says_so_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "pyvattn", "demo", "--layers", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # running: the first row of the table is out
+        if "admitted" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["python -m pyvattn demo: interrupted"]

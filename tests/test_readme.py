@@ -50,15 +50,25 @@ def _fake_path(tmp_path: Path, *tools: str) -> str:
     return str(bin_dir)
 
 
+def prereqs(python: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "scripts" / "prereqs.sh"), python], capture_output=True, text=True, **kw)
+
+
+def fake_python(tmp_path: Path, preamble: str) -> str:
+    """This Python, made to look otherwise by ``preamble`` before it runs ``-c CODE``."""
+    python = tmp_path / "python3"
+    python.write_text(f"#!{sys.executable}\nimport sys\n{preamble}\nexec(sys.argv[2])\n")
+    python.chmod(0o755)
+    return str(python)
+
+
 def test_prereqs_pass_here():
-    r = subprocess.run([str(ROOT / "scripts" / "prereqs.sh"), sys.executable], capture_output=True, text=True)
+    r = prereqs(sys.executable)
     assert r.returncode == 0, r.stderr
 
 
 def test_prereqs_name_a_missing_compiler(tmp_path):
-    path = _fake_path(tmp_path, "grep", "dirname")
-    r = subprocess.run([str(ROOT / "scripts" / "prereqs.sh"), sys.executable], capture_output=True, text=True,
-                       env={"PATH": path})
+    r = prereqs(sys.executable, env={"PATH": _fake_path(tmp_path, "grep", "dirname")})
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "make: missing prerequisite gcc (no C compiler: the tests and the driver check compile C); "
@@ -66,20 +76,13 @@ def test_prereqs_name_a_missing_compiler(tmp_path):
 
 
 def test_prereqs_name_a_python_without_venv(tmp_path):
-    python = tmp_path / "python3"  # a Python whose ensurepip is gone, as on Debian without python3-venv
-    python.write_text(f"#!{sys.executable}\nimport sys\nsys.modules['ensurepip'] = None\n"
-                      "exec(sys.argv[2]) if sys.argv[1] == '-c' else sys.exit(2)\n")
-    python.chmod(0o755)
-    r = subprocess.run([str(ROOT / "scripts" / "prereqs.sh"), str(python)], capture_output=True, text=True)
+    # as on Debian without python3-venv: no ensurepip
+    r = prereqs(fake_python(tmp_path, "sys.modules['ensurepip'] = None"))
     assert r.returncode == 1
     assert "missing prerequisite python3-venv" in r.stderr and "apt-get install python3-venv" in r.stderr
 
 
 def test_prereqs_name_an_old_python(tmp_path):
-    python = tmp_path / "python3"
-    python.write_text(f"#!{sys.executable}\nimport sys\nsys.version_info = (3, 8, 10)\nsys.version = '3.8.10'\n"
-                      "exec(sys.argv[2])\n")
-    python.chmod(0o755)
-    r = subprocess.run([str(ROOT / "scripts" / "prereqs.sh"), str(python)], capture_output=True, text=True)
+    r = prereqs(fake_python(tmp_path, "sys.version_info = (3, 8, 10)\nsys.version = '3.8.10'"))
     assert r.returncode == 1
     assert "3.8.10" in r.stderr and "Python 3.10 or newer" in r.stderr
