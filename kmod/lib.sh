@@ -9,6 +9,8 @@
 # Only the first error of a run is printed, so a failure deep in a command substitution is not
 # echoed again by every caller; the scripts one kmod script runs share that record
 # (KVC_ERROR_MARK). A script that sets its own EXIT trap must call `error_mark_cleanup` from it.
+#   run_logged LABEL LOG CMD...  runs CMD with its output in LOG, saying every 30 s that LABEL
+#             is still going (NVIDIA's conftest compiles silently for minutes).
 #   run_step VAR CMD...  runs CMD in a subshell that stops at its first failure, stores its exit
 #             status in VAR and starts a fresh error record, so one failing step of a loop does
 #             not end the loop nor silence the next step's error. (A function run inside
@@ -57,4 +59,15 @@ run_step() {
     err_trap_on
     : > "$KVC_ERROR_MARK"
     printf -v "$_var" %d "$_rc"
+}
+
+run_logged() {
+    local label=$1 log=$2 ticker rc=0 t0=$SECONDS
+    shift 2
+    (while sleep 30 && kill -0 $$ 2>/dev/null; do say "$label: $((SECONDS - t0)) s so far"; done) &
+    ticker=$!
+    "$@" > "$log" 2>&1 || rc=$?
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    return "$rc"
 }
