@@ -16,6 +16,23 @@ PAD = 0
 GREEDY = dict(do_sample=False, pad_token_id=PAD, eos_token_id=None)
 
 
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Tiny models make tiny ops: with CPU threads contended (CI's two cores, shared), OpenMP's
+    spinning makes them 10-30x slower than one thread. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def subprocess_env() -> dict:
+    """Environment for a ``python -m pyvattn`` child: one OpenMP thread, as ``one_thread``."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 @functools.cache
 def model(name: str, dtype: torch.dtype = torch.float64):
     """One model per (name, dtype) for the whole session: building is the slow part."""

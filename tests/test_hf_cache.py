@@ -14,11 +14,13 @@ import threading
 
 import pytest
 import torch
-from hfmodels import FAMILIES, GREEDY, model, prompts
+from hfmodels import FAMILIES, GREEDY, model, one_thread, prompts  # noqa: F401 (fixture)
 from transformers import DynamicCache
 
 from pyvattn import OutOfPages
 from pyvattn.integrations.transformers import VAttentionCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vcache(m, batch: int = 8, seq: int = 2048, **kw) -> VAttentionCache:

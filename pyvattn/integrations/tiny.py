@@ -19,6 +19,13 @@ class TinyModel:
     config_kwargs: tuple[tuple[str, object], ...]
     note: str
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """``(layers, kv_heads, head_dim)`` of its KV cache, without importing transformers."""
+        kw = dict(self.config_kwargs)
+        head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
+        return kw["num_hidden_layers"], kw["num_key_value_heads"], head_dim
+
 
 _COMMON = (("vocab_size", 512), ("max_position_embeddings", 8192), ("tie_word_embeddings", False))
 

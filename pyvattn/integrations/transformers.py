@@ -48,6 +48,22 @@ KVCACHE_OPTIONS = tuple(name for name in inspect.signature(KVCache).parameters
                                         "max_seq_len", "dtype", "device"))
 
 
+def cache_shape(config) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder-only transformers config whose layers
+    all hold keys and values; ``ValueError`` naming what is unsupported otherwise."""
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "is_encoder_decoder", False):
+        raise ValueError("config: encoder-decoder models are not supported (decoder-only models only)")
+    layer_types, _ = get_layer_types_and_kwargs(text)
+    other = sorted(set(layer_types) - set(_ATTENTION_LAYER_TYPES))
+    if other:
+        raise ValueError(f"config: layer types {other} are not supported (only {list(_ATTENTION_LAYER_TYPES)})")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return len(layer_types), kv_heads, head_dim
+
+
 class _Slabs:
     """The KVCache under a VAttentionCache: created on demand, all slots held, rows mapped as
     they grow. Row ``i`` of every batch is slot ``i``."""
@@ -247,23 +263,14 @@ class VAttentionCache(Cache):
 
     def __init__(self, config, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, **kvcache_options):
-        text = config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(text)
-        other = sorted(set(layer_types) - set(_ATTENTION_LAYER_TYPES))
-        if other:
-            raise ValueError(f"config: layer types {other} are not supported (only {list(_ATTENTION_LAYER_TYPES)})")
-        if getattr(text, "is_encoder_decoder", False):
-            raise ValueError("config: encoder-decoder models are not supported (decoder-only models only)")
+        num_layers, kv_heads, head_dim = cache_shape(config)
         unknown = sorted(set(kvcache_options) - set(KVCACHE_OPTIONS))
         if unknown:
             raise ValueError(f"kvcache_options: {unknown} are not KVCache options {list(KVCACHE_OPTIONS)}")
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self.config = config
         self._args = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, **kvcache_options)
-        self._slabs = _Slabs(len(layer_types), kv_heads, head_dim, max_batch_size, max_seq_len, kvcache_options)
-        super().__init__(layers=[VAttentionLayer(self._slabs, i) for i in range(len(layer_types))])
+        self._slabs = _Slabs(num_layers, kv_heads, head_dim, max_batch_size, max_seq_len, kvcache_options)
+        super().__init__(layers=[VAttentionLayer(self._slabs, i) for i in range(num_layers)])
         if dtype is not None or device is not None:
             self._slabs.open(dtype or torch.get_default_dtype(), device or "cpu")
 
@@ -313,4 +320,13 @@ class VAttentionCache(Cache):
         return f"VAttentionCache(layers={len(self.layers)}, length={self.get_seq_length()}, kvcache={self.kvcache!r})"
 
 
-__all__ = ["KVCACHE_OPTIONS", "VAttentionCache", "VAttentionLayer"]
+def generate_alone(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The tokens greedy ``model.generate`` gives ``prompt`` alone, with transformers' own cache:
+    the reference a batched engine's output must equal."""
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+__all__ = ["KVCACHE_OPTIONS", "VAttentionCache", "VAttentionLayer", "cache_shape", "generate_alone"]
