@@ -12,10 +12,6 @@ demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer
     ...     cache.k[0][slot, :100] = 1.0     # [batch, seq, kv_heads, head_dim]
 """
 
-from __future__ import annotations
-
-import importlib
-
 from .errors import (
     BackendUnavailable,
     CudaError,
@@ -27,6 +23,32 @@ from .errors import (
     UvmError,
 )
 
+# Imported on first use (PEP 562), so that `python -m pyvattn <command> --help` and the error
+# types load without torch: name -> (module, attribute).
+_LAZY = {
+    "KVCache": (".kvcache", "KVCache"),
+    "VirtualBuffer": (".buffer", "VirtualBuffer"),
+    "PagePool": (".pool", "PagePool"),
+    "backend_names": (".backends", "backend_names"),
+    "select_backend": (".backends", "select"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pyvattn' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,29 +56,6 @@ __all__ = [
     "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
     "CudaError", "UvmError",
 ]
-
-# Imported on first use: importing torch takes seconds, and `python -m pyvattn --help`, the errors,
-# traces and model shapes do not need it.
-_LAZY = {
-    "KVCache": ("pyvattn.kvcache", "KVCache"),
-    "VirtualBuffer": ("pyvattn.buffer", "VirtualBuffer"),
-    "PagePool": ("pyvattn.pool", "PagePool"),
-    "backend_names": ("pyvattn.backends", "backend_names"),
-    "select_backend": ("pyvattn.backends", "select"),
-}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pyvattn' has no attribute {name!r}")
-    module, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
 
 
 def info(device: str | None = None) -> dict:

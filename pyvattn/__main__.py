@@ -1,4 +1,4 @@
-"""Command line: python -m pyvattn {info,demo,frag} ...
+"""Command line: python -m pyvattn {info,demo,frag,serve} ...
 
 The parsers are built without importing torch, so --help answers at once; a command imports what
 it needs when it runs. Bad arguments are one line on stderr and exit status 2.
@@ -122,7 +122,8 @@ def build_parser() -> Parser:
         epilog="examples:\n"
                "  python -m pyvattn info              which backends run here, and which one auto picks\n"
                "  python -m pyvattn demo              KV tensors growing for requests of a real trace\n"
-               "  python -m pyvattn frag --help       memory wasted by allocation schemes on real traces")
+               "  python -m pyvattn frag --help       memory wasted by allocation schemes on real traces\n"
+               "  python -m pyvattn serve --help      a model served on pyvattn's continuous-batching engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info_arguments(sub.add_parser(
         "info", help="backends available here and what backend='auto' picks",
@@ -133,6 +134,8 @@ def build_parser() -> Parser:
                     "prints where the memory goes (legend in the output). Every K/V value is written and\n"
                     "read back. The same requests under static reservation are shown side by side."))
     sub.add_parser("frag", add_help=False, help="fragmentation of allocation schemes on request traces (frag --help)")
+    sub.add_parser("serve", add_help=False, help="a model served by pyvattn's continuous-batching engine "
+                                                 "(serve --help)")
     return parser
 
 
@@ -142,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         from .frag.cli import main as frag_main
 
         return frag_main(argv[1:])
+    if argv and argv[0] == "serve":  # its own parser too: `serve --help` imports no torch
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "info":
         from .info import collect, render
