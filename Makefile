@@ -42,7 +42,7 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest -q
 
-## Host benchmark into out/bench_host.json (SAVE=1: benchmarks/results/, the committed results).
+## Host benchmark into bench-results/bench_host.json (SAVE=1: benchmarks/results/, the committed results).
 bench: $(STAMP)
 	$(PY) scripts/bench_host.py $(if $(SAVE),--save)
 
@@ -55,6 +55,6 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 	-$(MAKE) -C kmod clean
 
-## Also the downloads (.cache: Debian packages for the driver check) and local outputs (out/).
+## Also the downloads (.cache: Debian packages for the driver check) and benchmark outputs (bench-results/).
 distclean: clean
-	rm -rf .cache out
+	rm -rf .cache bench-results

@@ -16,7 +16,7 @@ Sections (all in one run, side by side, so ratios compare like with like):
 4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
 
 GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
-to out/bench_cuda.json (git-ignored), or with --save to the committed
+to bench-results/bench_cuda.json (git-ignored), or with --save to the committed
 benchmarks/results/bench_cuda.json. Goals printed with the results: one-page growth of a
 32-layer model under 1 ms; step_async within 3% of pre-mapped; attention within 2% of torch memory.
 
@@ -341,7 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--save", action="store_true", help="write the committed benchmarks/results/bench_cuda.json")
-    where.add_argument("--out", default=None, help="JSON file to write (default: out/bench_cuda.json, git-ignored)")
+    where.add_argument("--out", default=None,
+                       help="JSON file to write (default: bench-results/bench_cuda.json, git-ignored)")
     args = ap.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
         print(f"bench_cuda.py: backend {args.backend} cannot run on {device}: {probe.reason}", file=sys.stderr)
         return 2
     name = f"bench_cuda{'' if device.type == 'cuda' else '_smoke_cpu'}.json"
-    out_path = Path(args.out or ("benchmarks/results/" if args.save else "out/") + name)
+    out_path = Path(args.out or ("benchmarks/results/" if args.save else "bench-results/") + name)
 
     result = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                           "torch": torch.__version__,

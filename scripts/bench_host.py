@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Host-backend benchmark: mapping throughput, step() cost, and overhead over the bare mmap calls.
 
-Prints a table and saves JSON: out/bench_host.json (git-ignored), or with --save the committed
-benchmarks/results/bench_host.json. Ratios are measured side by side in one run; absolute times are
+Prints a table and saves JSON: bench-results/bench_host.json (git-ignored), or with --save the
+committed benchmarks/results/bench_host.json. Ratios are measured side by side in one run; absolute times are
 this machine's and only indicative.
 
     python scripts/bench_host.py [--layers 32] [--repeat 7] [--save | --out PATH]
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pyvattn import KVCache
 from pyvattn._ffi import libc
 
-LOCAL = "out/bench_host.json"
+LOCAL = "bench-results/bench_host.json"
 COMMITTED = "benchmarks/results/bench_host.json"
 
 
