@@ -130,7 +130,7 @@ fi
 
 APT_OPTS=(
     -o "Dir::State=$APT/state" -o "Dir::State::status=/var/lib/dpkg/status"
-    -o "Dir::Cache=$APT/cache" -o "Dir::Cache::pkgcache=pkgcache.bin" -o "Dir::Cache::srcpkgcache=srcpkgcache.bin"
+    -o "Dir::Cache=$APT/cache" -o "Dir::Cache::pkgcache=pkgcache.bin" -o "Dir::Cache::srcpkgcache="
     -o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=$APT/sources.list.d"
     -o "Acquire::Languages=none" -o "APT::Install-Recommends=false"
 )
