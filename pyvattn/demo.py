@@ -135,6 +135,7 @@ class Demo:
         self.running: dict[int, Request] = {}
         self.step = self.done = self.bad = self.preempted = self.peak_running = 0
         self.waits_for = "-"
+        self.held = False  # after a preemption, admit nothing until a request finishes
         self.busiest: tuple[int, MemorySplit] | None = None  # (running, split) with most running
         largest = max(requests, key=lambda r: r.total)
         need = request_bytes(cache, largest.total)
@@ -174,9 +175,13 @@ class Demo:
 
     # --- one step of the loop ------------------------------------------------------------------
     def _admit(self) -> list[int]:
-        """Admit waiting requests while a slot is free and the prompt fits in memory."""
+        """Admit waiting requests while a slot is free and the prompt fits in memory (and no
+        request was preempted since the last one finished: it would only be preempted again)."""
         admitted = []
         while self.waiting and len(self.running) < self.cache.max_batch_size:
+            if self.held:
+                self.waits_for = "memory"
+                break
             r = self.waiting[0]
             slot = self.cache.alloc_slot(r.prompt)
             lens = {s: q.pos + 1 for s, q in self.running.items()} | {slot: r.prompt}
@@ -213,6 +218,7 @@ class Demo:
             r.pos = 0
             self.waiting.appendleft(r)
             self.preempted += 1
+            self.held = True
             self.waits_for = "memory"
             return r
 
@@ -232,6 +238,7 @@ class Demo:
             self.cache.free_slot(slot)
             del self.running[slot]
             self.done += 1
+            self.held = False
         return len(finished)
 
     # --- output -------------------------------------------------------------------------------
