@@ -46,6 +46,11 @@ PROGRESS_SECONDS = 3.0
 MiB = 1 << 20  # a row at least this often through long stretches without a finish
 
 
+def print_now(*args, **kwargs) -> None:
+    """print, flushed at once: rows appear as they happen when stdout is a pipe (make demo | tee)."""
+    print(*args, **kwargs, flush=True)
+
+
 class DemoError(ValueError):
     """An argument the demo cannot run with (printed as one line, exit status 2)."""
 
@@ -126,7 +131,7 @@ def request_bytes(cache: KVCache, tokens: int) -> int:
 class Demo:
     """The serving loop, its table and its summary."""
 
-    def __init__(self, cache: KVCache, requests: list[Request], out=print):
+    def __init__(self, cache: KVCache, requests: list[Request], out=print_now):
         self.cache, self.out = cache, out
         self.budget = cache.stats()["budget_pages"] * cache.page_size
         self.static = StaticReservation(cache, self.budget)
@@ -291,7 +296,7 @@ def _open_cache(args: argparse.Namespace) -> KVCache:
                    device=args.device, page_size=args.page_size, backend=args.backend, memory_budget=args.budget)
 
 
-def run(args: argparse.Namespace, out=print) -> int:
+def run(args: argparse.Namespace, out=print_now) -> int:
     """Run the demo for parsed command-line ``args``; 0 if every value read back as written."""
     try:
         requests, clamped = _requests(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -147,12 +148,14 @@ def test_memory_split_accounts_for_every_physical_byte():
         assert m.in_use + m.fragmentation + m.retained + m.pool == m.physical
 
 
-def test_demo_interrupted_says_so_without_a_traceback():
+def test_demo_rows_arrive_while_it_runs_and_ctrl_c_says_so_without_a_traceback():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a pipe, buffered
     proc = subprocess.Popen([sys.executable, "-m", "pyvattn", "demo", "--layers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # running: the first row of the table is out
-        if "admitted" in line:
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # the first row of the table, while the demo still runs
+        if re.match(r"\s+0\s.* admitted$", line):
             break
+    assert proc.poll() is None, "the demo's rows came only when it ended"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
