@@ -12,22 +12,27 @@ Sections (all in one run, side by side, so ratios compare like with like):
    layer, synchronize like a sampler would): a fully pre-mapped cache vs ``step()`` every
    iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute
    (the three interleaved in rounds of 16 steps, so drift over the run falls on all alike; the
-   comparison is the median over rounds of each round's mean step, quartiles printed);
+   comparison is the median over rounds of each round's mean step, quartiles printed).
+   Every step is also taken apart, to find where the slow ones come from: host time in
+   ``step()`` (a map, or the join waiting for ``step_async``'s map still running), host time
+   launching the step's GPU work (a driver call that blocks launches), the GPU's own time for that
+   work (a map running beside it that slows the GPU), and whether a map ran during it; a slow step
+   with none of these is the machine. p50, p99 and max per mode, and the causes of the slowest 1%;
 4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
 
 GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
 (default benchmarks/results/bench_cuda.json). Goals printed with the results: one-page growth of a
-32-layer model under 1 ms; step_async within 3% of pre-mapped; attention within 2% of torch memory.
+32-layer model under 1 ms; step_async within 3% of pre-mapped (median over rounds) and its p99
+step within 2% of pre-mapped's; attention within 2% of torch memory.
 
     python scripts/bench_cuda.py [--layers 32] [--batch 32] [--steps 1024] [--out PATH]
+    python scripts/bench_cuda.py --only decode,graphs          # sections: calls,growth,decode,graphs,attention
     python scripts/bench_cuda.py --device cpu --backend host --steps 40   # smoke run, no GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -36,35 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import benchlib
+from benchlib import Clock
 from pyvattn import KVCache, attention, backends
 
 MiB = 1 << 20
+SECTIONS = ("calls", "growth", "decode", "graphs", "attention")
 
 
 # --- timing -------------------------------------------------------------------------------------
-class Clock:
-    """Elapsed milliseconds of a region: CUDA events on a GPU (GPU idle gaps included, so host
-    stalls count), perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, start) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return (time.perf_counter() - start) * 1e3
-
-
 def host_us(fn, n: int) -> float:
     """Median microseconds of ``fn(i)`` over ``i in range(n)``, each call timed on its own."""
     times = []
@@ -180,6 +165,99 @@ def _start_lengths(cache: KVCache, batch: int, steps: int) -> list[int]:
     return [tpp + (tpp - 1 - (b * spread) // max(1, batch - 1) % tpp) for b in range(batch)]
 
 
+class StepClock:
+    """The parts of one decode step: host time in ``step()``, in launching the step's GPU work and
+    in ``step_async()``; the GPU's time for that work (events around the launch, on its stream);
+    the whole step from before ``step()`` to the synchronize after it, as a sampler would see it."""
+
+    PARTS = ("total_ms", "step_ms", "launch_ms", "submit_ms", "gpu_ms")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.log: dict[str, list] = {k: [] for k in (*self.PARTS, "map_in_step", "async_map", "round")}
+
+    def _event(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    @staticmethod
+    def _ms(a, b) -> float:
+        return a.elapsed_time(b) if not isinstance(a, float) else (b - a) * 1e3
+
+    def step(self, do_step, do_launch, do_submit) -> dict:
+        """Run one step's three phases and return their times (the end synchronizes)."""
+        e0 = self._event()
+        h0 = time.perf_counter()
+        do_step()
+        h1 = time.perf_counter()
+        g0 = self._event()
+        do_launch()
+        g1 = self._event()
+        h2 = time.perf_counter()
+        do_submit()
+        h3 = time.perf_counter()
+        e1 = self._event()
+        if self.cuda:
+            e1.synchronize()
+        return {"total_ms": self._ms(e0, e1), "step_ms": (h1 - h0) * 1e3, "launch_ms": (h2 - h1) * 1e3,
+                "submit_ms": (h3 - h2) * 1e3, "gpu_ms": self._ms(g0, g1)}
+
+    def record(self, times: dict, map_in_step: bool, async_map: bool, round_no: int) -> None:
+        for k, v in times.items():
+            self.log[k].append(v)
+        self.log["map_in_step"].append(map_in_step)
+        self.log["async_map"].append(async_map)
+        self.log["round"].append(round_no)
+
+
+def crossing(lens: np.ndarray, token_bytes: int, page_size: int) -> bool:
+    """Whether growing every request from ``lens`` to ``lens + 1`` tokens needs a new page."""
+    pages = lambda n: -(-n * token_bytes // page_size)  # noqa: E731
+    return bool((pages(lens + 1) > pages(lens)).any())
+
+
+def tail_causes(log: dict, slow_fraction: float = 0.01) -> dict:
+    """Why the slowest steps (the top ``slow_fraction``, at least one) were slow.
+
+    Each slow step gets every cause that holds: ``map in step()`` (a synchronous map),
+    ``join wait`` (``step()`` waited > 0.5 ms with nothing to map itself: ``step_async``'s map
+    from the previous step was still running), ``launch blocked`` (launching took > 1 ms over its
+    median), ``GPU slower`` (the GPU's time for the step's work > 1.2x its median), ``map beside
+    the GPU work`` (a ``step_async`` map was issued while this step's work ran); ``machine`` when
+    none holds. Also the GPU time of steps with and without a map beside them (does a map slow
+    the GPU?)."""
+    total = np.asarray(log["total_ms"])
+    n = len(total)
+    if n == 0:
+        return {}
+    order = np.argsort(total)[::-1][:max(1, int(round(n * slow_fraction)))]
+    step, launch, gpu = (np.asarray(log[k]) for k in ("step_ms", "launch_ms", "gpu_ms"))
+    mapped, beside = np.asarray(log["map_in_step"]), np.asarray(log["async_map"])
+    after_async = np.concatenate(([False], beside[:-1]))
+    launch_p50, gpu_p50 = np.median(launch), np.median(gpu)
+    causes: dict[str, int] = {}
+    slow = []
+    for i in order.tolist():
+        why = [c for c, hit in (("map in step()", mapped[i]),
+                                ("join wait", after_async[i] and not mapped[i] and step[i] > 0.5),
+                                ("launch blocked", launch[i] > launch_p50 + 1.0),
+                                ("GPU slower", gpu[i] > 1.2 * gpu_p50),
+                                ("map beside the GPU work", beside[i])) if hit] or ["machine"]
+        for c in why:
+            causes[c] = causes.get(c, 0) + 1
+        slow.append({"index": i, "total_ms": float(total[i]), "step_ms": float(step[i]),
+                     "launch_ms": float(launch[i]), "gpu_ms": float(gpu[i]), "causes": why})
+    gpu_beside = gpu[beside] if beside.any() else np.array([])
+    gpu_alone = gpu[~beside]
+    return {"slow_steps": len(order), "threshold_ms": float(total[order[-1]]), "causes": causes, "slowest": slow[:10],
+            "gpu_ms_p50_with_map_beside": float(np.median(gpu_beside)) if len(gpu_beside) else None,
+            "gpu_ms_p50_without": float(np.median(gpu_alone)) if len(gpu_alone) else None,
+            "steps_with_map_beside": int(beside.sum()), "steps_mapping_in_step": int(mapped.sum())}
+
+
 def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     """The three modes run interleaved, a slice of steps each in turn, so clock and thermal drift
     over the run fall on all of them alike.
@@ -189,7 +267,6 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     the host is then idle while the GPU works, which is when ``step_async`` can overlap mapping.
     The graph is captured before the cache grows and stays valid while pages are mapped under its
     fixed addresses: that is the point of contiguous virtual KV memory."""
-    clock = Clock(device)
     gen = torch.Generator(device=device).manual_seed(0)
     modes = ("premapped", "step", "step_async")
     runs = {}
@@ -206,7 +283,7 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
                 cache.v[layer][s, :n].normal_(generator=gen)
         slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
         runs[mode] = dict(cache=cache, slots=slots, slot_t=slot_t, slot_l=slot_t.long(),
-                          lens=np.array(lens0, dtype=np.int64), round_ms={}, it=0,
+                          lens=np.array(lens0, dtype=np.int64), clock=StepClock(device), it=0,
                           map_s0=cache.stats()["map_seconds"],
                           pos=torch.zeros(args.batch, dtype=torch.int64, device=device),
                           seqlens=torch.ones(args.batch, dtype=torch.int32, device=device))
@@ -241,19 +318,27 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
         r = runs[mode]
         cache, slots = r["cache"], r["slots"]
         nxt = r["lens"] + 1
-        t = clock.start()
-        cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
-        r["pos"].copy_(torch.from_numpy(nxt - 1), non_blocking=True)
-        r["seqlens"].copy_(torch.from_numpy(nxt.astype(np.int32)), non_blocking=True)
-        if graphs:
-            r["graph"].replay()
-        else:
-            forward(r)
-        if mode == "step_async":
-            cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
-        ms = clock.stop(t)  # synchronizes, like sampling the next token would
+        tb, P = cache.token_bytes, cache.page_size
+
+        def do_step():
+            cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
+            r["pos"].copy_(torch.from_numpy(nxt - 1), non_blocking=True)
+            r["seqlens"].copy_(torch.from_numpy(nxt.astype(np.int32)), non_blocking=True)
+
+        def do_launch():
+            if graphs:
+                r["graph"].replay()
+            else:
+                forward(r)
+
+        def do_submit():
+            if mode == "step_async":
+                cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
+
+        times = r["clock"].step(do_step, do_launch, do_submit)  # synchronizes, like sampling would
         if r["it"] >= args.warmup:
-            r["round_ms"].setdefault(round_no, []).append(ms)
+            r["clock"].record(times, map_in_step=mode == "step" and crossing(r["lens"], tb, P),
+                              async_map=mode == "step_async" and crossing(nxt, tb, P), round_no=round_no)
         r["it"] += 1
         r["lens"] = nxt
 
@@ -263,28 +348,73 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
             for _ in range(args.steps * (round_no + 1) // rounds - args.steps * round_no // rounds):
                 one_step(mode, round_no)
     results = {"interleaved_rounds": rounds, "cuda_graphs": graphs}
+    round_means = {}
     for mode in modes:
         r = runs[mode]
         s = r["cache"].stats()
-        times = [ms for k in sorted(r["round_ms"]) for ms in r["round_ms"][k]]
-        results[mode] = {"median_step_ms": statistics.median(times), "mean_step_ms": statistics.fmean(times),
-                         "max_step_ms": max(times), "map_calls": s["map_calls"],
-                         "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"]}
+        log = r["clock"].log
+        times = log["total_ms"]
+        by_round: dict[int, list[float]] = {}
+        for k, ms in zip(log["round"], times):
+            by_round.setdefault(k, []).append(ms)
+        round_means[mode] = {k: statistics.fmean(v) for k, v in by_round.items()}
+        total = benchlib.summary(times)
+        results[mode] = {"median_step_ms": total["p50"], "mean_step_ms": total["mean"], "p99_step_ms": total["p99"],
+                         "max_step_ms": total["max"], "map_calls": s["map_calls"],
+                         "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"],
+                         "parts_ms": {k: benchlib.summary(log[k]) for k in StepClock.PARTS},
+                         "tail": tail_causes(log),
+                         "steps": {k: [round(x, 4) for x in log[k]] for k in StepClock.PARTS}}
         r["cache"].close()
     base = results["premapped"]["mean_step_ms"]
     # Per round, each mode's mean step over the same stretch of the run (a map step included,
     # about one per round); the median over rounds keeps one host hiccup (tens of ms on a shared
     # VM) from deciding the comparison, and the quartiles show the spread.
-    pre = runs["premapped"]["round_ms"]
+    pre = round_means["premapped"]
     for mode in ("step", "step_async"):
         results[mode]["mean_vs_premapped"] = results[mode]["mean_step_ms"] / base
-        rm = runs[mode]["round_ms"]
-        ratios = [statistics.fmean(rm[k]) / statistics.fmean(pre[k]) for k in sorted(rm) if k in pre]
+        results[mode]["p99_vs_premapped"] = results[mode]["p99_step_ms"] / results["premapped"]["p99_step_ms"]
+        rm = round_means[mode]
+        ratios = [rm[k] / pre[k] for k in sorted(rm) if k in pre]
         q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
         results[mode].update(round_median_vs_premapped=float(q2), round_q1_vs_premapped=float(q1),
                              round_q3_vs_premapped=float(q3))
     results["attention_impl"] = attention.backend_name(device, dtype=args.dtype)
     return results
+
+
+def render_decode(dl: dict, args) -> str:
+    lines = [f"\ndecode loop{' from CUDA graphs' if dl['cuda_graphs'] else ''}: {args.layers} layers, batch "
+             f"{args.batch}, {args.steps} steps, attention via {dl['attention_impl']}"]
+    head = ["mode", "p50 ms", "p99 ms", "max ms", "mean ms", "mean vs pre", "p99 vs pre",
+            "per-round vs pre: median [q1, q3]", "map calls"]
+    rows = []
+    for mode in ("premapped", "step", "step_async"):
+        r = dl[mode]
+        rounds = (f"{r['round_median_vs_premapped']:.3f}x [{r['round_q1_vs_premapped']:.3f}, "
+                  f"{r['round_q3_vs_premapped']:.3f}]") if "round_median_vs_premapped" in r else "-"
+        rows.append([mode, f"{r['median_step_ms']:.3f}", f"{r['p99_step_ms']:.3f}", f"{r['max_step_ms']:.3f}",
+                     f"{r['mean_step_ms']:.3f}", f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-",
+                     f"{r['p99_vs_premapped']:.3f}x" if "p99_vs_premapped" in r else "-", rounds, r["map_calls"]])
+    lines.append(benchlib.table(head, rows))
+    head = ["mode", "slow steps (>= ms)", "causes of the slowest 1%", "GPU ms p50: map beside / none",
+            "step() p50 / max ms", "launch p50 / max ms"]
+    rows = []
+    for mode in ("premapped", "step", "step_async"):
+        t, parts = dl[mode]["tail"], dl[mode]["parts_ms"]
+        beside = t["gpu_ms_p50_with_map_beside"]
+        rows.append([mode, f"{t['slow_steps']} (>= {t['threshold_ms']:.2f})",
+                     ", ".join(f"{c} {n}" for c, n in sorted(t["causes"].items(), key=lambda kv: -kv[1])),
+                     f"{beside:.3f} / {t['gpu_ms_p50_without']:.3f}" if beside is not None else
+                     f"- / {t['gpu_ms_p50_without']:.3f}",
+                     f"{parts['step_ms']['p50']:.3f} / {parts['step_ms']['max']:.3f}",
+                     f"{parts['launch_ms']['p50']:.3f} / {parts['launch_ms']['max']:.3f}"])
+    lines.append(benchlib.table(head, rows))
+    ok = dl["step_async"]["round_median_vs_premapped"] <= 1.03
+    ok99 = dl["step_async"]["p99_vs_premapped"] <= 1.02
+    lines.append(f"  step_async within 3% of premapped (median over {dl['interleaved_rounds']} interleaved rounds): "
+                 f"{'met' if ok else 'NOT met'}; p99 within 2%: {'met' if ok99 else 'NOT met'}")
+    return "\n".join(lines)
 
 
 # --- 4. attention on pyvattn memory vs torch memory --------------------------------------------
@@ -325,7 +455,16 @@ def bench_attention(args, device: torch.device) -> dict:
 
 
 # --- main ---------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def sections_arg(value: str) -> list[str]:
+    """argparse type: a comma-separated subset of ``SECTIONS``."""
+    out = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in out if x not in SECTIONS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"{value!r}: sections are {','.join(SECTIONS)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default="cuda-vmm", help="cuda-vmm, uvm64k, auto (host with --device cpu)")
@@ -338,10 +477,24 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--calls", type=int, default=256, help="driver calls timed per kind")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    ap.add_argument("--only", type=sections_arg, default=list(SECTIONS),
+                    help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs and calls need a GPU)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_cuda.json)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("layers", "batch", "max_seq", "steps", "attn_len", "repeat", "calls"):
+        if getattr(args, name) <= 0:
+            print(f"bench_cuda.py: --{name.replace('_', '-')} must be a positive integer", file=sys.stderr)
+            return 2
     args.dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"bench_cuda.py: --device {args.device!r} is not a device", file=sys.stderr)
+        return 2
 
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -354,60 +507,45 @@ def main(argv=None) -> int:
     if probe is not None and not probe.available:
         print(f"bench_cuda.py: backend {args.backend} cannot run on {device}: {probe.reason}", file=sys.stderr)
         return 2
-    out_path = Path(args.out or f"benchmarks/results/bench_cuda{'' if device.type == 'cuda' else '_smoke_cpu'}.json")
+    out_path = Path(args.out) if args.out else benchlib.default_out("bench_cuda", device)
 
-    result = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
-                          "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                          "flash_attn": attention.flash_available()},
+    result = {"machine": {**benchlib.machine_facts(device), "flash_attn": attention.flash_available()},
               "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.backend == "cuda-vmm":
+    if "calls" in args.only and args.backend == "cuda-vmm":
         result["driver_calls"] = bench_driver_calls(device, args.calls)
         d = result["driver_calls"]
         print(f"\ncuda-vmm driver calls at granularity {d['granularity'] // 1024} KiB "
-              f"(host wall time, median of {d['calls']})")
+              f"(host wall time, median of {d['calls']}; bench_vmm.py has p50/p99 from 1-8 threads)")
         for key in ("cuMemCreate_us", "cuMemMap_us", "cuMemSetAccess_1page_us",
                     "cuMemSetAccess_run_of_16_pages_us", "cuMemSetAccess_again_on_1page_us", "cuMemUnmap_us",
                     "cuMemRelease_us"):
             print(f"  {key[:-3]:<36} {d[key]:>9.1f} us")
 
-    g = result["growth"] = bench_growth(device, args.backend, args.layers, args.repeat)
-    print(f"\ngrow one request by one page in all {args.layers} layers' K and V "
-          f"({g['maps_per_growth']} maps, {g['backend']}, {g['page_size'] // 1024} KiB pages)")
-    print(f"  one batched map():            {g['batched_ms']:8.3f} ms  (goal < 1 ms: "
-          f"{'met' if g['batched_ms'] < 1 else 'NOT met'})")
-    print(f"  one map() per page:           {g['per_page_calls_ms']:8.3f} ms")
-    print(f"  batched, 4 pages per region:  {g['batched_4_pages_per_region_ms']:8.3f} ms "
-          f"({g['batched_4_pages_per_region_ms'] / 4:.3f} ms per page-of-growth)")
+    if "growth" in args.only:
+        g = result["growth"] = bench_growth(device, args.backend, args.layers, args.repeat)
+        print(f"\ngrow one request by one page in all {args.layers} layers' K and V "
+              f"({g['maps_per_growth']} maps, {g['backend']}, {g['page_size'] // 1024} KiB pages)")
+        print(f"  one batched map():            {g['batched_ms']:8.3f} ms  (goal < 1 ms: "
+              f"{'met' if g['batched_ms'] < 1 else 'NOT met'})")
+        print(f"  one map() per page:           {g['per_page_calls_ms']:8.3f} ms")
+        print(f"  batched, 4 pages per region:  {g['batched_4_pages_per_region_ms']:8.3f} ms "
+              f"({g['batched_4_pages_per_region_ms'] / 4:.3f} ms per page-of-growth)")
 
-    for key, graphs in (("decode_loop", False), ("decode_loop_cuda_graphs", True)):
-        if graphs and device.type != "cuda":
+    for key, section, graphs in (("decode_loop", "decode", False), ("decode_loop_cuda_graphs", "graphs", True)):
+        if section not in args.only or (graphs and device.type != "cuda"):
             continue
         dl = result[key] = bench_decode_loop(args, device, graphs=graphs)
-        print(f"\ndecode loop{' from CUDA graphs' if graphs else ''}: {args.layers} layers, batch {args.batch}, "
-              f"{args.steps} steps, attention via {dl['attention_impl']}")
-        print(f"  {'mode':<12} {'median':>10} {'mean':>10} {'max':>10} {'mean vs pre':>12} "
-              f"{'per-round vs pre: median [q1, q3]':>34} {'map calls':>10}")
-        for mode in ("premapped", "step", "step_async"):
-            r = dl[mode]
-            ratio = f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-"
-            rounds = (f"{r['round_median_vs_premapped']:.3f}x [{r['round_q1_vs_premapped']:.3f}, "
-                      f"{r['round_q3_vs_premapped']:.3f}]") if "round_median_vs_premapped" in r else "-"
-            print(f"  {mode:<12} {r['median_step_ms']:>7.3f} ms {r['mean_step_ms']:>7.3f} ms "
-                  f"{r['max_step_ms']:>7.3f} ms {ratio:>12} {rounds:>34} {r['map_calls']:>10}")
-        ok = dl["step_async"]["round_median_vs_premapped"] <= 1.03
-        print(f"  step_async within 3% of premapped (median over {dl['interleaved_rounds']} interleaved "
-              f"rounds): {'met' if ok else 'NOT met'}")
+        print(render_decode(dl, args), flush=True)
 
-    a = result["attention"] = bench_attention(args, device)
-    print(f"\ndecode attention, batch {a['batch']}, {a['seq_len']} tokens, {a['impl']}: "
-          f"pyvattn {a['pyvattn_ms']:.4f} ms vs torch.empty {a['torch_empty_ms']:.4f} ms = "
-          f"{a['ratio']:.3f}x (goal within 2%: {'met' if a['ratio'] <= 1.02 else 'NOT met'}); "
-          f"outputs identical: {a['identical_outputs']}")
+    if "attention" in args.only:
+        a = result["attention"] = bench_attention(args, device)
+        print(f"\ndecode attention, batch {a['batch']}, {a['seq_len']} tokens, {a['impl']}: "
+              f"pyvattn {a['pyvattn_ms']:.4f} ms vs torch.empty {a['torch_empty_ms']:.4f} ms = "
+              f"{a['ratio']:.3f}x (goal within 2%: {'met' if a['ratio'] <= 1.02 else 'NOT met'}); "
+              f"outputs identical: {a['identical_outputs']}")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nsaved {out_path}")
+    print()
+    benchlib.save_json(out_path, result)
     return 0
 
 
