@@ -20,6 +20,7 @@ Exit status: 0 when every part passed; 2 for bad arguments (nothing ran); otherw
 the values of the parts that failed or ran out of time (a skipped part is not a failure). JSON of
 each part and ``gpu_suite.json`` (machine: device, driver, CUDA, torch, date; every part's status
 and time) go to ``--results`` (default benchmarks/results/), logs to ``RESULTS/gpu_suite-logs/``.
+To bring the results back from a lent machine, tar that folder.
 
 ``--cpu-check`` (alias ``--dry-run``) runs in seconds without a GPU: every part's GPU command line
 is parsed by that part's own parser (without running it), then the code paths a CPU can run are
@@ -100,7 +101,7 @@ PARTS = [
          [["scripts/bench_cuda.py", "--only", "decode,graphs,attention", "--out", "{R}/bench_cuda.json"]],
          [["scripts/bench_cuda.py", "--device", "cpu", "--backend", "host", "--only", "decode,attention",
            "--layers", "1", "--batch", "2", "--steps", "16", "--max-seq", "256", "--attn-len", "64",
-           "--warmup", "2", "--repeat", "1", "--out", "{R}/bench_cuda_smoke_cpu.json"]]),
+           "--warmup", "1", "--repeat", "1", "--out", "{R}/bench_cuda_smoke_cpu.json"]]),
     Part("rerun", 128, 60, "the demo and measured frag on cuda-vmm",
          [["-m", "pyvattn", "demo", "--device", "cuda", "--backend", "cuda-vmm"],
           ["-m", "pyvattn", "frag", "--trace", "arxiv", "--model", "llama-3-8b", "--tp", "2", "--measured",
@@ -453,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parse every part's GPU command and run the CPU-runnable paths, in seconds")
     mode.add_argument("--fetch-wheels", action="store_true", help="download what the GPU machine lacks into --wheels")
     ap.add_argument("--only", default=",".join(NAMES), help=f"parts to run, of {','.join(NAMES)} (default: all)")
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for JSON and logs")
+    ap.add_argument("--results", default=None,
+                    help="folder for JSON and logs (default benchmarks/results/, with --cpu-check its "
+                         "git-ignored cpu-check/ subfolder)")
     ap.add_argument("--wheels", default=str(REPO / ".cache" / "wheels"), help="carried wheels and the kvcached sdist")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole suite (default {BUDGET_S})")
     ap.add_argument("--driver-lib", default=None, help="--cpu-check: a stand-in libcuda for the VMM benchmarks")
@@ -473,7 +476,8 @@ def main(argv=None) -> int:
         ap.error(f"--driver-lib {args.driver_lib}: no such file")
     if args.fetch_wheels:
         return fetch_wheels(Path(args.wheels))
-    results = Path(args.results).resolve()
+    default = REPO / "benchmarks" / "results"
+    results = Path(args.results).resolve() if args.results else (default / "cpu-check" if args.cpu_check else default)
     mode = "cpu-check" if args.cpu_check else "gpu"
     t0 = time.perf_counter()
     outcomes = cpu_check(args, results) if args.cpu_check else gpu_run(args, results)
