@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     w = Workload(args.layers, args.batch, args.prompt, args.spread, args.steps)
     if args.kvcached_child:
         print(json.dumps(run_kvcached(w, device)), flush=True)
-        return 0
+        os._exit(0)  # kvcached's threads and shared memory are shut down; no interpreter teardown
     backend = args.backend or ("cuda-vmm" if device.type == "cuda" else "host")
     result = {"machine": benchlib.machine_facts(device), "args": vars(args),
               "workload": {**vars(w), "prompts": w.prompts}, "sides": {}}

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -49,7 +50,7 @@ from pyvattn.units import format_size
 
 MiB = 1 << 20
 RUNS = (16, 64)  # pages per cuMemSetAccess call in the run phases
-RUN_CALLS = 32  # run calls per thread at least: map, time the runs, unmap, as often as that takes
+RUN_CALLS = 32  # run calls per config at least: map, time the runs, unmap, as often as that takes
 OPS = ("cuMemCreate", "cuMemMap", "cuMemSetAccess fresh, 1 page", "cuMemSetAccess again, 1 page",
        *(f"cuMemSetAccess fresh, run of {r}" for r in RUNS), "cuMemUnmap", "cuMemRelease")
 
@@ -63,6 +64,7 @@ class Worker:
 
     def __init__(self, drv: benchlib.VmmDriver, size: int, pages: int, barrier: threading.Barrier):
         self.drv, self.size, self.pages, self.barrier = drv, size, pages, barrier
+        self.threads = barrier.parties
         self.ns: dict[str, list[int]] = {op: [] for op in OPS}
         self.wall_s: dict[str, float] = {}
         self.error: BaseException | None = None
@@ -111,7 +113,7 @@ class Worker:
         self._timed("cuMemSetAccess again, 1 page", n, lambda i: lib.cuMemSetAccess(self._va(i), S, access, 1))
         self._timed("cuMemUnmap", n, lambda i: lib.cuMemUnmap(self._va(i), S), after=self._mapped.discard)
         for run in RUNS:  # access over runs needs fresh mappings: map again (untimed), then time
-            for _ in range(-(-RUN_CALLS // (n // run))):
+            for _ in range(-(-RUN_CALLS // (self.threads * (n // run)))):
                 self._map_all()
                 self._timed(f"cuMemSetAccess fresh, run of {run}", n // run,
                             lambda i, run=run: lib.cuMemSetAccess(self._va(i * run), run * S, access, 1))
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pages", type=int, default=256, help="pages per thread at most (default 256; at least 64)")
     ap.add_argument("--mem-per-thread", type=benchlib.size_arg, default="2GiB",
                     help="device memory per thread at most (default 2GiB)")
+    ap.add_argument("--time-budget", type=float, default=30.0,
+                    help="seconds for the latency table; configurations not started by then are skipped")
     ap.add_argument("--no-access-probe", action="store_true", help="skip the access experiment")
     ap.add_argument("--driver-lib", default=None, help="load this libcuda instead of the system's (tests: a stub)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_vmm.json)")
@@ -394,7 +398,7 @@ def main(argv=None) -> int:
     ordinal = device.index or 0
     if args.touch_child:
         print(json.dumps(touch_child(args.touch_child, ordinal)), flush=True)
-        return 0
+        os._exit(0)  # no teardown in a context a fault may have poisoned
     try:
         if args.driver_lib:
             from pyvattn._ffi import cuda
@@ -416,10 +420,16 @@ def main(argv=None) -> int:
     try:
         result["call_floor_us"] = call_floor_us(drv)
         total = len(args.sizes) * len(args.threads)
+        t_start = time.perf_counter()
         for size in args.sizes:
             for threads in args.threads:
                 n = pages_for(size, threads, args.pages, args.mem_per_thread, drv.free_memory())
                 label = f"[{len(result['configs']) + 1}/{total}] {format_size(size)} x {threads} threads"
+                if time.perf_counter() - t_start > args.time_budget:
+                    result["configs"].append({"page_bytes": size, "threads": threads, "pages_per_thread": 0,
+                                              "error": f"skipped: out of time (--time-budget {args.time_budget:g} s)"})
+                    print(f"{label}: skipped, out of time", flush=True)
+                    continue
                 if n == 0:
                     result["configs"].append({"page_bytes": size, "threads": threads, "pages_per_thread": 0,
                                               "error": "skipped: not enough free device memory"})
@@ -430,7 +440,7 @@ def main(argv=None) -> int:
                 print(f"{label}: {n} pages per thread, {time.perf_counter() - t0:.1f} s", flush=True)
         if not args.no_access_probe:
             result["access_probe"] = probe_access(drv)
-            result["access_probe_touch"] = (run_touch_children(ordinal, 90) if gpu_here
+            result["access_probe_touch"] = (run_touch_children(ordinal, 30) if gpu_here
                                             else "skipped: no GPU (the write would need one)")
     finally:
         drv.close()
