@@ -466,16 +466,16 @@ def sections_arg(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=benchlib.device_arg, default="cuda")
     ap.add_argument("--backend", default="cuda-vmm", help="cuda-vmm, uvm64k, auto (host with --device cpu)")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-seq", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=1024, help="decode-loop iterations per mode")
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--attn-len", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--calls", type=int, default=256, help="driver calls timed per kind")
+    ap.add_argument("--layers", type=benchlib.positive_int, default=32)
+    ap.add_argument("--batch", type=benchlib.positive_int, default=32)
+    ap.add_argument("--max-seq", type=benchlib.positive_int, default=8192)
+    ap.add_argument("--steps", type=benchlib.positive_int, default=1024, help="decode-loop iterations per mode")
+    ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=8)
+    ap.add_argument("--attn-len", type=benchlib.positive_int, default=4096)
+    ap.add_argument("--repeat", type=benchlib.positive_int, default=15)
+    ap.add_argument("--calls", type=benchlib.positive_int, default=256, help="driver calls timed per kind")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--only", type=sections_arg, default=list(SECTIONS),
                     help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs and calls need a GPU)")
@@ -485,16 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("layers", "batch", "max_seq", "steps", "attn_len", "repeat", "calls"):
-        if getattr(args, name) <= 0:
-            print(f"bench_cuda.py: --{name.replace('_', '-')} must be a positive integer", file=sys.stderr)
-            return 2
     args.dtype = getattr(torch, args.dtype)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"bench_cuda.py: --device {args.device!r} is not a device", file=sys.stderr)
-        return 2
+    device = args.device
 
     if device.type == "cuda":
         if not torch.cuda.is_available():

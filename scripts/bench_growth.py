@@ -252,19 +252,22 @@ def run(args, device: torch.device, drv: benchlib.VmmDriver) -> dict:
 def render(r: dict) -> str:
     head = ["strategy", "p50 ms", "p99 ms", "max ms", "ms per page of growth", "µs per 2 MiB mapped",
             "vs backend", f"< {r['goal_ms']:g} ms"]
-    rows = [[name, f"{s['p50']:.3f}", f"{s['p99']:.3f}", f"{s['max']:.3f}", f"{s['per_2MiB_page_of_growth_ms']:.3f}",
-             f"{s['per_mapped_2MiB_us']:.1f}", f"{s['vs_backend']:.2f}x",
-             ("yes" if s["goal_met"] else "no") if s["usable"] else "n/a (floor)"] for name, s in r["strategies"].items()]
+    rows = []
+    for name, s in r["strategies"].items():
+        goal = ("yes" if s["goal_met"] else "no") if s["usable"] else "n/a (floor)"
+        rows.append([name, f"{s['p50']:.3f}", f"{s['p99']:.3f}", f"{s['max']:.3f}",
+                     f"{s['per_2MiB_page_of_growth_ms']:.3f}", f"{s['per_mapped_2MiB_us']:.1f}",
+                     f"{s['vs_backend']:.2f}x", goal])
     return (f"\ngrow one request by one page in all {r['layers']} layers ({r['regions']} regions), "
             f"interleaved rounds\n" + benchlib.table(head, rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=20, help="timed growths per strategy")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", type=benchlib.cuda_device, default="cuda")
+    ap.add_argument("--layers", type=benchlib.positive_int, default=32)
+    ap.add_argument("--repeat", type=benchlib.positive_int, default=40, help="timed growths per strategy")
+    ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=2)
     ap.add_argument("--threads", type=benchlib.csv_ints, default="2,4,8", help="thread counts to try")
     ap.add_argument("--units", type=benchlib.csv_ints, default="2,4", help="mapping units, in granules, to try")
     ap.add_argument("--driver-lib", default=None, help="load this libcuda instead of the system's (tests: a stub)")
@@ -274,20 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("layers", "repeat"):
-        if getattr(args, name) <= 0:
-            print(f"bench_growth.py: --{name} must be a positive integer", file=sys.stderr)
-            return 2
-    if args.warmup < 0:
-        print("bench_growth.py: --warmup must be >= 0", file=sys.stderr)
-        return 2
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type != "cuda":
-        print(f"bench_growth.py: --device {args.device} is not a CUDA device", file=sys.stderr)
-        return 2
+    device = args.device
     try:
         if args.driver_lib:
             from pyvattn._ffi import cuda
@@ -300,12 +290,13 @@ def main(argv=None) -> int:
     gpu_here = torch.cuda.is_available() and args.driver_lib is None
     try:
         result = {"machine": benchlib.machine_facts(device if gpu_here else "cpu"), "device_name": drv.device_name,
-                  "driver_lib": args.driver_lib, "args": vars(args), **run(args, device, drv)}
+                  "driver_lib": args.driver_lib, "args": {k: str(v) for k, v in vars(args).items()},
+                  **run(args, device, drv)}
     finally:
         drv.close()
     print(render(result))
-    benchlib.save_json(Path(args.out) if args.out else benchlib.default_out("bench_growth", device if gpu_here else "cpu"),
-                       result)
+    out = Path(args.out) if args.out else benchlib.default_out("bench_growth", device if gpu_here else "cpu")
+    benchlib.save_json(out, result)
     return 0
 
 

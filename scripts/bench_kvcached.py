@@ -244,8 +244,9 @@ def render(result: dict) -> str:
         head = ["operation (ms)"] + [f"{name} p50 / p99 / max" for name in sides]
         rows = []
         for kind in ("admit", "decode step", "release"):
-            rows.append([kind] + [f"{s['ms'][kind]['p50']:.3f} / {s['ms'][kind]['p99']:.3f} / {s['ms'][kind]['max']:.3f}"
-                                  if s["ms"][kind]["n"] else "-" for s in sides.values()])
+            stats = [s["ms"][kind] for s in sides.values()]
+            rows.append([kind] + [f"{m['p50']:.3f} / {m['p99']:.3f} / {m['max']:.3f}" if m["n"] else "-"
+                                  for m in stats])
             rows.append([f"  {kind}, total"] + [f"{s['ms'][kind]['total']:.1f}" for s in sides.values()])
         points = list(next(iter(sides.values()))["memory"])
         for point in points:
@@ -264,13 +265,14 @@ def render(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=benchlib.device_arg, default="cuda")
     ap.add_argument("--backend", default=None, help="pyvattn backend (default: cuda-vmm on a GPU, host on the CPU)")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--prompt", type=int, default=1000, help="shortest prompt, tokens")
-    ap.add_argument("--spread", type=int, default=1000, help="prompts lie in [prompt, prompt + spread)")
-    ap.add_argument("--steps", type=int, default=512)
+    ap.add_argument("--layers", type=benchlib.positive_int, default=32)
+    ap.add_argument("--batch", type=benchlib.positive_int, default=64)
+    ap.add_argument("--prompt", type=benchlib.positive_int, default=1000, help="shortest prompt, tokens")
+    ap.add_argument("--spread", type=benchlib.nonnegative_int, default=1000,
+                    help="prompts lie in [prompt, prompt + spread)")
+    ap.add_argument("--steps", type=benchlib.positive_int, default=512)
     ap.add_argument("--child-timeout", type=float, default=60.0, help="seconds for each kvcached run")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_kvcached.json)")
     ap.add_argument("--kvcached-child", action="store_true", help=argparse.SUPPRESS)
@@ -279,18 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("layers", "batch", "prompt", "steps"):
-        if getattr(args, name) <= 0:
-            print(f"bench_kvcached.py: --{name} must be a positive integer", file=sys.stderr)
-            return 2
-    if args.spread < 0:
-        print("bench_kvcached.py: --spread must be >= 0", file=sys.stderr)
-        return 2
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"bench_kvcached.py: --device {args.device!r} is not a device", file=sys.stderr)
-        return 2
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_kvcached.py: torch sees no CUDA GPU (--device cpu runs the pyvattn side alone)", file=sys.stderr)
         return 2
@@ -301,7 +292,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_kvcached(w, device)), flush=True)
         os._exit(0)  # kvcached's threads and shared memory are shut down; no interpreter teardown
     backend = args.backend or ("cuda-vmm" if device.type == "cuda" else "host")
-    result = {"machine": benchlib.machine_facts(device), "args": vars(args),
+    result = {"machine": benchlib.machine_facts(device), "args": {k: str(v) for k, v in vars(args).items()},
               "workload": {**vars(w), "prompts": w.prompts}, "sides": {}}
     result["sides"][f"pyvattn ({backend})"] = run_pyvattn(w, device, backend)
     why_not = "no GPU" if device.type != "cuda" else kvcached_importable()

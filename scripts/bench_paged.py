@@ -61,7 +61,8 @@ class Flex:
 
             # Past the recompile limit, torch.compile falls back to eager, and eager FlexAttention
             # materialises every score (tens of GB at batch 256 x 32K): fail instead, per shape.
-            for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("fail_on_recompile_limit_hit", True)):
+            limits = (("recompile_limit", 64), ("cache_size_limit", 64), ("fail_on_recompile_limit_hit", True))
+            for name, value in limits:
                 if hasattr(dynamo, name):
                     setattr(dynamo, name, value)
             self.fn = torch.compile(flex_attention, dynamic=True)
@@ -296,12 +297,8 @@ def render(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> Path | None:
     """paged / contiguous against context, one line per batch and comparison."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchlib.pyplot()
+    if plt is None:
         return None
     keys = sorted({k for row in result["shapes"] for k in row["ratios"]})
     if not keys:
@@ -309,24 +306,22 @@ def plot(result: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for batch in sorted({r["batch"] for r in result["shapes"]}):
-            pts = [(r["context"], r["ratios"][key]) for r in result["shapes"] if r["batch"] == batch and key in r["ratios"]]
+            pts = [(r["context"], r["ratios"][key]) for r in result["shapes"]
+                   if r["batch"] == batch and key in r["ratios"]]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"batch {batch}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(title=key, xlabel="context (tokens)", ylabel="time ratio", xscale="log")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"paged vs contiguous decode attention on {result['machine'].get('gpu')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"paged vs contiguous decode attention on {result['machine'].get('gpu')}"
+    return benchlib.save_figure(plt, fig, title, path)
 
 
 # --- main ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=benchlib.device_arg, default="cuda")
     ap.add_argument("--backend", default=None, help="KVCache backend (default: cuda-vmm on a GPU, host on the CPU)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--batches", type=benchlib.csv_ints, default="1,16,64,256")
@@ -337,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip shapes whose two K/V copies need more (default: 80%% of free device memory)")
     ap.add_argument("--time-budget", type=float, default=75.0,
                     help="seconds for the whole run; shapes not started by then are skipped (default 75)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--inner", type=int, default=5, help="calls per timed sample")
+    ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=3)
+    ap.add_argument("--repeat", type=benchlib.positive_int, default=7)
+    ap.add_argument("--inner", type=benchlib.positive_int, default=5, help="calls per timed sample")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_paged.json)")
     ap.add_argument("--no-plot", action="store_true")
     return ap
@@ -347,24 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"bench_paged.py: --device {args.device!r} is not a device", file=sys.stderr)
-        return 2
+    device = args.device
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_paged.py: torch sees no CUDA GPU (use --device cpu for the numerics check)", file=sys.stderr)
         return 2
-    for name in ("warmup", "repeat", "inner"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            print(f"bench_paged.py: --{name} is too small", file=sys.stderr)
-            return 2
     t_start = time.perf_counter()
     args.backend = args.backend or ("cuda-vmm" if device.type == "cuda" else "host")
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     builders = kernels(device, dtype)
-    result = {"machine": benchlib.machine_facts(device), "args": vars(args), "dtype": args.dtype, "model": MODEL,
+    result = {"machine": benchlib.machine_facts(device), "args": {k: str(v) for k, v in vars(args).items()},
+              "dtype": args.dtype, "model": MODEL,
               "kernels": [n for n, b in builders.items() if not isinstance(b, Exception)],
               "unavailable": {n: str(b) for n, b in builders.items() if isinstance(b, Exception)},
               "flash_attn_installed": attention.flash_available(), "shapes": []}

@@ -337,40 +337,35 @@ def render(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    """p50 per call against threads, one panel per page size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """p50 per page against threads, one panel per page size."""
+    plt = benchlib.pyplot()
+    if plt is None:
         return None
     sizes = sorted({c["page_bytes"] for c in result["configs"]})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         configs = [c for c in result["configs"] if c["page_bytes"] == size and "ops_us" in c]
         for op in OPS:
-            pts = [(c["threads"], c["ops_us"][op]["p50"]) for c in configs if c["ops_us"][op]["n"]]
+            pts = [(c["threads"], c["ops_us"][op]["p50_per_page"]) for c in configs if c["ops_us"][op]["n"]]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=op)
-        ax.set(title=f"{format_size(size)} pages", xlabel="threads at once", ylabel="p50 µs per call", yscale="log")
+        ax.set(title=f"{format_size(size)} pages", xlabel="threads at once", yscale="log",
+               ylabel="p50 µs per page (a run: per call / pages)", xticks=[c["threads"] for c in configs])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"CUDA VMM calls on {result['machine'].get('gpu') or result.get('device_name')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"CUDA VMM calls on {result['machine'].get('gpu') or result.get('device_name')}"
+    return benchlib.save_figure(plt, fig, title, path)
 
 
 # --- main ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="a CUDA device (cuda, cuda:1)")
+    ap.add_argument("--device", type=benchlib.cuda_device, default="cuda", help="a CUDA device (cuda, cuda:1)")
     ap.add_argument("--sizes", type=benchlib.csv_sizes, default="2MiB,8MiB,32MiB",
                     help="page sizes, multiples of the device's granularity (default: 2MiB,8MiB,32MiB)")
     ap.add_argument("--threads", type=benchlib.csv_ints, default="1,2,4,8", help="thread counts (default: 1,2,4,8)")
-    ap.add_argument("--pages", type=int, default=256, help="pages per thread at most (default 256; at least 64)")
+    ap.add_argument("--pages", type=benchlib.positive_int, default=256,
+                    help="pages per thread at most (default 256; at least 64)")
     ap.add_argument("--mem-per-thread", type=benchlib.size_arg, default="2GiB",
                     help="device memory per thread at most (default 2GiB)")
     ap.add_argument("--time-budget", type=float, default=30.0,
@@ -385,13 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type != "cuda":
-        print(f"bench_vmm.py: --device {args.device} is not a CUDA device", file=sys.stderr)
-        return 2
+    device = args.device
     if args.pages < 64:
         print(f"bench_vmm.py: --pages {args.pages} must be at least 64 (the longest run)", file=sys.stderr)
         return 2

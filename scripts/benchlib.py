@@ -129,10 +129,31 @@ def table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
                      + [line(r) for r in cells[1:]])
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, title: str, path: Path) -> Path:
+    """Title, tight layout, PNG at ``path``, figure closed."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def save_json(path: Path | str, obj: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")  # str: devices, paths
     print(f"saved {path}")
     return path
 
@@ -142,6 +163,44 @@ def default_out(name: str, device: torch.device) -> Path:
     smoke run never overwrites GPU numbers. ``$PYVATTN_RESULTS`` moves the folder."""
     folder = Path(os.environ.get("PYVATTN_RESULTS", RESULTS))
     return folder / f"{name}{'' if torch.device(device).type == 'cuda' else '_smoke_cpu'}.json"
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        out = int(value)
+    except ValueError:
+        out = 0
+    if out <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return out
+
+
+def nonnegative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        out = int(value)
+    except ValueError:
+        out = -1
+    if out < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer >= 0")
+    return out
+
+
+def device_arg(value: str) -> torch.device:
+    """argparse type: a torch device (cpu, cuda, cuda:1)."""
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device (cpu, cuda, cuda:1)") from None
+
+
+def cuda_device(value: str) -> torch.device:
+    """argparse type: a CUDA device (cuda, cuda:1)."""
+    device = device_arg(value)
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{value!r} is not a CUDA device (cuda, cuda:1)")
+    return device
 
 
 def csv_ints(value: str) -> list[int]:

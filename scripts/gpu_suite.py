@@ -208,7 +208,7 @@ def gpu_run(args, results: Path) -> list[Outcome]:
     sys.path[:0] = path
     print(f"setup: {wheels_status} from {args.wheels}", flush=True)
     chosen = [p for p in PARTS if p.name in args.only]
-    sdist = next(iter(sorted(Path(args.wheels).glob("kvcached-*.tar.gz"))), None) if Path(args.wheels).is_dir() else None
+    sdist = next(iter(sorted(Path(args.wheels).glob("kvcached-*.tar.gz"))), None)
     kvc = KvcachedBuild(sdist if any(p.name == "kvcached" for p in chosen) else None, kvc_site,
                         logs / "kvcached-build.log", env)
     t_suite = time.perf_counter()
@@ -440,10 +440,11 @@ def render(outcomes: list[Outcome], mode: str, total_s: float) -> str:
     width = [max(len(str(r[i])) for r in rows + [["part", "value", "status", "s", "box", "notes"]]) for i in range(6)]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, width))  # noqa: E731
     code = exit_status(outcomes)
+    failed = [o for o in outcomes if o.failed]
+    why = f" = {' + '.join(str(o.value) for o in failed)} ({', '.join(o.name for o in failed)})" if failed else ""
     return "\n".join([f"\nGPU suite ({mode}) summary, {total_s:.0f} s:",
                       line(["part", "value", "status", "s", "box", "notes"]), *map(line, rows),
-                      f"exit status {code}" + (f" = {' + '.join(str(o.value) for o in outcomes if o.failed)}"
-                                               f" ({', '.join(o.name for o in outcomes if o.failed)})" if code else "")])
+                      f"exit status {code}{why}"])
 
 
 def build_parser() -> argparse.ArgumentParser:
