@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--spread", type=benchlib.nonnegative_int, default=1000,
                     help="prompts lie in [prompt, prompt + spread)")
     ap.add_argument("--steps", type=benchlib.positive_int, default=512)
-    ap.add_argument("--child-timeout", type=float, default=60.0, help="seconds for each kvcached run")
+    ap.add_argument("--child-timeout", type=float, default=25.0, help="seconds for each kvcached run")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_kvcached.json)")
     ap.add_argument("--kvcached-child", action="store_true", help=argparse.SUPPRESS)
     return ap

@@ -275,6 +275,15 @@ def ratios(row: dict, names: list[str]) -> dict:
     return out
 
 
+def coarse_first(batches: list[int], contexts: list[int]) -> list[tuple[int, int]]:
+    """Every (batch, context), in an order that covers every batch and every context early: the
+    diagonals of the grid one after another (a time-boxed run that stops half-way still has each
+    batch size and each context length in it)."""
+    n = max(len(batches), len(contexts))
+    order = sorted(((i - j) % n, j, i) for i in range(len(batches)) for j in range(len(contexts)))
+    return [(batches[i], contexts[j]) for _, j, i in order]
+
+
 # --- report -------------------------------------------------------------------------------------
 def render(result: dict) -> str:
     names = result["kernels"]
@@ -288,8 +297,10 @@ def render(result: dict) -> str:
         return "\n".join(lines)
     ratio_names = sorted({k for row in result["shapes"] for k in row["ratios"]})
     head = ["batch", "context"] + [f"{n} ms" for n in names] + ratio_names
+    shapes = sorted(result["shapes"], key=lambda r: (r["context"], r["batch"]))
     rows = [[r["batch"], r["context"]] + [f"{r['ms'][n]:.4f}" if r["ms"].get(n) else "-" for n in names]
-            + [f"{r['ratios'][k]:.2f}x" if k in r["ratios"] else "-" for k in ratio_names] for r in result["shapes"]]
+            + [f"{r['ratios'][k]:.2f}x" if k in r["ratios"] else r.get("skipped", "-")[:30] for k in ratio_names]
+            for r in shapes]
     lines += [f"\ndecode attention, {result['dtype']}, Hq {MODEL['q_heads']} Hkv {MODEL['kv_heads']} "
               f"D {MODEL['head_dim']} (median ms per call; ratio > 1: contiguous faster)", benchlib.table(head, rows)]
     return "\n".join(lines)
@@ -330,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ragged lengths of the numerics check")
     ap.add_argument("--max-gib", type=float, default=None,
                     help="skip shapes whose two K/V copies need more (default: 80%% of free device memory)")
-    ap.add_argument("--time-budget", type=float, default=75.0,
-                    help="seconds for the whole run; shapes not started by then are skipped (default 75)")
+    ap.add_argument("--time-budget", type=float, default=60.0,
+                    help="seconds for the whole run; shapes not started by then are skipped (default 60)")
     ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=3)
     ap.add_argument("--repeat", type=benchlib.positive_int, default=7)
     ap.add_argument("--inner", type=benchlib.positive_int, default=5, help="calls per timed sample")
@@ -369,24 +380,23 @@ def main(argv=None) -> int:
     free = torch.cuda.mem_get_info(device)[0]
     cap = (args.max_gib * 2**30) if args.max_gib else 0.8 * free
     itemsize = torch.empty((), dtype=dtype).element_size()
-    for context in args.contexts:
-        for batch in args.batches:
-            need = 2 * 2 * batch * context * MODEL["kv_heads"] * MODEL["head_dim"] * itemsize  # K+V, two copies
-            if time.perf_counter() - t_start > args.time_budget:
-                result["shapes"].append({"batch": batch, "context": context, "ms": {}, "ratios": {},
-                                         "skipped": f"out of time (--time-budget {args.time_budget:g} s)"})
-                continue
-            if need > cap:
-                result["shapes"].append({"batch": batch, "context": context, "ms": {}, "ratios": {},
-                                         "skipped": f"needs {need / 2**30:.1f} GiB > {cap / 2**30:.1f} GiB"})
-                continue
-            row = time_shape(args, device, dtype, builders, batch, context, gen)
-            row["ratios"] = ratios(row, result["kernels"])
-            result["shapes"].append(row)
-            print(f"batch {batch:>4} context {context:>6}: " + ", ".join(
-                f"{n} {ms:.4f} ms" if ms else f"{n} failed" for n, ms in row["ms"].items())
-                + f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
-            benchlib.save_json(out, result)  # a time-boxed run keeps every finished shape
+    for batch, context in coarse_first(args.batches, args.contexts):
+        need = 2 * 2 * batch * context * MODEL["kv_heads"] * MODEL["head_dim"] * itemsize  # K+V, two copies
+        if time.perf_counter() - t_start > args.time_budget:
+            result["shapes"].append({"batch": batch, "context": context, "ms": {}, "ratios": {},
+                                     "skipped": f"out of time (--time-budget {args.time_budget:g} s)"})
+            continue
+        if need > cap:
+            result["shapes"].append({"batch": batch, "context": context, "ms": {}, "ratios": {},
+                                     "skipped": f"needs {need / 2**30:.1f} GiB > {cap / 2**30:.1f} GiB"})
+            continue
+        row = time_shape(args, device, dtype, builders, batch, context, gen)
+        row["ratios"] = ratios(row, result["kernels"])
+        result["shapes"].append(row)
+        print(f"batch {batch:>4} context {context:>6}: " + ", ".join(
+            f"{n} {ms:.4f} ms" if ms else f"{n} failed" for n, ms in row["ms"].items())
+            + f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
+        benchlib.save_json(out, result)  # a time-boxed run keeps every finished shape
     print(render(result))
     benchlib.save_json(out, result)
     if not args.no_plot and plot(result, out.with_suffix(".png")):

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pages per thread at most (default 256; at least 64)")
     ap.add_argument("--mem-per-thread", type=benchlib.size_arg, default="2GiB",
                     help="device memory per thread at most (default 2GiB)")
-    ap.add_argument("--time-budget", type=float, default=30.0,
+    ap.add_argument("--time-budget", type=float, default=20.0,
                     help="seconds for the latency table; configurations not started by then are skipped")
     ap.add_argument("--no-access-probe", action="store_true", help="skip the access experiment")
     ap.add_argument("--driver-lib", default=None, help="load this libcuda instead of the system's (tests: a stub)")
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
                 print(f"{label}: {n} pages per thread, {time.perf_counter() - t0:.1f} s", flush=True)
         if not args.no_access_probe:
             result["access_probe"] = probe_access(drv)
-            result["access_probe_touch"] = (run_touch_children(ordinal, 30) if gpu_here
+            result["access_probe_touch"] = (run_touch_children(ordinal, 20) if gpu_here
                                             else "skipped: no GPU (the write would need one)")
     finally:
         drv.close()

@@ -6,9 +6,9 @@ Parts, in order, each time-boxed (its box is cut to what is left of ``--budget``
 outlives its box is killed, with everything it started, and the next one runs):
 
     part      value  box   what
-    tests         1  120s  python -m pytest -m "not driver": the whole test suite on the GPU
-    vmm           4   50s  scripts/bench_vmm.py: p50/p99 per VMM call, 1-8 threads; access experiment
-    growth        8   40s  scripts/bench_growth.py: strategies for one-page growth under 1 ms
+    tests         1  150s  python -m pytest -m "not driver": the whole test suite on the GPU
+    vmm           4   45s  scripts/bench_vmm.py: p50/p99 per VMM call, 1-8 threads; access experiment
+    growth        8   30s  scripts/bench_growth.py: strategies for one-page growth under 1 ms
     kvcached     16   70s  scripts/bench_kvcached.py: pyvattn next to kvcached (built from its
                            sdist in the background while the tests run)
     paged        32   90s  scripts/bench_paged.py: contiguous vs paged decode attention
@@ -79,13 +79,13 @@ class Part:
 
 
 PARTS = [
-    Part("tests", 1, 120, "the test suite on the GPU (pytest -m 'not driver')",
+    Part("tests", 1, 150, "the test suite on the GPU (pytest -m 'not driver')",
          [["-m", "pytest", "-q", "-m", "not driver", "-p", "no:cacheprovider"]]),
-    Part("vmm", 4, 50, "p50/p99 per VMM call from 1-8 threads; does access outlive an unmap",
+    Part("vmm", 4, 45, "p50/p99 per VMM call from 1-8 threads; does access outlive an unmap",
          [["scripts/bench_vmm.py", "--out", "{R}/bench_vmm.json"]],
          [["scripts/bench_vmm.py", "--driver-lib", "{lib}", "--threads", "1,2", "--sizes", "2MiB,4MiB",
            "--pages", "64", "--out", "{R}/bench_vmm_smoke_cpu.json"]], needs_driver_lib=True),
-    Part("growth", 8, 40, "one-page growth of 32 layers: strategies side by side",
+    Part("growth", 8, 30, "one-page growth of 32 layers: strategies side by side",
          [["scripts/bench_growth.py", "--out", "{R}/bench_growth.json"]],
          [["scripts/bench_growth.py", "--driver-lib", "{lib}", "--layers", "2", "--repeat", "2", "--threads", "2",
            "--units", "2", "--out", "{R}/bench_growth_smoke_cpu.json"]], needs_driver_lib=True),

@@ -271,3 +271,44 @@ def test_pages_per_thread_fit_the_device():
     assert pages_for(32 * MiB, 8, 256, 2 * GiB, 100 * GiB) == 64  # memory per thread caps it
     assert pages_for(2 * MiB, 8, 256, 2 * GiB, GiB + 8 * 128 * 2 * MiB) == 128  # free memory does
     assert pages_for(32 * MiB, 8, 256, 2 * GiB, 4 * GiB) == 0  # not even 64 fit: skipped
+
+
+def test_paged_report_of_a_gpu_run(tmp_path):
+    """What bench_paged prints and plots from a GPU run's results (made up here: the rendering
+    must not wait for a GPU session to be found broken)."""
+    bench = script("bench_paged")
+    names = ["contiguous (torch-flash)", "paged flash-attn (256-token pages)", "contiguous flex",
+             "paged flex (128-token pages)"]
+    row = {"batch": 64, "context": 4096,
+           "ms": {names[0]: 1.0, names[1]: 1.5, names[2]: 1.2, names[3]: 1.8}}
+    assert bench.ratios(row, names) == {"paged flash-attn / contiguous (torch-flash)": 1.5,
+                                        "paged flex / contiguous (torch-flash)": 1.8,
+                                        "flex: paged / contiguous": 1.5}
+    row["ratios"] = bench.ratios(row, names)
+    skipped = {"batch": 256, "context": 32768, "ms": {}, "ratios": {}, "skipped": "out of time (--time-budget 60 s)"}
+    failed = {"batch": 1, "context": 1024, "ms": {names[0]: 0.01, names[3]: None}, "ratios": {},
+              "errors": {names[3]: "RuntimeError: boom"}}
+    result = {"kernels": names, "dtype": "float16", "machine": {"gpu": "NVIDIA H200"}, "shapes": [skipped, row, failed],
+              "numerics": {"lens": [1, 130], "tolerance": 5e-3,
+                           "kernels": {names[0]: {"rel_error": 1e-4, "ok": True},
+                                       names[3]: {"error": "RuntimeError: no", "ok": False}}}}
+    text = bench.render(result)
+    assert "1.50x" in text and "1.80x" in text and "out of time" in text and "RuntimeError: no" in text
+    assert text.index("| 1 ") < text.index("| 64 ") < text.index("| 256 ")  # sorted by context
+    assert bench.plot(result, tmp_path / "paged.png").stat().st_size > 0
+    assert bench.verdict(result) == 1  # the paged kernel did not run
+    result["numerics"]["kernels"][names[3]] = {"rel_error": 2e-3, "ok": True}
+    assert bench.verdict(result) == 0
+
+
+def test_kvcached_report_puts_both_allocators_side_by_side():
+    bench = script("bench_kvcached")
+    side = {"ms": {k: {"n": 3, "p50": 1.0, "p99": 2.0, "max": 3.0, "total": 6.0}
+                   for k in ("admit", "decode step", "release")},
+            "memory": {"after admission": {"mapped_bytes": 2 << 20, "device_used_delta": 4 << 20}}}
+    result = {"workload": {"batch": 3, "prompts": [10, 20, 30], "steps": 5, "layers": 2},
+              "sides": {"pyvattn (cuda-vmm)": side, "kvcached (with pre-mapping thread)": side,
+                        "kvcached (no pre-mapping thread)": {"error": "exit 1: ImportError"}}}
+    text = bench.render(result)
+    assert text.count("1.000 / 2.000 / 3.000") == 6 and "mapped, after admission (MiB)" in text
+    assert "kvcached (no pre-mapping thread): exit 1: ImportError" in text
