@@ -302,7 +302,8 @@ def main(argv=None) -> int:
                                  else kvcached_child(w, device, prealloc, args.child_timeout))
     print(render(result))
     benchlib.save_json(Path(args.out) if args.out else benchlib.default_out("bench_kvcached", device), result)
-    failed = [n for n, s in result["sides"].items() if "error" in s]
+    # On a GPU, a kvcached that cannot be imported means no comparison: that is this run's failure.
+    failed = [n for n, s in result["sides"].items() if "error" in s or (device.type == "cuda" and "skipped" in s)]
     return 1 if failed else 0
 
 
