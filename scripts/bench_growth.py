@@ -101,7 +101,7 @@ class Growth:
         self.pool = ThreadPool(drv, threads) if threads > 1 else None
         self.threads = threads
         self.ms: list[float] = []
-        self._base = drv.reserve(regions * positions * unit, drv.granularity)
+        self._base = drv.reserve(regions * positions * unit, unit & -unit)  # aligned to the unit
         self._handles: list[int] = []
         self._mapped: list[int] = []
         try:
