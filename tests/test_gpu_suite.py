@@ -312,3 +312,26 @@ def test_kvcached_report_puts_both_allocators_side_by_side():
     text = bench.render(result)
     assert text.count("1.000 / 2.000 / 3.000") == 6 and "mapped, after admission (MiB)" in text
     assert "kvcached (no pre-mapping thread): exit 1: ImportError" in text
+
+
+def test_kvcached_build_from_an_sdist_lands_in_its_own_folder(tmp_path):
+    """The background build on a stand-in sdist (pure Python, offline): the same pip command the
+    GPU run uses for kvcached's, waited for, and importable from the folder it was built into."""
+    import tarfile
+
+    src = tmp_path / "kvcached-0.0.1"
+    (src / "kvcached").mkdir(parents=True)
+    (src / "setup.py").write_text('from setuptools import setup\nsetup(name="kvcached", version="0.0.1", '
+                                  'packages=["kvcached"])\n')
+    (src / "kvcached" / "__init__.py").write_text("MARK = 7\n")
+    sdist = tmp_path / "kvcached-0.0.1.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    site = tmp_path / "site"
+    build = script("gpu_suite").KvcachedBuild(sdist, site, tmp_path / "build.log", dict(os.environ))
+    assert build.status == "building"
+    assert build.wait(120) == "ok", (tmp_path / "build.log").read_text()
+    done = subprocess.run([sys.executable, "-c", "import kvcached; print(kvcached.MARK)"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(site)})
+    assert done.stdout.strip() == "7"
+    build.kill()  # idempotent after the wait
