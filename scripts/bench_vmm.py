@@ -118,8 +118,12 @@ class Worker:
                 self._timed(f"cuMemSetAccess fresh, run of {run}", n // run,
                             lambda i, run=run: lib.cuMemSetAccess(self._va(i * run), run * S, access, 1))
                 self._unmap_all()
-        self._timed("cuMemRelease", n, lambda i: lib.cuMemRelease(self._handles[i]))
-        self._handles.clear()
+        released: list[int] = []
+        try:
+            self._timed("cuMemRelease", n, lambda i: lib.cuMemRelease(self._handles[i]),
+                        after=lambda i: released.append(self._handles[i]))
+        finally:
+            self._handles = [h for h in self._handles if h not in set(released)]
 
     def _map_all(self) -> None:
         for i, h in enumerate(self._handles):

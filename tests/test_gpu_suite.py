@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cudastub import stub_library  # noqa: F401 (fixture)
+from cudastub import stub, stub_library  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -335,3 +335,33 @@ def test_kvcached_build_from_an_sdist_lands_in_its_own_folder(tmp_path):
                           text=True, env={**os.environ, "PYTHONPATH": str(site)})
     assert done.stdout.strip() == "7"
     build.kill()  # idempotent after the wait
+
+
+@pytest.mark.parametrize("fail_after", [0, 5, 64, 100, 127, 250])
+def test_vmm_bench_leaves_nothing_behind_when_a_map_fails(stub, fail_after):
+    """A cuMemMap failing at any point of any phase (on any of two threads): the configuration
+    reports the driver's status, every thread gives back all it made, the other thread is released."""
+    bench, benchlib = script("bench_vmm"), script("benchlib")
+    drv = benchlib.VmmDriver(0)
+    stub.stub_fail_map_after = fail_after
+    result = bench.measure_config(drv, 2 << 20, 2, 64)
+    stub.stub_fail_map_after = -1
+    assert "CUDA_ERROR_MAP_FAILED" in result["error"]
+    assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations()) == (0, 0, 0)
+    ok = bench.measure_config(drv, 2 << 20, 2, 64)  # the driver state is whole: a clean run follows
+    assert "error" not in ok and ok["ops_us"]["cuMemRelease"]["n"] == 128
+    drv.close()
+    assert stub.stub_ctx_refs() == 0
+
+
+@pytest.mark.parametrize("fail_after", [0, 3, 17, 40])
+def test_growth_bench_gives_everything_back_when_a_map_fails(stub, fail_after):
+    bench, benchlib = script("bench_growth"), script("benchlib")
+    drv = benchlib.VmmDriver(0)
+    args = bench.build_parser().parse_args(["--layers", "2", "--repeat", "2", "--threads", "2", "--units", "2"])
+    stub.stub_fail_map_after = fail_after
+    with pytest.raises(Exception, match="CUDA_ERROR_MAP_FAILED"):
+        bench.run(args, torch.device("cuda"), drv)
+    stub.stub_fail_map_after = -1
+    assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations()) == (0, 0, 0)
+    drv.close()
