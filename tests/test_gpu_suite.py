@@ -365,3 +365,23 @@ def test_growth_bench_gives_everything_back_when_a_map_fails(stub, fail_after):
     stub.stub_fail_map_after = -1
     assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations()) == (0, 0, 0)
     drv.close()
+
+
+def test_ctrl_c_during_a_part_takes_its_processes_down(tmp_path, monkeypatch):
+    suite = script("gpu_suite")
+    marker = tmp_path / "pid"
+    cmd = [sys.executable, "-c", f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"]
+    real_wait = subprocess.Popen.wait
+
+    def interrupted_wait(self, timeout=None):
+        if timeout is not None:  # the part's wait: the user presses Ctrl-C once it is running
+            while not marker.exists():
+                time.sleep(0.02)
+            raise KeyboardInterrupt
+        return real_wait(self)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_wait)
+    with open(tmp_path / "log", "w") as log, pytest.raises(KeyboardInterrupt):
+        suite.run_boxed(cmd, 30, log, dict(os.environ))
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)  # reaped: gone
