@@ -16,8 +16,9 @@ outlives its box is killed, with everything it started, and the next one runs):
                            every step taken apart (the tail), and attention on pyvattn memory
     rerun       128   60s  python -m pyvattn demo, and python -m pyvattn frag --measured
 
-Exit status: 0 when every part passed; 2 for bad arguments (nothing ran); otherwise the sum of
-the values of the parts that failed or ran out of time (a skipped part is not a failure). JSON of
+Exit status: 0 when every part passed; 2 for bad arguments or a machine the suite cannot run on
+(no CUDA GPU for torch, no cffi: nothing ran); otherwise the sum of the values of the parts that
+failed or ran out of time (a skipped part is not a failure). JSON of
 each part and ``gpu_suite.json`` (machine: device, driver, CUDA, torch, date; every part's status
 and time) go to ``--results`` (default benchmarks/results/), logs to ``RESULTS/gpu_suite-logs/``.
 To bring the results back from a lent machine, tar that folder.
@@ -41,7 +42,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -196,27 +196,42 @@ def install_wheels(wheels: Path, site: Path, log) -> str:
 
 
 def gpu_run(args, results: Path) -> list[Outcome]:
+    """Install the carried wheels, check the machine can run the suite, start kvcached's build,
+    then run the parts; the temporary site folders go when it is done."""
     logs = results / "gpu_suite-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pyvattn-gpu-suite-"))
-    site, kvc_site = work / "site", work / "kvcached"
-    with open(logs / "setup.log", "w") as log:
-        wheels_status = install_wheels(Path(args.wheels), site, log)
-    path = [str(REPO), str(site)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PYTHONUNBUFFERED="1")
-    sys.path[:0] = path
-    print(f"setup: {wheels_status} from {args.wheels}", flush=True)
-    chosen = [p for p in PARTS if p.name in args.only]
-    sdist = next(iter(sorted(Path(args.wheels).glob("kvcached-*.tar.gz"))), None)
-    kvc = KvcachedBuild(sdist if any(p.name == "kvcached" for p in chosen) else None, kvc_site,
-                        logs / "kvcached-build.log", env)
+    with tempfile.TemporaryDirectory(prefix="pyvattn-gpu-suite-") as work:
+        site, kvc_site = Path(work) / "site", Path(work) / "kvcached"
+        with open(logs / "setup.log", "w") as log:
+            wheels_status = install_wheels(Path(args.wheels), site, log)
+        path = [str(REPO), str(site)]
+        inherited = os.environ.get("PYTHONPATH")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + ([inherited] if inherited else [])),
+                   PYTHONUNBUFFERED="1")
+        sys.path[:0] = path
+        print(f"setup: {wheels_status} from {args.wheels}", flush=True)
+        problem = preflight()
+        if problem:
+            raise Unrunnable(f"{problem} ({wheels_status} from {args.wheels})")
+        chosen = [p for p in PARTS if p.name in args.only]
+        sdist = next(iter(sorted(Path(args.wheels).glob("kvcached-*.tar.gz"))), None)
+        kvc = KvcachedBuild(sdist if any(p.name == "kvcached" for p in chosen) else None, kvc_site,
+                            logs / "kvcached-build.log", env)
+        try:
+            return run_parts(chosen, args.budget, results, logs, env, kvc)
+        finally:
+            kvc.kill()
+
+
+def run_parts(chosen: list[Part], budget: float, results: Path, logs: Path, env: dict,
+              kvc: KvcachedBuild) -> list[Outcome]:
+    """Every part in its box (cut to what is left of ``budget``), one after the other."""
     t_suite = time.perf_counter()
     outcomes = []
     progress = _progress(chosen)
     try:
         for part in chosen:
-            left = args.budget - (time.perf_counter() - t_suite)
+            left = budget - (time.perf_counter() - t_suite)
             box = min(part.box_s, left)
             if box < 15:
                 outcomes.append(Outcome(part.name, part.value, f"skipped: out of suite time ({left:.0f} s left)"))
@@ -228,7 +243,7 @@ def gpu_run(args, results: Path) -> list[Outcome]:
                 built = kvc.wait(box - 45)  # leave the benchmark itself 45 s
                 out.notes.append(f"kvcached build: {built}")
                 if built == "ok":
-                    part_env = {**env, "PYTHONPATH": os.pathsep.join([str(kvc_site), env["PYTHONPATH"]])}
+                    part_env = {**env, "PYTHONPATH": os.pathsep.join([str(kvc.site), env["PYTHONPATH"]])}
             with open(out.log, "w") as log:
                 for argv in part.commands:
                     cmd = [sys.executable, *part.fill(argv, results)]
@@ -245,10 +260,27 @@ def gpu_run(args, results: Path) -> list[Outcome]:
             outcomes.append(out)
             progress.update(part, out)
     finally:
-        kvc.kill()
         progress.close()
-        shutil.rmtree(work, ignore_errors=True)
     return outcomes
+
+
+class Unrunnable(Exception):
+    """This machine cannot run the suite at all (nothing ran)."""
+
+
+def preflight() -> str | None:
+    """Why the suite cannot run here (no CUDA GPU for torch, no cffi), or None: found in seconds,
+    not after every part has failed for the same reason."""
+    try:
+        import cffi  # noqa: F401 - pyvattn's FFI
+    except ImportError:
+        return ("cffi is not importable: run scripts/gpu_suite.sh --fetch-wheels where there is network "
+                "and bring the wheels folder along")
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU"
+    return None
 
 
 def _log_notes(name: str, log: Path) -> list[str]:
@@ -481,7 +513,11 @@ def main(argv=None) -> int:
     results = Path(args.results).resolve() if args.results else (default / "cpu-check" if args.cpu_check else default)
     mode = "cpu-check" if args.cpu_check else "gpu"
     t0 = time.perf_counter()
-    outcomes = cpu_check(args, results) if args.cpu_check else gpu_run(args, results)
+    try:
+        outcomes = cpu_check(args, results) if args.cpu_check else gpu_run(args, results)
+    except Unrunnable as exc:
+        print(f"gpu_suite: nothing ran: {exc}", file=sys.stderr)
+        return 2
     total = time.perf_counter() - t0
     print(render(outcomes, mode, total))
     summary = {"mode": mode, "seconds": total, "budget_s": args.budget, "exit_status": exit_status(outcomes),

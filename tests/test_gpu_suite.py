@@ -96,21 +96,32 @@ def test_cpu_check_runs_every_part_and_says_what_needs_a_gpu(stub_library, tmp_p
     assert decode["step"]["tail"]["steps_mapping_in_step"] >= 1  # staggered lengths cross pages
 
 
-def test_gpu_mode_runs_parts_in_processes_and_reports_their_failure(tmp_path):
-    """GPU mode on a machine without one: the vmm part's process exits 2 (no driver), the suite
-    logs it, records it, and says so in its exit status (4, the part's value)."""
-    wheels = tmp_path / "no-wheels"
-    wheels.mkdir()
-    done = subprocess.run([sys.executable, str(SCRIPTS / "gpu_suite.py"), "--only", "vmm", "--wheels", str(wheels),
+def test_gpu_mode_on_a_machine_without_a_gpu_runs_nothing_and_says_why(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "gpu_suite.py"), "--wheels", str(tmp_path / "none"),
                            "--results", str(tmp_path)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 4, done.stdout + done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "nothing ran: torch" in done.stderr and "sees no CUDA GPU" in done.stderr
+    assert not (tmp_path / "gpu_suite.json").exists()
+
+
+def test_gpu_mode_runs_parts_in_processes_and_reports_their_failure(tmp_path, monkeypatch, capsys):
+    """GPU mode past its machine check: the vmm part's process exits 2 here (no driver), the suite
+    logs it, records it, and says so in its exit status (4, the part's value)."""
+    suite = script("gpu_suite")
+    monkeypatch.setattr(suite, "preflight", lambda: None)  # run the parts whatever the machine
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # and let them see no GPU, even on a GPU machine
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    wheels = tmp_path / "no-wheels"
+    wheels.mkdir()
+    assert suite.main(["--only", "vmm", "--wheels", str(wheels), "--results", str(tmp_path)]) == 4
+    out = capsys.readouterr().out
     summary = json.loads((tmp_path / "gpu_suite.json").read_text())
     (part,) = summary["parts"]
     assert part["name"] == "vmm" and part["status"] == "failed (exit 2)"
     log = Path(part["log"]).read_text()
     assert "bench_vmm.py" in log and "no CUDA driver to measure" in log
-    assert "exit status 4 = 4 (vmm)" in done.stdout
+    assert "exit status 4 = 4 (vmm)" in out
 
 
 def test_a_part_past_its_box_is_killed_with_its_children(tmp_path):
