@@ -3,11 +3,11 @@
 
 Sections (all in one run, side by side, so ratios compare like with like):
 
-1. driver calls at the device granularity: cuMemCreate, cuMemMap, cuMemSetAccess (one page, and
-   one call over a run of pages), cuMemUnmap, cuMemRelease -- host wall time per call, median;
-2. growing one request by one page in every layer's K and V (2 x layers maps): one batched
-   ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per region;
-3. a decode loop through ``KVCache``, eagerly and (on a GPU) replayed from CUDA graphs captured
+1. growing one request by one page in every layer's K and V (2 x layers maps), on any backend:
+   one batched ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per
+   region (scripts/bench_growth.py takes cuda-vmm's growth apart; scripts/bench_vmm.py times each
+   driver call, p50/p99 from 1-8 threads);
+2. a decode loop through ``KVCache``, eagerly and (on a GPU) replayed from CUDA graphs captured
    before the cache grows (write each new token's K/V, decode attention in every
    layer, synchronize like a sampler would): a fully pre-mapped cache vs ``step()`` every
    iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute
@@ -18,7 +18,7 @@ Sections (all in one run, side by side, so ratios compare like with like):
    launching the step's GPU work (a driver call that blocks launches), the GPU's own time for that
    work (a map running beside it that slows the GPU), and whether a map ran during it; a slow step
    with none of these is the machine. p50, p99 and max per mode, and the causes of the slowest 1%;
-4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
+3. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
 
 GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
 (default benchmarks/results/bench_cuda.json). Goals printed with the results: one-page growth of a
@@ -26,7 +26,7 @@ GPU times come from torch.cuda.Event pairs after warmup; the statistic is the me
 step within 2% of pre-mapped's; attention within 2% of torch memory.
 
     python scripts/bench_cuda.py [--layers 32] [--batch 32] [--steps 1024] [--out PATH]
-    python scripts/bench_cuda.py --only decode,graphs          # sections: calls,growth,decode,graphs,attention
+    python scripts/bench_cuda.py --only decode,graphs          # sections: growth,decode,graphs,attention
     python scripts/bench_cuda.py --device cpu --backend host --steps 40   # smoke run, no GPU
 """
 
@@ -46,71 +46,10 @@ from benchlib import Clock
 from pyvattn import KVCache, attention, backends
 
 MiB = 1 << 20
-SECTIONS = ("calls", "growth", "decode", "graphs", "attention")
+SECTIONS = ("growth", "decode", "graphs", "attention")
 
 
-# --- timing -------------------------------------------------------------------------------------
-def host_us(fn, n: int) -> float:
-    """Median microseconds of ``fn(i)`` over ``i in range(n)``, each call timed on its own."""
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
-# --- 1. driver calls ----------------------------------------------------------------------------
-def bench_driver_calls(device: torch.device, n: int) -> dict:
-    from pyvattn._ffi import cuda
-    from pyvattn.backends.cuda_vmm import CudaVmmBackend
-
-    gran = CudaVmmBackend.granularity(device)
-    be = CudaVmmBackend(device, gran)
-    lib = cuda.lib()
-    base = be.reserve(n * gran)
-    out = cuda.ffi.new("CUmemGenericAllocationHandle *")
-    handles = []
-    vas = [base + i * gran for i in range(n)]
-
-    def create(i):
-        cuda.check("cuMemCreate", lib.cuMemCreate(out, gran, be._prop, 0))
-        handles.append(out[0])
-
-    def mem_map(i):
-        cuda.check("cuMemMap", lib.cuMemMap(vas[i], gran, 0, handles[i], 0))
-
-    def set_access(i):
-        cuda.check("cuMemSetAccess", lib.cuMemSetAccess(vas[i], gran, be._access, 1))
-
-    def unmap(i):
-        cuda.check("cuMemUnmap", lib.cuMemUnmap(vas[i], gran))
-
-    def release(i):
-        cuda.check("cuMemRelease", lib.cuMemRelease(handles[i]))
-
-    with be._context():
-        r = {"granularity": gran, "calls": n, "cuMemCreate_us": host_us(create, n),
-             "cuMemMap_us": host_us(mem_map, n), "cuMemSetAccess_1page_us": host_us(set_access, n)}
-        # A run of pages in one call, on fresh mappings (access set again on pages that already
-        # have it is a cheap no-op in the driver, which would flatter the run).
-        for i in range(n):
-            unmap(i)
-        for i in range(n):
-            mem_map(i)
-        run = 16
-        r["cuMemSetAccess_run_of_16_pages_us"] = host_us(
-            lambda i: cuda.check("cuMemSetAccess", lib.cuMemSetAccess(vas[i * run], run * gran, be._access, 1)),
-            n // run)
-        r["cuMemSetAccess_again_on_1page_us"] = host_us(set_access, n)  # access already set
-        r["cuMemUnmap_us"] = host_us(unmap, n)
-        r["cuMemRelease_us"] = host_us(release, n)
-    be.unreserve(base, n * gran)
-    be.close()
-    return r
-
-
-# --- 2. one-page growth of every layer ----------------------------------------------------------
+# --- 1. one-page growth of every layer ----------------------------------------------------------
 def bench_growth(device: torch.device, backend: str, layers: int, repeat: int) -> dict:
     sel = backends.select(backend, device)
     P = sel.cls.default_page_size(device)
@@ -149,7 +88,7 @@ def bench_growth(device: torch.device, backend: str, layers: int, repeat: int) -
     return res
 
 
-# --- 3. decode loop through KVCache ------------------------------------------------------------
+# --- 2. decode loop through KVCache ------------------------------------------------------------
 MODEL = dict(kv_heads=8, q_heads=32, head_dim=128)  # Llama-3-8B-like attention shapes
 
 
@@ -417,7 +356,7 @@ def render_decode(dl: dict, args) -> str:
     return "\n".join(lines)
 
 
-# --- 4. attention on pyvattn memory vs torch memory --------------------------------------------
+# --- 3. attention on pyvattn memory vs torch memory --------------------------------------------
 def bench_attention(args, device: torch.device) -> dict:
     clock = Clock(device)
     cache = _cache(args, device, layers=1)  # one layer's K and V: the same shapes as torch.empty's
@@ -475,10 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=8)
     ap.add_argument("--attn-len", type=benchlib.positive_int, default=4096)
     ap.add_argument("--repeat", type=benchlib.positive_int, default=15)
-    ap.add_argument("--calls", type=benchlib.positive_int, default=256, help="driver calls timed per kind")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--only", type=sections_arg, default=list(SECTIONS),
-                    help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs and calls need a GPU)")
+                    help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs needs a GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_cuda.json)")
     return ap
 
@@ -503,16 +441,6 @@ def main(argv=None) -> int:
 
     result = {"machine": {**benchlib.machine_facts(device), "flash_attn": attention.flash_available()},
               "args": {k: str(v) for k, v in vars(args).items()}}
-    if "calls" in args.only and args.backend == "cuda-vmm":
-        result["driver_calls"] = bench_driver_calls(device, args.calls)
-        d = result["driver_calls"]
-        print(f"\ncuda-vmm driver calls at granularity {d['granularity'] // 1024} KiB "
-              f"(host wall time, median of {d['calls']}; bench_vmm.py has p50/p99 from 1-8 threads)")
-        for key in ("cuMemCreate_us", "cuMemMap_us", "cuMemSetAccess_1page_us",
-                    "cuMemSetAccess_run_of_16_pages_us", "cuMemSetAccess_again_on_1page_us", "cuMemUnmap_us",
-                    "cuMemRelease_us"):
-            print(f"  {key[:-3]:<36} {d[key]:>9.1f} us")
-
     if "growth" in args.only:
         g = result["growth"] = bench_growth(device, args.backend, args.layers, args.repeat)
         print(f"\ngrow one request by one page in all {args.layers} layers' K and V "
