@@ -303,7 +303,7 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
                          "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"],
                          "parts_ms": {k: benchlib.summary(log[k]) for k in StepClock.PARTS},
                          "tail": tail_causes(log),
-                         "steps": {k: [round(x, 4) for x in log[k]] for k in StepClock.PARTS}}
+                         "steps": {k: [round(x, 3) for x in log[k]] for k in StepClock.PARTS}}
         r["cache"].close()
     base = results["premapped"]["mean_step_ms"]
     # Per round, each mode's mean step over the same stretch of the run (a map step included,
