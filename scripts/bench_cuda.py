@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=8)
     ap.add_argument("--attn-len", type=benchlib.positive_int, default=4096)
     ap.add_argument("--repeat", type=benchlib.positive_int, default=15)
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="float32 for CPU smoke runs (the flash paths are fp16/bf16)")
     ap.add_argument("--only", type=sections_arg, default=list(SECTIONS),
                     help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs needs a GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_cuda.json)")

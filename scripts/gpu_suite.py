@@ -102,7 +102,7 @@ PARTS = [
          [["scripts/bench_cuda.py", "--only", "decode,graphs,attention", "--out", "{R}/bench_cuda.json"]],
          [["scripts/bench_cuda.py", "--device", "cpu", "--backend", "host", "--only", "decode,attention",
            "--layers", "1", "--batch", "2", "--steps", "16", "--max-seq", "256", "--attn-len", "64",
-           "--warmup", "1", "--repeat", "1", "--out", "{R}/bench_cuda_smoke_cpu.json"]]),
+           "--warmup", "1", "--repeat", "1", "--dtype", "float32", "--out", "{R}/bench_cuda_smoke_cpu.json"]]),
     Part("rerun", 128, 55, "the demo and measured frag on cuda-vmm",
          [["-m", "pyvattn", "demo", "--device", "cuda", "--backend", "cuda-vmm"],
           ["-m", "pyvattn", "frag", "--trace", "arxiv", "--model", "llama-3-8b", "--tp", "2", "--measured",
