@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-from hfmodels import model, one_thread, subprocess_env  # noqa: F401 (fixture)
 
+from hfmodels import model, one_thread, subprocess_env  # noqa: F401 (fixture)
 from pyvattn import KVCache, OutOfPages
 from pyvattn.engine import Engine, Scheduler
 from pyvattn.integrations.transformers import generate_alone

@@ -14,9 +14,9 @@ import threading
 
 import pytest
 import torch
-from hfmodels import FAMILIES, GREEDY, model, one_thread, prompts  # noqa: F401 (fixture)
 from transformers import DynamicCache
 
+from hfmodels import FAMILIES, GREEDY, model, one_thread, prompts  # noqa: F401 (fixture)
 from pyvattn import OutOfPages
 from pyvattn.integrations.transformers import VAttentionCache
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from kvdata import check, write
 
+from kvdata import check, write
 from pyvattn import KVCache, OutOfPages, VirtualBuffer
 from pyvattn.backends.host import HostBackend
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-from kvdata import check, write
 
+from kvdata import check, write
 from pyvattn import OutOfPages, OutOfSlots
 
 

@@ -730,7 +730,6 @@ def test_stub_kvcache_workload_through_the_uvm64k_backend(stub, monkeypatch):
     under a budget, OutOfPages and close, with every value checked. Views are made on the CPU
     (the same DLPack helper) since this torch has no CUDA; the rest is the backend's own code."""
     from kvdata import check, write
-
     from pyvattn import KVCache
     from pyvattn._ffi.dlpack import device_tensor
     from pyvattn.backends.uvm import UvmBackend
@@ -833,7 +832,6 @@ def test_gpu_kvcache_uses_uvm64k_by_default():
     if reason:
         pytest.skip(reason)
     from kvdata import check, write
-
     from pyvattn import KVCache
 
     with KVCache(2, 2, 128, max_batch_size=3, max_seq_len=4000, dtype=torch.float16, device="cuda") as cache:
