@@ -23,6 +23,7 @@
 #include "uvm_test_ioctl.h"
 #include "uvm_va_space_mm.h"
 
+#include <linux/random.h>
 #include <linux/sort.h>
 #include <linux/uaccess.h>
 
@@ -48,17 +49,6 @@ MODULE_PARM_DESC(uvm_kvc_allow_evict,
 
 // ---------------------------------------------------------------------------------------------
 // Accounting per process (mm) and per GPU
-
-// One process that used KVC: what it holds, for the caps and uvm_kvc_usage.
-struct uvm_kvc_proc_struct
-{
-    struct list_head node;          // g_kvc_procs
-    struct mm_struct *mm;           // held by uvm_mmgrab: the key stays unique
-    pid_t tgid;
-    NvU32 users;                    // va_spaces attached
-    atomic64_t meta_bytes;
-    atomic64_t bytes[UVM_ID_MAX_GPUS];
-};
 
 static LIST_HEAD(g_kvc_procs);
 static DEFINE_SPINLOCK(g_kvc_procs_lock);
@@ -241,6 +231,10 @@ uvm_kvc_va_space_t *uvm_kvc_get(uvm_va_space_t *va_space, bool create, NV_STATUS
     }
     fresh->va_space = va_space;
     fresh->owner_mm = current->mm;
+    // Generations start at a random point per va_space, so that a handle of another fd is not
+    // also a valid handle here (it could only name this fd's own memory, but refusing it is
+    // what callers expect).
+    get_random_bytes(&fresh->gen, sizeof(fresh->gen));
     uvm_mutex_init(&fresh->lock, UVM_LOCK_ORDER_KVC);
     idr_init(&fresh->roots);
 

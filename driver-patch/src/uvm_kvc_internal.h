@@ -31,6 +31,7 @@
 #include "uvm_push.h"
 #include "uvm_tracker.h"
 
+#include <linux/idr.h>
 #include <linux/radix-tree.h>
 
 #define KVC_SLOT_SIZE       UVM_PAGE_SIZE_64K
@@ -115,6 +116,17 @@ typedef struct uvm_kvc_va_space_struct
         bool ignore_is_zero;        // self-test: zero every new root, even PMM-zeroed ones
     } test;
 } uvm_kvc_va_space_t;
+
+// One process that used KVC: what it holds, for the caps and uvm_kvc_usage (uvm_kvc.c).
+struct uvm_kvc_proc_struct
+{
+    struct list_head node;          // g_kvc_procs
+    struct mm_struct *mm;           // held by uvm_mmgrab: the key stays unique
+    pid_t tgid;
+    NvU32 users;                    // va_spaces attached
+    atomic64_t meta_bytes;
+    atomic64_t bytes[UVM_ID_MAX_GPUS];
+};
 
 // What MAP needs of one entry after validation: the page, and where.
 typedef struct

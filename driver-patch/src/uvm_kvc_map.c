@@ -42,7 +42,8 @@ typedef struct
 } kvc_writer_t;
 
 // Map lock held. A writer whose first push will wait for pending page tree work (the
-// initialisation of tables that get_ptes_async just allocated).
+// initialisation of tables that get_ptes_async just allocated); if that cannot be tracked, the
+// tree is waited for here instead. Fails only on a GPU error.
 static NV_STATUS kvc_writer_begin(kvc_writer_t *w, uvm_page_tree_t *tree)
 {
     NV_STATUS status;
@@ -56,6 +57,9 @@ static NV_STATUS kvc_writer_begin(kvc_writer_t *w, uvm_page_tree_t *tree)
     uvm_mutex_lock(&tree->lock);
     status = uvm_tracker_add_tracker_safe(&w->tracker, &tree->tracker);
     uvm_mutex_unlock(&tree->lock);
+
+    if (status != NV_OK)
+        status = uvm_page_tree_wait(tree);
     return status;
 }
 
@@ -392,7 +396,7 @@ NV_STATUS uvm_kvc_map_items(uvm_kvc_va_space_t *kvc,
     NvU64 replaced = 0;
     LIST_HEAD(created);
     kvc_writer_t w;
-    NV_STATUS status;
+    NV_STATUS status, begin_status;
 
     *consumed = false;
     UVM_ASSERT(gpu_va_space);
@@ -404,16 +408,17 @@ NV_STATUS uvm_kvc_map_items(uvm_kvc_va_space_t *kvc,
     UVM_ASSERT(!kgpu->tree || kgpu->tree == &gpu_va_space->page_tables);
     kgpu->tree = &gpu_va_space->page_tables;
 
-    memset(&w, 0, sizeof(w));
     status = kvc_map_prepare(kvc, kgpu, items, count, flags, &created);
-    if (status == NV_OK) {
-        status = kvc_writer_begin(&w, kgpu->tree);
-        if (status == NV_OK)
-            status = kvc_map_write(&w, kgpu, items, count, read_only, &replaced);
-        // A replaced page may be in use by work still running: the invalidate's membar orders
-        // every access through the old translation before the wait completes.
-        status = kvc_writer_finish(&w, replaced ? UVM_MEMBAR_GPU : UVM_MEMBAR_NONE, status);
-    }
+    // The writer also waits for the initialisation of tables made above, even when nothing is
+    // written: the call returns with no GPU work of its own pending.
+    begin_status = kvc_writer_begin(&w, kgpu->tree);
+    if (status == NV_OK)
+        status = begin_status;
+    if (status == NV_OK)
+        status = kvc_map_write(&w, kgpu, items, count, read_only, &replaced);
+    // A replaced page may be in use by work still running: the invalidate's membar orders every
+    // access through the old translation before the wait completes.
+    status = kvc_writer_finish(&w, replaced ? UVM_MEMBAR_GPU : UVM_MEMBAR_NONE, status);
 
     // New blocks become normal blocks now: used ones leave `created`, empty ones (after a
     // failure) are destroyed below or kept as empty blocks.
