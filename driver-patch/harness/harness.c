@@ -528,9 +528,9 @@ static void do_uvm_free(proc_t *p, m_range_t *r)
 
     as_proc(p);
     uvm_va_space_down_write(va_space);
-    uvm_kvc_range_destroy(va_space, r->base, r->base + r->len - 1);
     for (i = 0; i < ARRAY_SIZE(va_space->ranges); i++) {
         if (va_space->ranges[i] && va_space->ranges[i]->node.start == r->base) {
+            uvm_kvc_range_destroyed(va_space->ranges[i]);
             free(va_space->ranges[i]);
             va_space->ranges[i] = NULL;
         }

@@ -279,7 +279,7 @@ bool uvm_gpu_can_address(uvm_gpu_t *gpu, NvU64 addr, NvU64 size);
 typedef struct { uvm_page_tree_t page_tables; uvm_gpu_t *gpu; } uvm_gpu_va_space_t;
 
 typedef struct { NvU64 start; NvU64 end; } uvm_range_tree_node_t;
-typedef struct { uvm_range_tree_node_t node; bool kvc_owned; int live; } harness_ext_range_t;
+typedef struct { uvm_range_tree_node_t node; bool kvc_owned; struct uvm_va_space_struct *va_space; } harness_ext_range_t;
 
 struct uvm_kvc_va_space_struct;
 typedef struct uvm_va_space_struct
@@ -348,6 +348,7 @@ NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space, struct mm_struct *m
                                    uvm_kvc_ext_range_t **out);
 #define uvm_kvc_ext_range_node(range)        (&(range)->node)
 #define uvm_kvc_ext_range_owned(range)       ((range)->kvc_owned)
+#define uvm_kvc_ext_range_va_space(range)    ((range)->va_space)
 #define uvm_kvc_fd_is_test(type)             (false)
 #define uvm_kvc_conf_computing_enabled(gpu)  (false)
 #define uvm_kvc_sriov_heavy(gpu)             (false)

@@ -999,6 +999,7 @@ NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space, struct mm_struct *m
     r = calloc(1, sizeof(*r));
     r->node.start = start;
     r->node.end = start + length - 1;
+    r->va_space = va_space;
     va_space->ranges[slot] = r;
     *out = r;
     return NV_OK;

@@ -437,22 +437,15 @@ NV_STATUS uvm_api_kvc_free(UVM_KVC_FREE_PARAMS *params, struct file *filp)
 // ---------------------------------------------------------------------------------------------
 // CREATE_RANGE
 
-NV_STATUS uvm_api_kvc_create_range(UVM_KVC_CREATE_RANGE_PARAMS *params, struct file *filp)
+NV_STATUS uvm_kvc_create_range(uvm_va_space_t *va_space, NvU64 base, NvU64 length)
 {
-    uvm_va_space_t *va_space = uvm_va_space_get(filp);
     uvm_kvc_ext_range_t *range = NULL;
     struct mm_struct *mm;
     NV_STATUS status;
 
-    status = kvc_check_header(params->version, params->flags, 0, params->pad0);
-    if (status != NV_OK)
-        return status;
-    if (params->reserved != 0)
-        return NV_ERR_INVALID_ARGUMENT;
     // Whole 2 MiB blocks: a KVC page table is never shared with another range.
-    if (params->length == 0 || params->length > KVC_RANGE_MAX ||
-        !IS_ALIGNED(params->base, KVC_BLOCK_SIZE) || !IS_ALIGNED(params->length, KVC_BLOCK_SIZE) ||
-        uvm_api_range_invalid_64k(params->base, params->length))
+    if (length == 0 || length > KVC_RANGE_MAX || !IS_ALIGNED(base, KVC_BLOCK_SIZE) ||
+        !IS_ALIGNED(length, KVC_BLOCK_SIZE) || uvm_api_range_invalid_64k(base, length))
         return NV_ERR_INVALID_ADDRESS;
 
     // As uvm_create_external_range(): the mm lock drops stale HMM va_blocks.
@@ -460,13 +453,26 @@ NV_STATUS uvm_api_kvc_create_range(UVM_KVC_CREATE_RANGE_PARAMS *params, struct f
     uvm_va_space_down_write(va_space);
 
     if (uvm_kvc_get(va_space, true, &status))
-        status = uvm_kvc_ext_range_create(va_space, mm, params->base, params->length, &range);
+        status = uvm_kvc_ext_range_create(va_space, mm, base, length, &range);
     if (status == NV_OK)
         uvm_kvc_ext_range_owned(range) = true;
 
     uvm_va_space_up_write(va_space);
     uvm_va_space_mm_or_current_release_unlock(va_space, mm);
+    return status;
+}
 
+NV_STATUS uvm_api_kvc_create_range(UVM_KVC_CREATE_RANGE_PARAMS *params, struct file *filp)
+{
+    NV_STATUS status;
+
+    status = kvc_check_header(params->version, params->flags, 0, params->pad0);
+    if (status != NV_OK)
+        return status;
+    if (params->reserved != 0)
+        return NV_ERR_INVALID_ARGUMENT;
+
+    status = uvm_kvc_create_range(uvm_va_space_get(filp), params->base, params->length);
     if (status != NV_OK)
         UVM_DBG_PRINT_RL("KVC range [0x%llx, 0x%llx) not created: %s\n",
                          params->base, params->base + params->length, nvstatusToString(status));
@@ -553,7 +559,7 @@ static NV_STATUS kvc_check_items(uvm_va_space_t *va_space, uvm_gpu_t *gpu, const
 
 // MAP (base != 0: handles back to back from base) and MAP_SCATTER (entries at their own VAs;
 // sorted here in place). All or nothing.
-static NV_STATUS kvc_map(uvm_va_space_t *va_space,
+NV_STATUS uvm_kvc_map(uvm_va_space_t *va_space,
                          const NvProcessorUuid *gpu_uuid,
                          NvU32 flags,
                          UVM_KVC_SCATTER_ENTRY *entries,
@@ -636,7 +642,7 @@ NV_STATUS uvm_api_kvc_map(UVM_KVC_MAP_PARAMS *params, struct file *filp)
     if (entries) {
         for (i = 0; i < params->count; i++)
             entries[i].handle = handles[i];
-        status = kvc_map(uvm_va_space_get(filp), &params->gpuUuid, params->flags, entries, params->count, params->base);
+        status = uvm_kvc_map(uvm_va_space_get(filp), &params->gpuUuid, params->flags, entries, params->count, params->base);
     }
 
     if (status == NV_OK)
@@ -671,7 +677,7 @@ NV_STATUS uvm_api_kvc_map_scatter(UVM_KVC_MAP_SCATTER_PARAMS *params, struct fil
     if (!entries)
         return status;
 
-    status = kvc_map(uvm_va_space_get(filp), &params->gpuUuid, params->flags, entries, params->count, 0);
+    status = uvm_kvc_map(uvm_va_space_get(filp), &params->gpuUuid, params->flags, entries, params->count, 0);
     if (status == NV_OK)
         params->countDone = params->count;
     else
@@ -681,11 +687,38 @@ NV_STATUS uvm_api_kvc_map_scatter(UVM_KVC_MAP_SCATTER_PARAMS *params, struct fil
     return status;
 }
 
-NV_STATUS uvm_api_kvc_unmap(UVM_KVC_UNMAP_PARAMS *params, struct file *filp)
+NV_STATUS uvm_kvc_unmap(uvm_va_space_t *va_space, const NvProcessorUuid *gpu_uuid, NvU64 base, NvU64 length)
 {
-    uvm_va_space_t *va_space = uvm_va_space_get(filp);
     uvm_kvc_va_space_t *kvc;
     uvm_gpu_t *gpu;
+    NV_STATUS status;
+
+    if (uvm_api_range_invalid_64k(base, length))
+        return NV_ERR_INVALID_ADDRESS;
+
+    uvm_va_space_down_read(va_space);
+    kvc = uvm_kvc_get(va_space, false, &status);
+    if (status != NV_OK)
+        goto out;
+    if (!kvc_find_range(va_space, base, length)) {
+        status = NV_ERR_INVALID_ADDRESS;
+        goto out;
+    }
+    gpu = uvm_va_space_get_gpu_by_uuid(va_space, gpu_uuid);
+    if (!gpu) {
+        status = NV_ERR_INVALID_DEVICE;
+        goto out;
+    }
+    // A KVC range exists, so kvc does (the range was made by a KVC ioctl).
+    status = uvm_kvc_unmap_range_locked(kvc, gpu, base, base + length);
+
+out:
+    uvm_va_space_up_read(va_space);
+    return status;
+}
+
+NV_STATUS uvm_api_kvc_unmap(UVM_KVC_UNMAP_PARAMS *params, struct file *filp)
+{
     NV_STATUS status;
 
     status = kvc_check_header(params->version, params->flags, 0, params->pad0);
@@ -693,27 +726,8 @@ NV_STATUS uvm_api_kvc_unmap(UVM_KVC_UNMAP_PARAMS *params, struct file *filp)
         return status;
     if (params->reserved != 0)
         return NV_ERR_INVALID_ARGUMENT;
-    if (uvm_api_range_invalid_64k(params->base, params->length))
-        return NV_ERR_INVALID_ADDRESS;
 
-    uvm_va_space_down_read(va_space);
-    kvc = uvm_kvc_get(va_space, false, &status);
-    if (status != NV_OK)
-        goto out;
-    if (!kvc_find_range(va_space, params->base, params->length)) {
-        status = NV_ERR_INVALID_ADDRESS;
-        goto out;
-    }
-    gpu = uvm_va_space_get_gpu_by_uuid(va_space, &params->gpuUuid);
-    if (!gpu) {
-        status = NV_ERR_INVALID_DEVICE;
-        goto out;
-    }
-    // A range exists, so kvc does (the range was made by a KVC ioctl).
-    status = uvm_kvc_unmap_range_locked(kvc, gpu, params->base, params->base + params->length);
-
-out:
-    uvm_va_space_up_read(va_space);
+    status = uvm_kvc_unmap(uvm_va_space_get(filp), &params->gpuUuid, params->base, params->length);
     if (status != NV_OK)
         UVM_DBG_PRINT_RL("KVC unmap [0x%llx, 0x%llx) failed: %s\n",
                          params->base, params->base + params->length, nvstatusToString(status));
@@ -809,17 +823,18 @@ NV_STATUS uvm_api_kvc_query(UVM_KVC_QUERY_PARAMS *params, struct file *filp)
 // ---------------------------------------------------------------------------------------------
 // Hooks
 
-void uvm_kvc_range_destroy(uvm_va_space_t *va_space, NvU64 start, NvU64 end)
+void uvm_kvc_range_destroyed(uvm_kvc_ext_range_t *range)
 {
+    uvm_va_space_t *va_space = uvm_kvc_ext_range_va_space(range);
     uvm_kvc_va_space_t *kvc = va_space->kvc;
     size_t i;
 
-    uvm_assert_rwsem_locked_write(&va_space->lock);
-    if (!kvc)
+    if (!uvm_kvc_ext_range_owned(range) || !kvc)
         return;
+    uvm_assert_rwsem_locked_write(&va_space->lock);
     for (i = 0; i < ARRAY_SIZE(kvc->gpus); i++) {
         if (kvc->gpus[i])
-            uvm_kvc_blocks_destroy(kvc, kvc->gpus[i], start, end + 1);
+            uvm_kvc_blocks_destroy(kvc, kvc->gpus[i], uvm_kvc_ext_range_node(range)->start, uvm_kvc_ext_range_node(range)->end + 1);
     }
 }
 

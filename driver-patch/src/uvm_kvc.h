@@ -38,9 +38,9 @@ NV_STATUS uvm_test_kvc_sanity(UVM_KVC_TEST_SANITY_PARAMS *params, struct file *f
 // Hooks called from stock code, all with the va_space lock held for write. Each returns at once
 // for a va_space that never used KVC.
 
-// uvm_va_range_destroy_external() of a kvc_owned range [start, end] (UVM_FREE, fd close):
-// clears and frees the range's PTEs on every GPU and drops the page references.
-void uvm_kvc_range_destroy(uvm_va_space_t *va_space, NvU64 start, NvU64 end);
+// uvm_va_range_destroy_external() (UVM_FREE, fd close): for a kvc_owned range, clears and frees
+// its PTEs on every GPU and drops the page references.
+void uvm_kvc_range_destroyed(uvm_kvc_ext_range_t *range);
 
 // remove_gpu_va_space(): every KVC PTE in that GPU VA space is cleared and its page tables put,
 // before the page tree goes away. Pages stay valid (they belong to the GPU, not its VA space).

@@ -177,7 +177,16 @@ NV_STATUS uvm_kvc_block_pte(uvm_kvc_va_space_t *kvc,
                             uvm_gpu_phys_address_t *entry,
                             NvU64 *expected);
 
-// The va_space's KVC state if the caller's process may use it: NULL and *status set otherwise.
+// uvm_kvc.c: what the ioctls do, for the self-test too. The va_space's KVC state if the caller's
+// process may use it (NULL and *status set otherwise; with create, made on first use).
 uvm_kvc_va_space_t *uvm_kvc_get(uvm_va_space_t *va_space, bool create, NV_STATUS *status);
+NV_STATUS uvm_kvc_create_range(uvm_va_space_t *va_space, NvU64 base, NvU64 length);
+NV_STATUS uvm_kvc_map(uvm_va_space_t *va_space,
+                      const NvProcessorUuid *gpu_uuid,
+                      NvU32 flags,
+                      UVM_KVC_SCATTER_ENTRY *entries,
+                      NvU64 count,
+                      NvU64 base);
+NV_STATUS uvm_kvc_unmap(uvm_va_space_t *va_space, const NvProcessorUuid *gpu_uuid, NvU64 base, NvU64 length);
 
 #endif // __UVM_KVC_INTERNAL_H__
