@@ -281,10 +281,10 @@ uvm_kvc_root_t *uvm_kvc_root_lookup_locked(uvm_kvc_va_space_t *kvc, NvU64 handle
 
     uvm_assert_mutex_locked(&kvc->lock);
 
+    *slot = id & (KVC_SLOTS_PER_ROOT - 1);
     if ((id >> 5) == 0 || (id >> 5) > KVC_ROOT_ID_MAX)
         return NULL;
     root = idr_find(&kvc->roots, id >> 5);
-    *slot = id & (KVC_SLOTS_PER_ROOT - 1);
     if (!root || !(root->live & BIT(*slot)) || root->gen[*slot] != (NvU32)(handle >> 32))
         return NULL;
     return root;
@@ -462,7 +462,11 @@ NV_STATUS uvm_kvc_free_pages(uvm_kvc_va_space_t *kvc, NvU32 flags, NvU64 count, 
     }
 
     for (i = 0; i < count && status == NV_OK; i++) {
+        // Every handle was found above, under the same lock, and none twice.
         root = uvm_kvc_root_lookup_locked(kvc, handles[i], &slot);
+        UVM_ASSERT(root);
+        if (!root)
+            continue;
         root->live &= ~BIT(slot);
         // A mapped page lives on until its last PTE is cleared.
         if (root->refs[slot] == 0)
