@@ -3,7 +3,7 @@
  * ioctl entry points and the stock hooks, against the model GPU of stubs.c/gpu_model.c, and
  * checks them against a reference model after every operation.
  *
- *   driver-harness [--seed N] [--ops N] [--verbose]      (HARNESS_OPS in the environment too)
+ *   driver-harness [--seed N] [--ops N] [--verbose]   (or HARNESS_SEED, HARNESS_OPS in the environment)
  *
  * Phases:
  *   1. scenarios with exact expectations: handle generations with ids reused, stale and foreign
@@ -1465,7 +1465,7 @@ int main(int argc, char **argv)
 {
     NvU64 seed = 12648430, nops = 2500, fi_alloc, fi_gpu, leaked = 0;
     decode_result_t d;
-    const char *env = getenv("HARNESS_OPS");
+    const char *env = getenv("HARNESS_OPS"), *env_seed = getenv("HARNESS_SEED");
     time_t t0 = time(NULL);
     int i;
 
@@ -1483,6 +1483,8 @@ int main(int argc, char **argv)
     }
     if (env && *env)
         nops = strtoull(env, NULL, 0);
+    if (env_seed && *env_seed)
+        seed = strtoull(env_seed, NULL, 0);
     setvbuf(stdout, NULL, _IOLBF, 0);
     hc.seed = seed;
     rng_state = seed;
