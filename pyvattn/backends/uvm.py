@@ -570,13 +570,7 @@ class UvmBackend(Backend):
         if self._closed:
             return
         if self._in_child():
-            # A forked child: the pages, ranges and context are the parent's. Forget them.
-            self._reservations.clear()
-            self._spans.clear()
-            self._parts.clear()
-            self._mapped.clear()
-            self._mapped_handles.clear()
-            self._closed = True
+            self._forget()  # the pages, ranges and context are the parent's
             return
         errors: list[Exception] = []
 
@@ -592,12 +586,13 @@ class UvmBackend(Backend):
             attempt(self._ioctl, "UVM_FREE", base=base, length=length)
             attempt(libc.munmap, base, length)
         attempt(self._free_handles, [g for group in self._parts.values() for g in group])
-        self._reservations.clear()
-        self._spans.clear()
-        self._parts.clear()
-        self._mapped.clear()
-        self._mapped_handles.clear()
-        self._closed = True
+        self._forget()
         self._primary.release()
         if errors:
             raise errors[0]
+
+    def _forget(self) -> None:
+        """Drop every book and mark the backend closed (what close() leaves behind)."""
+        for books in (self._reservations, self._spans, self._parts, self._mapped, self._mapped_handles):
+            books.clear()
+        self._closed = True
