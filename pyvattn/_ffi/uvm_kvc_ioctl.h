@@ -258,10 +258,10 @@ typedef struct {
 } UVM_KVC_UNMAP_PARAMS;
 
 /* Kernel self-test; routed through uvm_test_ioctl(), so it only exists when nvidia-uvm is loaded
- * with uvm_enable_builtin_tests=1. [base, base+length) is a PROT_NONE reservation (>= 2 MiB,
- * 2 MiB aligned) the test may turn into a KVC range; gpuUuid must be registered with a GPU VA
- * space on this fd. iterations: 0 means 1, at most 1000. injectFailAfter: must be 0 (reserved
- * for fault injection). 64 bytes. */
+ * with uvm_enable_builtin_tests=1. [base, base+length) is a PROT_NONE reservation (whole 2 MiB,
+ * 2 MiB aligned) the test turns into a KVC range and leaves; gpuUuid must be registered with a
+ * GPU VA space on this fd. iterations: 0 means 1, at most 1000. injectFailAfter: must be 0
+ * (fault injection is what `make driver-harness` does, at every fallible call). 64 bytes. */
 #define UVM_KVC_TEST_SANITY UVM_KVC_IOCTL_BASE(15)
 typedef struct {
     NvU32 version;
