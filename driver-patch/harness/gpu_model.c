@@ -182,7 +182,19 @@ NvU64 harness_pte_at(uvm_page_tree_t *tree, NvU64 va)
 // A GPU access to va through tree, like a kernel's load or store: translated through the TLB
 // (filled from the page table), faulting (false) where nothing is mapped. A write of `owner`'s
 // data tags the memory; *tag is what the memory held before.
+static bool gpu_access(harness_gpu_t *hg, uvm_page_tree_t *tree, NvU64 va, bool write, int owner, int *tag);
+
 bool harness_gpu_access(harness_gpu_t *hg, uvm_page_tree_t *tree, NvU64 va, bool write, int owner, int *tag)
+{
+    bool ok;
+
+    harness_world_lock();
+    ok = gpu_access(hg, tree, va, write, owner, tag);
+    harness_world_unlock();
+    return ok;
+}
+
+static bool gpu_access(harness_gpu_t *hg, uvm_page_tree_t *tree, NvU64 va, bool write, int owner, int *tag)
 {
     harness_tlb_entry_t *e = &hg->tlb[(va / UVM_PAGE_SIZE_64K) % HARNESS_TLB_SIZE];
     NvU64 pte;

@@ -60,10 +60,12 @@ typedef struct
     int npages, cap_pages;
     m_range_t ranges[MAX_RANGES];
     NvU32 *map[NGPUS];       // per 64 KiB slot of the area: 0 or (page + 1) << 4 | sub << 1 | ro
+    int only_gpu;            // a thread's view of the process uses one GPU (-1: any)
+    NvU32 area_first, area_slots;   // where its ranges go, in 2 MiB blocks of the area
 } proc_t;
 
 static proc_t procs[NPROCS];
-static NvU64 rng_state;
+static __thread NvU64 rng_state;
 
 NvU64 harness_rand(void)
 {
@@ -130,6 +132,9 @@ static void proc_open(proc_t *p, int index)
     uvm_mutex_init(&p->va_space->lock, UVM_LOCK_ORDER_VA_SPACE);
     p->file.type = UVM_FD_VA_SPACE;
     p->file.va_space = p->va_space;
+    p->only_gpu = -1;
+    p->area_first = 0;
+    p->area_slots = AREA_SLOTS / 32;
     for (g = 0; g < NGPUS; g++) {
         p->va_space->gpus[g + 1] = &gpus[g]->gpu;
         p->gpu_registered[g] = true;
@@ -201,6 +206,9 @@ static void model_set(proc_t *p, int g, NvU64 va, NvU32 value)
 static void model_unmap(proc_t *p, int g, NvU64 start, NvU64 end)
 {
     NvU64 va;
+
+    if (!p->map[g])
+        return; // a thread's view: that GPU is the other thread's
 
     for (va = start; va < end; va += UVM_PAGE_SIZE_64K)
         model_set(p, g, va, 0);
@@ -583,12 +591,14 @@ static void do_unregister_gpu(proc_t *p, int g)
 
 static void do_register_gpu(proc_t *p, int g)
 {
+    uvm_va_space_down_write(p->va_space);
     if (!p->gpu_registered[g]) {
         p->va_space->gpus[g + 1] = &gpus[g]->gpu;
         p->gpu_registered[g] = true;
     }
     if (!p->gpu_va_space[g])
         gpu_va_space_add(p, g);
+    uvm_va_space_up_write(p->va_space);
 }
 
 // uvm_release() -> uvm_va_space_destroy(): ranges, then every GPU, then the va_space.
@@ -629,7 +639,8 @@ static void expect(const char *what, NV_STATUS status, bool expect_ok)
         harness_fail("%s failed: %s", what, nvstatusToString(status));
     // A success after an injected failure is a fallback that worked (a tracker copy that could
     // not be made is replaced by a wait): the checks after the operation hold it to the model.
-    hfi.hit = 0;
+    if (hfi.hit)
+        hfi.hit = 0;
 }
 
 static bool gpu_usable(proc_t *p, int g)
@@ -720,7 +731,7 @@ static void op_free(proc_t *p)
 static void op_create_range(proc_t *p)
 {
     NvU64 len = (1 + rnd(6)) * UVM_PAGE_SIZE_2M;
-    NvU64 base = AREA_BASE + rnd(AREA_SLOTS / 32 - 8) * UVM_PAGE_SIZE_2M;
+    NvU64 base = AREA_BASE + (p->area_first + rnd(p->area_slots - 8)) * UVM_PAGE_SIZE_2M;
     int i, free_slot = -1, live = 0;
     bool ok = true;
     NV_STATUS status;
@@ -741,7 +752,7 @@ static void op_create_range(proc_t *p)
         if (r->base < base + len && base < r->base + r->len)
             ok = false;
     }
-    if (free_slot < 0)
+    if (free_slot < 0 || live >= (p->only_gpu >= 0 ? MAX_RANGES / NGPUS : MAX_RANGES))
         return;
     status = do_create_range(p, base, len);
     expect("CREATE_RANGE", status, ok);
@@ -749,6 +760,11 @@ static void op_create_range(proc_t *p)
         p->ranges[free_slot].base = base;
         p->ranges[free_slot].len = len;
     }
+}
+
+static int pick_gpu(proc_t *p)
+{
+    return p->only_gpu >= 0 ? p->only_gpu : (int)rnd(NGPUS);
 }
 
 static m_range_t *some_range(proc_t *p)
@@ -816,7 +832,7 @@ static NvU32 random_map_flags(void)
 static void op_map(proc_t *p)
 {
     m_range_t *r = some_range(p);
-    int g = (int)rnd(NGPUS), count = 1 + (int)rnd(8), pages[8], i;
+    int g = pick_gpu(p), count = 1 + (int)rnd(8), pages[8], i;
     NvU64 vas[8], handles[8], va;
     NvU32 flags = random_map_flags();
     NV_STATUS status;
@@ -842,7 +858,7 @@ static void op_map(proc_t *p)
 
 static void op_scatter(proc_t *p, int max_entries)
 {
-    int g = (int)rnd(NGPUS), count = 1 + (int)rnd(max_entries), i;
+    int g = pick_gpu(p), count = 1 + (int)rnd(max_entries), i;
     int *pages = calloc(count, sizeof(int));
     NvU64 *vas = calloc(count, sizeof(NvU64));
     UVM_KVC_SCATTER_ENTRY *entries = calloc(count, sizeof(*entries));
@@ -878,7 +894,7 @@ out:
 static void op_unmap(proc_t *p)
 {
     m_range_t *r = some_range(p);
-    int g = (int)rnd(NGPUS);
+    int g = pick_gpu(p);
     NvU64 slots, first, n, base, len;
     NV_STATUS status;
     bool ok;
@@ -904,7 +920,7 @@ static void op_unmap(proc_t *p)
 static void op_access(proc_t *p)
 {
     m_range_t *r = some_range(p);
-    int g = (int)rnd(NGPUS), i, tag;
+    int g = pick_gpu(p), i, tag;
 
     if (!r || !p->gpu_va_space[g])
         return;
@@ -925,7 +941,7 @@ static void op_access(proc_t *p)
 
 static void op_query(proc_t *p)
 {
-    int g = (int)rnd(NGPUS);
+    int g = pick_gpu(p);
     UVM_KVC_QUERY_PARAMS q;
     uvm_kvc_gpu_t *kgpu;
 
@@ -981,7 +997,7 @@ static void op_fork(proc_t *p)
 
 static void op_gpu_churn(proc_t *p)
 {
-    int g = (int)rnd(NGPUS);
+    int g = pick_gpu(p);
 
     as_proc(p);
     switch (rnd(4)) {
@@ -1461,6 +1477,118 @@ static void random_ops(NvU64 nops)
     }
 }
 
+// --- phase 5: two threads in one process ----------------------------------------------------------
+
+typedef struct
+{
+    proc_t view;
+    NvU64 seed, ops;
+    pthread_t thread;
+} thread_view_t;
+
+// One thread of procs[0]: its own GPU, pages and half of the VA area; everything it does races
+// with the other thread on the shared va_space, KVC state and process accounting.
+static void *thread_ops(void *arg)
+{
+    thread_view_t *t = arg;
+    proc_t *p = &t->view;
+    NvU64 i;
+
+    rng_state = t->seed;
+    harness_current = &procs[0].task;
+    for (i = 0; i < t->ops; i++) {
+        NvU64 op = rnd(100);
+        m_range_t *r;
+
+        if (op < 18)
+            op_alloc(p, p->only_gpu, page_sizes[rnd(3)], rnd(3) ? 0 : UVM_KVC_ALLOC_FLAGS_ZERO, 1 + rnd(24));
+        else if (op < 30)
+            op_free(p);
+        else if (op < 38)
+            op_create_range(p);
+        else if (op < 40 && (r = some_range(p)) != NULL)
+            do_uvm_free(p, r);
+        else if (op < 58)
+            op_map(p);
+        else if (op < 76)
+            op_scatter(p, 12);
+        else if (op < 90)
+            op_unmap(p);
+        else if (op < 96)
+            op_access(p);
+        else if (op < 98)
+            op_query(p);
+        else if (op < 99)
+            do_remove_gpu_va_space(p, p->only_gpu);
+        else
+            do_register_gpu(p, p->only_gpu);
+    }
+    return NULL;
+}
+
+// After the threads: the process's model is the union of their views (page indexes of the
+// second view shifted), checked like any other operation's result.
+static void merge_views(proc_t *p, thread_view_t *views, int n)
+{
+    int v, i, g, r = 0;
+    NvU32 s;
+
+    p->npages = 0;
+    for (v = 0; v < n; v++) {
+        proc_t *w = &views[v].view;
+        int offset = p->npages;
+
+        for (i = 0; i < w->npages; i++) {
+            page_add(p, w->pages[i].handle, w->pages[i].gpu, w->pages[i].nslots);
+            p->pages[p->npages - 1].live = w->pages[i].live;
+            p->pages[p->npages - 1].ptes = w->pages[i].ptes;
+        }
+        g = w->only_gpu;
+        for (s = 0; s < AREA_SLOTS; s++) {
+            if (w->map[g][s])
+                p->map[g][s] = w->map[g][s] + ((NvU32)offset << 4);
+        }
+        for (i = 0; i < MAX_RANGES; i++) {
+            if (w->ranges[i].len)
+                p->ranges[r++] = w->ranges[i];
+        }
+        p->gpu_va_space[g] = w->gpu_va_space[g];
+        free(w->map[g]);
+        free(w->pages);
+    }
+}
+
+static void threads_phase(NvU64 seed, NvU64 ops)
+{
+    thread_view_t views[NGPUS];
+    int v;
+
+    memset(views, 0, sizeof(views));
+    for (v = 0; v < NGPUS; v++) {
+        proc_t *w = &views[v].view;
+
+        *w = procs[0];
+        w->pages = NULL;
+        w->npages = w->cap_pages = 0;
+        memset(w->ranges, 0, sizeof(w->ranges));
+        memset(w->map, 0, sizeof(w->map));
+        w->map[v] = calloc(AREA_SLOTS, sizeof(NvU32));
+        w->only_gpu = v;
+        w->area_first = v * (AREA_SLOTS / 32 / NGPUS);
+        w->area_slots = AREA_SLOTS / 32 / NGPUS;
+        views[v].seed = seed * 31 + v;
+        views[v].ops = ops;
+    }
+    hfi.kinds = 0;
+    for (v = 0; v < NGPUS; v++)
+        pthread_create(&views[v].thread, NULL, thread_ops, &views[v]);
+    for (v = 0; v < NGPUS; v++)
+        pthread_join(views[v].thread, NULL);
+    harness_current = &procs[0].task;
+    merge_views(&procs[0], views, NGPUS);
+    check_all();
+}
+
 int main(int argc, char **argv)
 {
     NvU64 seed = 12648430, nops = 2500, fi_alloc, fi_gpu, leaked = 0;
@@ -1530,8 +1658,15 @@ int main(int argc, char **argv)
     set_default_params();
     random_ops(nops);
     world_close();
+
+    world_open();
+    set_default_params();
+    threads_phase(seed, nops / 2);
+    world_close();
+    printf("driver-harness: two threads of one process, one per GPU, %llu ops each on the shared va_space: "
+           "no deadlock, lock order kept, state equal to the union of their models\n", (unsigned long long)(nops / 2));
     printf("driver-harness: OK: seed %llu, %llu random ops on %d processes x %d GPUs (every ioctl, UVM_FREE, GPU VA space and GPU "
-           "unregister, fd close, fork), %llu + %llu failure points, lock order, PTEs, TLB, refs, zeroing and accounting checked "
+           "unregister, fd close, fork), %llu + %llu failure points, two threads, lock order, PTEs, TLB, refs, zeroing and accounting checked "
            "after every op; decode step 1 ioctl/1 invalidate/1 wait, %.1f B/page; %lds\n",
            (unsigned long long)seed, (unsigned long long)nops, NPROCS, NGPUS, (unsigned long long)fi_alloc,
            (unsigned long long)fi_gpu, d.meta_per_page, (long)(time(NULL) - t0));

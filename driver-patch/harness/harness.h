@@ -126,7 +126,8 @@ extern uvm_ce_hal_t harness_ce_hal;
 void harness_fail(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 bool harness_fi(int kind);
 NvU64 harness_rand(void);
-bool harness_holds_order(int order);
+void harness_world_lock(void);
+void harness_world_unlock(void);
 void harness_param_set(const char *name, unsigned int value);
 int harness_locks_held(void);
 

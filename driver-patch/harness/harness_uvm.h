@@ -14,6 +14,7 @@
 #define HARNESS_UVM_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -109,14 +110,14 @@ static inline long long atomic64_add_return(long long v, atomic64_t *a)
 { return __atomic_add_fetch(&a->counter, v, __ATOMIC_SEQ_CST); }
 
 // Spinlocks: leaf locks; sleeping (allocating) while one is held is reported.
-typedef struct { int held; } spinlock_t;
-#define DEFINE_SPINLOCK(name) spinlock_t name = { 0 }
+typedef struct { pthread_mutex_t mutex; } spinlock_t;
+#define DEFINE_SPINLOCK(name) spinlock_t name = { PTHREAD_MUTEX_INITIALIZER }
 void spin_lock(spinlock_t *lock);
 void spin_unlock(spinlock_t *lock);
 
 struct mm_struct { int id; };
 struct task_struct { struct mm_struct *mm; int tgid; };
-extern struct task_struct *harness_current;
+extern __thread struct task_struct *harness_current;
 #define current harness_current
 void uvm_mmgrab(struct mm_struct *mm);
 void uvm_mmdrop(struct mm_struct *mm);
@@ -184,7 +185,8 @@ typedef enum
     UVM_LOCK_ORDER_LEAF = 100,
 } uvm_lock_order_t;
 
-typedef struct { int order; int held; int readers; } uvm_mutex_t;
+// Real locks (the harness runs two threads in one phase); each thread records what it holds.
+typedef struct { int order; pthread_mutex_t mutex; pthread_rwlock_t rw; } uvm_mutex_t;
 typedef uvm_mutex_t uvm_rw_semaphore_t;
 void uvm_mutex_init(uvm_mutex_t *m, uvm_lock_order_t order);
 void uvm_mutex_lock(uvm_mutex_t *m);

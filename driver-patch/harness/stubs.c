@@ -16,7 +16,32 @@
 #include <pthread.h>
 
 struct task_struct harness_default_task = { NULL, 1 };
-struct task_struct *harness_current = &harness_default_task;
+__thread struct task_struct *harness_current = &harness_default_task;
+
+// The model GPU, PMM, pushes and counters are shared by the harness's threads: one recursive lock
+// around each stand-in that touches them (never held across a call into KVC code).
+static pthread_mutex_t world;
+static pthread_once_t world_once = PTHREAD_ONCE_INIT;
+
+static void world_init(void)
+{
+    pthread_mutexattr_t attr;
+
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&world, &attr);
+}
+
+void harness_world_lock(void)
+{
+    pthread_once(&world_once, world_init);
+    pthread_mutex_lock(&world);
+}
+
+void harness_world_unlock(void)
+{
+    pthread_mutex_unlock(&world);
+}
 harness_counters_t hc;
 harness_fi_t hfi = { .fail_at = -1 };
 
@@ -79,64 +104,76 @@ const char *nvstatusToString(NV_STATUS status)
 // whole GPU side fail from then on, as a fatal UVM error does.
 bool harness_fi(int kind)
 {
+    bool fail = false;
+
+    harness_world_lock();
     if (hfi.gpu_fatal && kind == HARNESS_FI_GPU)
-        return true;
-    if (!(hfi.kinds & kind))
-        return false;
-    if (++hfi.count != hfi.fail_at)
-        return false;
-    hfi.hit = kind;
-    hfi.ever_hit = kind;
-    if (kind == HARNESS_FI_GPU)
-        hfi.gpu_fatal = true;
-    return true;
+        fail = true;
+    else if ((hfi.kinds & kind) && ++hfi.count == hfi.fail_at) {
+        hfi.hit = kind;
+        hfi.ever_hit = kind;
+        hfi.gpu_fatal |= kind == HARNESS_FI_GPU;
+        fail = true;
+    }
+    harness_world_unlock();
+    return fail;
 }
 
 // ---------------------------------------------------------------------------------------------
-// locks: orders must strictly increase; nothing sleeps under a spinlock
+// locks: orders must strictly increase; nothing sleeps under a spinlock. Per thread.
 
-static int held_orders[32];
-static int nheld;
-static int spin_held;
+typedef struct { const void *lock; int order; bool write; } held_t;
+static __thread held_t held[32];
+static __thread int nheld;
+static __thread int spin_held;
 
-static void lock_record(int order, const char *what)
+static void lock_record(const void *lock, int order, bool write, const char *what)
 {
+    int i;
+
     if (spin_held)
         harness_fail("%s taken under a spinlock", what);
-    if (nheld > 0 && held_orders[nheld - 1] >= order)
+    for (i = 0; i < nheld; i++) {
+        if (held[i].lock == lock)
+            harness_fail("%s (order %d) taken twice by one thread: deadlock", what, order);
+    }
+    if (nheld > 0 && held[nheld - 1].order >= order)
         harness_fail("lock order violation: %s (order %d) taken while holding order %d", what, order,
-                     held_orders[nheld - 1]);
-    held_orders[nheld++] = order;
+                     held[nheld - 1].order);
+    held[nheld].lock = lock;
+    held[nheld].order = order;
+    held[nheld].write = write;
+    nheld++;
 }
 
-static void lock_unrecord(int order)
+static void lock_unrecord(const void *lock)
 {
     int i;
 
     for (i = nheld - 1; i >= 0; i--) {
-        if (held_orders[i] == order) {
-            memmove(&held_orders[i], &held_orders[i + 1], (nheld - i - 1) * sizeof(int));
+        if (held[i].lock == lock) {
+            memmove(&held[i], &held[i + 1], (nheld - i - 1) * sizeof(held[0]));
             nheld--;
             return;
         }
     }
-    harness_fail("unlock of order %d that is not held", order);
-}
-
-bool harness_holds_order(int order)
-{
-    int i;
-
-    for (i = 0; i < nheld; i++) {
-        if (held_orders[i] == order)
-            return true;
-    }
-    return false;
+    harness_fail("unlock of a lock this thread does not hold");
 }
 
 int harness_locks_held(void)
 {
     return nheld + spin_held;
+}
+
+static bool holds_order_at_least(int order)
+{
+    int i;
+
+    for (i = 0; i < nheld; i++) {
+        if (held[i].order >= order)
+            return true;
+    }
+    return false;
 }
 
 static void might_sleep(const char *what)
@@ -147,77 +184,68 @@ static void might_sleep(const char *what)
 
 void spin_lock(spinlock_t *lock)
 {
-    if (lock->held)
-        harness_fail("spinlock taken twice");
-    lock->held = 1;
+    pthread_mutex_lock(&lock->mutex);
     spin_held++;
 }
 
 void spin_unlock(spinlock_t *lock)
 {
-    lock->held = 0;
     spin_held--;
+    pthread_mutex_unlock(&lock->mutex);
 }
 
 void uvm_mutex_init(uvm_mutex_t *m, uvm_lock_order_t order)
 {
     m->order = order;
-    m->held = 0;
-    m->readers = 0;
+    pthread_mutex_init(&m->mutex, NULL);
+    pthread_rwlock_init(&m->rw, NULL);
 }
 
 void uvm_mutex_lock(uvm_mutex_t *m)
 {
-    if (m->held || m->readers)
-        harness_fail("mutex of order %d taken twice (deadlock)", m->order);
-    lock_record(m->order, "mutex");
-    m->held = 1;
+    lock_record(m, m->order, true, "mutex");
+    pthread_mutex_lock(&m->mutex);
 }
 
 void uvm_mutex_unlock(uvm_mutex_t *m)
 {
-    if (!m->held)
-        harness_fail("unlock of a free mutex of order %d", m->order);
-    m->held = 0;
-    lock_unrecord(m->order);
+    lock_unrecord(m);
+    pthread_mutex_unlock(&m->mutex);
 }
 
 void harness_assert_locked(uvm_mutex_t *m, bool write, const char *file, int line)
 {
-    if (!(m->held || (!write && m->readers)))
-        harness_fail("lock of order %d not held (%s) at %s:%d", m->order, write ? "write" : "read", file, line);
+    int i;
+
+    for (i = 0; i < nheld; i++) {
+        if (held[i].lock == m && (held[i].write || !write))
+            return;
+    }
+    harness_fail("lock of order %d not held (%s) at %s:%d", m->order, write ? "write" : "read", file, line);
 }
 
 void uvm_va_space_down_read(uvm_va_space_t *va_space)
 {
-    if (va_space->lock.held || va_space->lock.readers)
-        harness_fail("va_space lock taken twice");
-    lock_record(UVM_LOCK_ORDER_VA_SPACE, "va_space lock");
-    va_space->lock.readers++;
+    lock_record(&va_space->lock, UVM_LOCK_ORDER_VA_SPACE, false, "va_space lock");
+    pthread_rwlock_rdlock(&va_space->lock.rw);
 }
 
 void uvm_va_space_up_read(uvm_va_space_t *va_space)
 {
-    if (!va_space->lock.readers)
-        harness_fail("va_space up_read without down_read");
-    va_space->lock.readers--;
-    lock_unrecord(UVM_LOCK_ORDER_VA_SPACE);
+    lock_unrecord(&va_space->lock);
+    pthread_rwlock_unlock(&va_space->lock.rw);
 }
 
 void uvm_va_space_down_write(uvm_va_space_t *va_space)
 {
-    if (va_space->lock.held || va_space->lock.readers)
-        harness_fail("va_space lock taken twice");
-    lock_record(UVM_LOCK_ORDER_VA_SPACE, "va_space lock");
-    va_space->lock.held = 1;
+    lock_record(&va_space->lock, UVM_LOCK_ORDER_VA_SPACE, true, "va_space lock");
+    pthread_rwlock_wrlock(&va_space->lock.rw);
 }
 
 void uvm_va_space_up_write(uvm_va_space_t *va_space)
 {
-    if (!va_space->lock.held)
-        harness_fail("va_space up_write without down_write");
-    va_space->lock.held = 0;
-    lock_unrecord(UVM_LOCK_ORDER_VA_SPACE);
+    lock_unrecord(&va_space->lock);
+    pthread_rwlock_unlock(&va_space->lock.rw);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,8 +266,8 @@ void *uvm_kvmalloc(size_t size)
         harness_fail("host out of memory");
     h->size = size;
     h->magic = KV_MAGIC;
-    hc.kv_bytes += size;
-    hc.kv_allocs++;
+    __atomic_add_fetch(&hc.kv_bytes, (long long)size, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&hc.kv_allocs, 1, __ATOMIC_SEQ_CST);
     memset(h + 1, 0xa5, size); // garbage, as kmalloc gives
     return h + 1;
 }
@@ -263,19 +291,19 @@ void uvm_kvfree(void *p)
     if (h->magic != KV_MAGIC)
         harness_fail("uvm_kvfree of memory uvm_kvmalloc did not give");
     h->magic = 0;
-    hc.kv_bytes -= h->size;
-    hc.kv_allocs--;
+    __atomic_sub_fetch(&hc.kv_bytes, (long long)h->size, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&hc.kv_allocs, 1, __ATOMIC_SEQ_CST);
     free(h);
 }
 
 void uvm_mmgrab(struct mm_struct *mm)
 {
-    hc.mm_grabs++;
+    __atomic_add_fetch(&hc.mm_grabs, 1, __ATOMIC_SEQ_CST);
 }
 
 void uvm_mmdrop(struct mm_struct *mm)
 {
-    hc.mm_grabs--;
+    __atomic_sub_fetch(&hc.mm_grabs, 1, __ATOMIC_SEQ_CST);
 }
 
 void sort(void *base, size_t num, size_t size, int (*cmp)(const void *, const void *), void (*swap)(void *, void *, int))
@@ -489,14 +517,11 @@ NV_STATUS uvm_pmm_gpu_alloc_kernel(uvm_pmm_gpu_t *pmm, size_t n, NvU64 size, uvm
     if (n != 1 || size != UVM_CHUNK_SIZE_MAX || out_tracker)
         harness_fail("PMM asked for %zu x 0x%llx", n, (unsigned long long)size);
     // Evicting may take VA block locks: nothing at or after VA_BLOCK may be held.
-    if (flags & UVM_PMM_ALLOC_FLAGS_EVICT) {
-        for (i = 0; i < nheld; i++) {
-            if (held_orders[i] >= UVM_LOCK_ORDER_VA_BLOCK)
-                harness_fail("PMM eviction with lock order %d held", held_orders[i]);
-        }
-    }
+    if ((flags & UVM_PMM_ALLOC_FLAGS_EVICT) && holds_order_at_least(UVM_LOCK_ORDER_VA_BLOCK))
+        harness_fail("PMM eviction with a lock at or after VA_BLOCK held");
     if (harness_fi(HARNESS_FI_ALLOC))
         return NV_ERR_NO_MEMORY;
+    harness_world_lock();
     // Last freed first: a stale PTE to a chunk is most likely to meet its next owner.
     for (i = hg->nfree - 1; i >= 0 && !c; i--) {
         c = &hg->chunks[hg->free_list[i]];
@@ -504,8 +529,10 @@ NV_STATUS uvm_pmm_gpu_alloc_kernel(uvm_pmm_gpu_t *pmm, size_t n, NvU64 size, uvm
         hg->nfree--;
     }
     if (!c) {
-        if (hg->used_chunks >= hg->capacity)
+        if (hg->used_chunks >= hg->capacity) {
+            harness_world_unlock();
             return NV_ERR_NO_MEMORY;
+        }
         c = &hg->chunks[hg->used_chunks++];
         c->chunk.address = HARNESS_VIDMEM_BASE + (NvU64)(c - hg->chunks) * UVM_CHUNK_SIZE_MAX;
         c->chunk.id = (int)(c - hg->chunks);
@@ -524,6 +551,7 @@ NV_STATUS uvm_pmm_gpu_alloc_kernel(uvm_pmm_gpu_t *pmm, size_t n, NvU64 size, uvm
     hg->live_chunks++;
     hc.pmm_allocs++;
     *chunks = &c->chunk;
+    harness_world_unlock();
     return NV_OK;
 }
 
@@ -532,6 +560,7 @@ void uvm_pmm_gpu_free(uvm_pmm_gpu_t *pmm, uvm_gpu_chunk_t *chunk, uvm_tracker_t 
     harness_gpu_t *hg = gpu_of(pmm->gpu);
     harness_chunk_t *c = harness_chunk_at(hg, chunk->address);
 
+    harness_world_lock();
     if (!c || !c->live)
         harness_fail("PMM free of a chunk that is not allocated");
     if (tracker)
@@ -541,6 +570,7 @@ void uvm_pmm_gpu_free(uvm_pmm_gpu_t *pmm, uvm_gpu_chunk_t *chunk, uvm_tracker_t 
     hg->free_list[hg->nfree++] = chunk->id;
     hg->live_chunks--;
     hc.pmm_frees++;
+    harness_world_unlock();
 }
 
 uvm_gpu_address_t uvm_gpu_address_copy(uvm_gpu_t *gpu, uvm_gpu_phys_address_t phys)
@@ -564,6 +594,7 @@ static void push_op(uvm_push_t *push, harness_op_t op, NvU32 bytes)
 {
     harness_push_t *p = push->impl;
 
+    harness_world_lock();
     if (!p || p->ended)
         harness_fail("operation on a push that is not open");
     if (p->nops == p->cap) {
@@ -574,6 +605,7 @@ static void push_op(uvm_push_t *push, harness_op_t op, NvU32 bytes)
     p->bytes += bytes;
     if (p->bytes > UVM_MAX_PUSH_SIZE)
         harness_fail("push overflow: %u bytes of methods", p->bytes);
+    harness_world_unlock();
 }
 
 NV_STATUS harness_push_begin(void *manager, uvm_tracker_t *tracker, uvm_push_t *push)
@@ -583,13 +615,14 @@ NV_STATUS harness_push_begin(void *manager, uvm_tracker_t *tracker, uvm_push_t *
 
     if (!manager)
         harness_fail("push on a GPU without a channel manager");
-    lock_record(UVM_LOCK_ORDER_PUSH, "push");
+    lock_record(push, UVM_LOCK_ORDER_PUSH, true, "push");
     if (harness_fi(HARNESS_FI_GPU)) {
-        lock_unrecord(UVM_LOCK_ORDER_PUSH);
+        lock_unrecord(push);
         return NV_ERR_RC_ERROR;
     }
+    harness_world_lock();
     p = calloc(1, sizeof(*p));
-    p->id = ++hc.pushes;
+    p->id = (NvU32)__atomic_add_fetch(&hc.pushes, 1, __ATOMIC_SEQ_CST);
     p->bytes = 64; // begin methods, semaphore release at the end
     for (i = 0; tracker && i < tracker->count; i++)
         p->deps[p->ndeps++] = tracker->pushes[i];
@@ -598,6 +631,7 @@ NV_STATUS harness_push_begin(void *manager, uvm_tracker_t *tracker, uvm_push_t *
     memset(push, 0, sizeof(*push));
     push->impl = p;
     push->gpu = ((harness_gpu_t *)manager)->self;
+    harness_world_unlock();
     return NV_OK;
 }
 
@@ -616,15 +650,18 @@ void uvm_push_end(uvm_push_t *push)
     if (push->impl->ended)
         harness_fail("push ended twice");
     push->impl->ended = true;
-    lock_unrecord(UVM_LOCK_ORDER_PUSH);
+    lock_unrecord(push);
 }
 
 static void push_run(harness_push_t *p)
 {
     NvU32 i;
 
-    if (p->done)
+    harness_world_lock();
+    if (p->done) {
+        harness_world_unlock();
         return;
+    }
     if (!p->ended)
         harness_fail("waiting for a push that was never ended");
     for (i = 0; i < p->ndeps; i++)
@@ -632,12 +669,13 @@ static void push_run(harness_push_t *p)
     for (i = 0; i < p->nops; i++)
         harness_gpu_execute(&p->ops[i]);
     p->done = true;
+    harness_world_unlock();
 }
 
 NV_STATUS uvm_push_end_and_wait(uvm_push_t *push)
 {
     uvm_push_end(push);
-    hc.waits++;
+    __atomic_add_fetch(&hc.waits, 1, __ATOMIC_SEQ_CST);
     might_sleep("push wait");
     push_run(push->impl);
     return harness_fi(HARNESS_FI_GPU) ? NV_ERR_RC_ERROR : NV_OK;
@@ -699,6 +737,7 @@ NV_STATUS uvm_tracker_wait_deinit(uvm_tracker_t *tracker)
     bool pending = false;
 
     might_sleep("tracker wait");
+    harness_world_lock();
     for (i = 0; i < tracker->count; i++)
         pending |= !tracker->pushes[i]->done;
     for (i = 0; i < tracker->count; i++)
@@ -706,6 +745,7 @@ NV_STATUS uvm_tracker_wait_deinit(uvm_tracker_t *tracker)
     tracker->count = 0;
     if (pending)
         hc.waits++;
+    harness_world_unlock();
     return harness_fi(HARNESS_FI_GPU) ? NV_ERR_RC_ERROR : NV_OK;
 }
 
@@ -778,7 +818,6 @@ NV_STATUS uvm_page_tree_get_ptes_async(uvm_page_tree_t *tree, NvU64 page_size, N
     harness_table_t *t;
     uvm_push_t push;
     harness_op_t op = { HARNESS_OP_TABLE_INIT };
-    int i;
 
     might_sleep("get_ptes");
     if (page_size != UVM_PAGE_SIZE_64K || size != UVM_PAGE_SIZE_2M || !IS_ALIGNED(start, UVM_PAGE_SIZE_2M))
@@ -786,18 +825,20 @@ NV_STATUS uvm_page_tree_get_ptes_async(uvm_page_tree_t *tree, NvU64 page_size, N
                      (unsigned long long)page_size, (unsigned long long)start, (unsigned long long)size);
     if (harness_table_find(tree, start))
         harness_fail("get_ptes over a window that already has KVC PTEs (0x%llx)", (unsigned long long)start);
-    for (i = 0; i < nheld; i++) {
-        if ((pmm_flags & UVM_PMM_ALLOC_FLAGS_EVICT) && held_orders[i] >= UVM_LOCK_ORDER_VA_BLOCK)
-            harness_fail("page table allocation with eviction under lock order %d", held_orders[i]);
-    }
+    if ((pmm_flags & UVM_PMM_ALLOC_FLAGS_EVICT) && holds_order_at_least(UVM_LOCK_ORDER_VA_BLOCK))
+        harness_fail("page table allocation with eviction under a lock at or after VA_BLOCK");
     if (harness_fi(HARNESS_FI_ALLOC))
         return NV_ERR_NO_MEMORY;
 
     uvm_mutex_lock(&tree->lock);
+    harness_world_lock();
     t = harness_table_new(tree, start);
+    harness_world_unlock();
     // The initialisation is a push of the tree's own, tracked in tree->tracker.
     if (harness_push_begin(tree->gpu->channel_manager, NULL, &push) != NV_OK) {
+        harness_world_lock();
         harness_table_free(t);
+        harness_world_unlock();
         uvm_mutex_unlock(&tree->lock);
         return NV_ERR_RC_ERROR;
     }
@@ -811,7 +852,7 @@ NV_STATUS uvm_page_tree_get_ptes_async(uvm_page_tree_t *tree, NvU64 page_size, N
     range->start_index = 0;
     range->entry_count = 32;
     range->page_size = page_size;
-    hc.tables_got++;
+    __atomic_add_fetch(&hc.tables_got, 1, __ATOMIC_SEQ_CST);
     return NV_OK;
 }
 
@@ -820,6 +861,7 @@ void uvm_page_tree_put_ptes_async(uvm_page_tree_t *tree, uvm_page_table_range_t 
     harness_table_t *t = range->table;
     NvU32 i;
 
+    harness_world_lock();
     // Stock put_ptes acquires the tree's tracker: a table initialisation still pending runs
     // before the PDE clear and the free.
     for (i = 0; i < tree->tracker.count; i++)
@@ -829,12 +871,15 @@ void uvm_page_tree_put_ptes_async(uvm_page_tree_t *tree, uvm_page_table_range_t 
         if (t->entries[i] != 0)
             harness_fail("put_ptes of a table with a valid PTE at 0x%llx", (unsigned long long)(t->start + i * UVM_PAGE_SIZE_64K));
     }
+    harness_world_unlock();
     uvm_mutex_lock(&tree->lock);
+    harness_world_lock();
     // Stock put_ptes clears the PDE and invalidates every TLB entry of the tree.
     harness_tlb_drop(gpu_of(tree->gpu), 0, ~0ULL);
     harness_table_free(t);
+    harness_world_unlock();
     uvm_mutex_unlock(&tree->lock);
-    hc.tables_put++;
+    __atomic_add_fetch(&hc.tables_put, 1, __ATOMIC_SEQ_CST);
     memset(range, 0, sizeof(*range));
 }
 
@@ -860,12 +905,14 @@ void uvm_pte_batch_write_pte(uvm_pte_batch_t *batch, uvm_gpu_phys_address_t pte,
     // Consecutive entries share one inline copy; anything else starts a new one.
     NvU32 bytes = pte.address == batch->last_pte + 8 ? 8 : 80;
 
+    harness_world_lock();
     op.table = table_of(pte, &index);
+    harness_world_unlock();
     op.a = index;
     op.c = pte_bits;
     push_op(batch->push, op, bytes);
     batch->last_pte = pte.address;
-    hc.pte_writes++;
+    __atomic_add_fetch(&hc.pte_writes, 1, __ATOMIC_SEQ_CST);
 }
 
 void uvm_pte_batch_clear_ptes(uvm_pte_batch_t *batch, uvm_gpu_phys_address_t first_pte, NvU64 empty_pte_bits,
@@ -874,7 +921,9 @@ void uvm_pte_batch_clear_ptes(uvm_pte_batch_t *batch, uvm_gpu_phys_address_t fir
     harness_op_t op = { HARNESS_OP_PTE_CLEAR };
     NvU32 index;
 
+    harness_world_lock();
     op.table = table_of(first_pte, &index);
+    harness_world_unlock();
     if (index + entry_count > 32)
         harness_fail("PTE clear past the end of a table");
     op.a = index;
@@ -882,7 +931,7 @@ void uvm_pte_batch_clear_ptes(uvm_pte_batch_t *batch, uvm_gpu_phys_address_t fir
     op.c = empty_pte_bits;
     push_op(batch->push, op, 64);
     batch->last_pte = 0;
-    hc.pte_clears += entry_count;
+    __atomic_add_fetch(&hc.pte_clears, entry_count, __ATOMIC_SEQ_CST);
 }
 
 void uvm_pte_batch_end(uvm_pte_batch_t *batch)
@@ -899,7 +948,7 @@ void uvm_tlb_batch_single_invalidate(uvm_page_tree_t *tree, uvm_push_t *push, Nv
     harness_op_t op = { HARNESS_OP_TLB_INVALIDATE, gpu_of(tree->gpu), start, size, tlb_membar };
 
     push_op(push, op, 48);
-    hc.invalidates++;
+    __atomic_add_fetch(&hc.invalidates, 1, __ATOMIC_SEQ_CST);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,13 +974,13 @@ bool uvm_va_space_mm_enabled(uvm_va_space_t *va_space)
 
 struct mm_struct *uvm_va_space_mm_or_current_retain_lock(uvm_va_space_t *va_space)
 {
-    lock_record(5, "mmap_lock");
+    lock_record(&va_space->va_space_mm, 5, false, "mmap_lock");
     return current->mm;
 }
 
 void uvm_va_space_mm_or_current_release_unlock(uvm_va_space_t *va_space, struct mm_struct *mm)
 {
-    lock_unrecord(5);
+    lock_unrecord(&va_space->va_space_mm);
 }
 
 uvm_gpu_t *uvm_va_space_get_gpu_by_uuid(uvm_va_space_t *va_space, const NvProcessorUuid *uuid)

@@ -345,7 +345,7 @@ NV_STATUS uvm_api_kvc_alloc(UVM_KVC_ALLOC_PARAMS *params, struct file *filp)
     uvm_va_space_t *va_space = uvm_va_space_get(filp);
     uvm_kvc_va_space_t *kvc;
     NvU64 *handles;
-    uvm_gpu_t *gpu;
+    uvm_gpu_t *gpu = NULL;
     NV_STATUS status;
 
     params->countDone = 0;

@@ -343,7 +343,7 @@ static NV_STATUS kvc_claim_pages(uvm_kvc_va_space_t *kvc,
                                  NvU64 count,
                                  NvU64 *done)
 {
-    uvm_kvc_root_t *root;
+    uvm_kvc_root_t *root = NULL;
     NV_STATUS status;
 
     uvm_assert_mutex_locked(&kvc->lock);
