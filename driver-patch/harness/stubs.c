@@ -70,8 +70,8 @@ void harness_log(int error, const char *fmt, ...)
 {
     va_list ap;
 
-    hc.log_lines += 1;
-    hc.error_prints += error;
+    __atomic_add_fetch(&hc.log_lines, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&hc.error_prints, error, __ATOMIC_SEQ_CST);
     if (!hc.verbose)
         return;
     va_start(ap, fmt);
@@ -94,7 +94,7 @@ int harness_scnprintf(char *buf, size_t size, const char *fmt, ...)
 
 const char *nvstatusToString(NV_STATUS status)
 {
-    static char buf[32];
+    static __thread char buf[32];
 
     snprintf(buf, sizeof(buf), "NV_STATUS 0x%x", status);
     return buf;
@@ -706,7 +706,7 @@ static void tracker_add(uvm_tracker_t *t, harness_push_t *p)
 NV_STATUS uvm_tracker_add_push_safe(uvm_tracker_t *tracker, uvm_push_t *push)
 {
     if (harness_fi(HARNESS_FI_ALLOC)) {
-        hc.waits++;
+        __atomic_add_fetch(&hc.waits, 1, __ATOMIC_SEQ_CST);
         push_run(push->impl); // the documented fallback: it waits for the push itself
         return NV_ERR_NO_MEMORY;
     }
