@@ -8,8 +8,8 @@ TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: all prereqs demo test lint pytest info bench venv driver driver-check install-driver uninstall-driver \
-        clean distclean
+.PHONY: all prereqs demo test lint pytest info bench venv driver driver-check driver-harness install-driver \
+        uninstall-driver clean distclean
 
 all: test
 
@@ -33,8 +33,9 @@ demo: $(STAMP)
 info: $(STAMP)
 	$(PY) -m pyvattn info
 
-## Tests: ruff, the Python suite, then the kernel patch compiled against Debian's driver sources.
-test: lint pytest driver-check
+## Tests: ruff, the Python suite, the kernel patch compiled against Debian's driver sources, and the
+## patch's own code run in user space against a model GPU (ASan/UBSan; HARNESS_OPS=N for more).
+test: lint pytest driver-check driver-harness
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -49,11 +50,15 @@ bench: $(STAMP)
 driver driver-check install-driver uninstall-driver:
 	$(MAKE) -C kmod $@
 
-driver-check: | prereqs
+driver-harness:
+	$(MAKE) --no-print-directory -C driver-patch/harness run
+
+driver-check driver-harness: | prereqs
 
 clean:
 	rm -rf $(VENV) build *.egg-info
 	-$(MAKE) -C kmod clean
+	-$(MAKE) -C driver-patch/harness clean
 
 ## Also the downloads (.cache: Debian packages for the driver check) and benchmark outputs (bench-results/).
 distclean: clean
