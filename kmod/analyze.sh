@@ -13,14 +13,20 @@
 #              Debian's linux-source, fetched), the lock ones also taught UVM's lock calls, on
 #              driver-patch/src; null/badzero is left out: its OCaml rules need ocamlopt, and
 #              what it reports (a pointer compared with 0) is style
-# Every check first runs on kmod/analysis-canary.c and must report its planted bugs, so a tool
-# that silently stopped seeing anything fails instead of passing.
+#   modversions the install-time ABI guard, with the real kbuild of the checked headers: a
+#              stand-in nvidia.ko (kmod/modversions) exporting a function that takes a struct;
+#              kvc-module.sh symvers reads its CRCs; a stand-in nvidia-uvm.ko builds with them
+#              and no KBUILD_MODPOST_WARN; kvc-module.sh check-crcs accepts it; after the struct
+#              changes (a driver upgrade), check-crcs must refuse it
+# Every analysis tool first runs on kmod/analysis-canary.c and must report its planted bugs, so
+# a tool that silently stopped seeing anything fails instead of passing.
 # Results are cached under $BUILD/analysis by a hash of all they depend on (the patch, the
 # kernel headers' release, the tools' versions, this file, the semantic patches): a warm run
 # with nothing changed runs no tool.
 #
 # What a check's findings do: "enforce" fails driver-check, "report" only prints them.
 declare -A ANALYSIS_MODE=(
+    [modversions]=enforce
     [debug-w1]=enforce
     [coccinelle]=enforce
     # TODO(lead): set to enforce after merging i12-driver, once gcc -fanalyzer is clean on its
@@ -65,10 +71,10 @@ report() {
     fi
     sed 's/^/kvc:   /' "$file" >&2
     if [ "$mode" = enforce ]; then
-        say "FINDINGS $name $label: $n, listed above (fix them; this check is enforced)"
+        say "FINDINGS $name $label: $n, listed above ($note; fix them: this check is enforced)"
         return 1
     fi
-    say "REPORT $name $label: $n finding(s), listed above (report-only, see ANALYSIS_MODE in kmod/analyze.sh)"
+    say "REPORT $name $label: $n finding(s), listed above ($note; report-only, see ANALYSIS_MODE in kmod/analyze.sh)"
 }
 
 # --- gcc -fanalyzer ------------------------------------------------------------------------------
@@ -230,6 +236,59 @@ analyze_cocci() {
         note="$(( SECONDS - t0 ))s"
     fi
     report coccinelle "driver-patch/src" "$result" "$(wc -w <<< "$COCCI_SCRIPTS") scripts, $note"
+}
+
+# --- modversions ---------------------------------------------------------------------------------
+
+# standin_build DIR NAME ARGS...: kbuild the stand-in module in DIR/src/NAME (from scratch).
+standin_build() {
+    local dir=$1 name=$2
+    shift 2
+    rm -rf "$dir/src/$name"; cp -r "$KMOD_DIR/modversions/$name" "$dir/src/$name"
+    make -C "$KOUT" M="$dir/src/$name" "$@" modules > "$dir/$name.log" 2>&1 ||
+        { grep -E 'error|ERROR' "$dir/$name.log" | sed -n 1,10p >&2 || true
+          die "the stand-in $name module did not build (log: $dir/$name.log)"; }
+}
+
+# standin_install DIR ROOT: the stand-in nvidia.ko becomes ROOT's nvidia.ko for REL.
+standin_install() {
+    install -D -m 0644 "$1/src/nvidia/nvidia.ko" "$2/lib/modules/$REL/updates/nvidia.ko"
+    depmod -b "$2" "$REL" 2>/dev/null
+}
+
+analyze_modversions() {
+    local key result dir root t0=$SECONDS note=cached out
+    command -v depmod >/dev/null && command -v modinfo >/dev/null || use_prefix "$(fetch --name tool-kmod kmod)"
+    key=$(analysis_key modversions "$REL" "$KOUT" "$(gcc --version | sed -n 1p)" \
+        "$(cat "$KMOD_DIR"/modversions/*/* "$KMOD_DIR"/modversions/*.h "$KMOD_DIR/kvc-module.sh" | sha256sum)")
+    result=$(result_file modversions "$key")
+    if [ ! -f "$result" ]; then
+        dir=$BUILD/analysis/modversions; root=$dir/root
+        rm -rf "$dir"; mkdir -p "$dir/src" "$root/lib/modules/$REL"
+        cp "$KMOD_DIR/modversions/standin.h" "$dir/src/"
+        ln -s "$KOUT" "$root/lib/modules/$REL/build"
+        touch "$root/lib/modules/$REL/"{modules.order,modules.builtin,modules.builtin.modinfo}
+        say "modversions: building stand-ins of nvidia.ko and nvidia-uvm.ko against $REL"
+        standin_build "$dir" nvidia KVC_STANDIN_LAYOUT=1
+        standin_install "$dir" "$root"
+        KVC_SYSROOT=$root module_facts symvers "$REL" "$dir/nvidia.symvers" 2>/dev/null ||
+            die "kvc-module.sh symvers could not read the stand-in nvidia.ko's CRCs"
+        standin_build "$dir" uvm KBUILD_EXTRA_SYMBOLS="$dir/nvidia.symvers"
+        ! grep -q 'WARNING: modpost' "$dir/uvm.log" || die "modpost warned building the stand-in nvidia-uvm.ko (log: $dir/uvm.log)"
+        out=$(KVC_SYSROOT=$root module_facts check-crcs "$dir/src/uvm/kvc_standin_uvm.ko" "$REL" 2>&1) ||
+            die "kvc-module.sh check-crcs refused a module built against the very nvidia.ko: $out"
+        # The driver upgrade: same symbol, another struct layout. The same module must be refused.
+        standin_build "$dir" nvidia KVC_STANDIN_LAYOUT=2
+        standin_install "$dir" "$root"
+        if out=$(KVC_SYSROOT=$root module_facts check-crcs "$dir/src/uvm/kvc_standin_uvm.ko" "$REL" 2>&1); then
+            die "kvc-module.sh check-crcs accepted a module built against another nvidia.ko layout: $out"
+        fi
+        [[ $out == *"built against another nvidia.ko"* ]] || die "check-crcs failed for another reason: $out"
+        : > "$dir/findings"
+        store_result modversions "$key" "$dir/findings"
+        note="$(( SECONDS - t0 ))s"
+    fi
+    report modversions "$REL" "$result" "stand-in nvidia.ko's CRCs read, built with, checked; its changed layout refused; $note"
 }
 
 # analyze_version VERSION TREE: analyzer and debug-w1 for one driver version (TREE compiled).

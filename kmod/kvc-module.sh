@@ -29,8 +29,9 @@
 #   kvc-module.sh dkms-post-install KERNEL ARCH              DKMS POST_INSTALL
 #   kvc-module.sh dkms-post-remove KERNEL                    DKMS POST_REMOVE
 #
-# KVC_SYSROOT (default empty) is prepended to every system path (/lib/modules, /etc/depmod.d),
-# for the installer tests' sandbox; kmod's tools are run as they are found on PATH.
+# KVC_SYSROOT (default empty) is prepended to every system path (/lib/modules, /etc/depmod.d)
+# and given to modinfo as its base directory: the installer tests' sandbox, driver-check's
+# modversions check.
 KMOD_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$KMOD_DIR/lib.sh"
 export LC_ALL=C  # sort and join agree on the order
@@ -78,7 +79,7 @@ one_stem() {
 cmd_nvidia_ko() {
     local rel=$1 stem path
     stem=$(one_stem "$rel" nvidia "NVIDIA (nvidia.ko)")
-    path=$(modinfo -k "$rel" -n "$stem" 2>/dev/null) || true
+    path=$(modinfo ${SYSROOT:+-b "$SYSROOT"} -k "$rel" -n "$stem" 2>/dev/null) || true
     [ -n "$path" ] && [ -f "$path" ] || die "modinfo -k $rel finds no file for $stem (run depmod -a $rel?)"
     echo "$path"
 }
@@ -98,6 +99,7 @@ cmd_uvm_stem() { one_stem "$1" nvidia_uvm "NVIDIA UVM (nvidia-uvm.ko)"; }
 # elf_copy KO: KO itself, or a decompressed copy of it (.ko.xz, .ko.zst, .ko.gz) in SCRATCH.
 elf_copy() {
     local ko=$1 out
+    [ -f "$ko" ] || die "$ko: no such file"
     out=$(mktemp "$SCRATCH/elf.XXXXXX")
     case $ko in
         *.ko) echo "$ko"; return 0 ;;
@@ -117,23 +119,28 @@ sections() {
 
 # exported_crcs ELF: "0xCRC NAME EXPORT_SYMBOL[_GPL]" for every symbol ELF exports with a CRC.
 # A CRC is either an absolute __crc_NAME symbol (kernels before 5.19) or the 4 bytes a
-# __crc_NAME label points at in a __kcrctab section (5.19 and later).
+# __crc_NAME label points at in a __kcrctab section (5.19 and later): each such section is read
+# once, as little-endian words.
 exported_crcs() {
-    local elf=$1 secs
+    local elf=$1 secs syms ndx sec off size out
     secs=$(sections "$elf")
-    readelf -sW "$elf" | awk '$8 ~ /^__crc_/ { print $7, $2, substr($8, 7) }' |
-    while read -r ndx value name; do
-        local crc sec kind=EXPORT_SYMBOL
-        if [ "$ndx" = ABS ]; then
-            crc=${value: -8}
-        else
-            read -r sec off _ < <(awk -v n="$ndx" '$1 == n { print $2, $3, $4 }' <<< "$secs")
-            crc=$(od -An -tx4 --endian=little -j $((16#$off + 16#$value)) -N4 "$elf" | tr -d ' ')
-            case $sec in *_gpl*) kind=EXPORT_SYMBOL_GPL ;; esac
-        fi
-        [ -n "$crc" ] || die "$elf: cannot read the CRC of $name"
-        echo "0x$crc $name $kind"
+    syms=$(readelf -sW "$elf" | awk '$8 ~ /^__crc_/ { print $7, $2, substr($8, 7) }')
+    [ -n "$syms" ] || return 0
+    out=$(awk '$1 == "ABS" { print "0x" substr($2, length($2) - 7), $3, "EXPORT_SYMBOL" }' <<< "$syms")
+    for ndx in $(awk '$1 != "ABS" { print $1 }' <<< "$syms" | sort -u); do
+        read -r sec off size < <(awk -v n="$ndx" '$1 == n { print $2, $3, $4 }' <<< "$secs")
+        [ -n "$off" ] || die "$elf: no section $ndx for its __crc_ symbols"
+        out+=$'\n'$(awk -v n="$ndx" -v sec="$sec" '
+            NR == FNR { for (i = 1; i <= NF; i++) word[w++] = $i; next }
+            $1 == n {
+                v = 0; hex = "0123456789abcdef"; s = tolower($2)
+                for (i = 1; i <= length(s); i++) v = v * 16 + index(hex, substr(s, i, 1)) - 1
+                if (v % 4 || !((v / 4) in word)) { print "bad", $3; next }
+                print "0x" word[v / 4], $3, (sec ~ /_gpl/ ? "EXPORT_SYMBOL_GPL" : "EXPORT_SYMBOL")
+            }' <(od -An -v -tx4 --endian=little -j $((16#$off)) -N $((16#$size)) "$elf") - <<< "$syms")
     done
+    ! grep -q '^bad ' <<< "$out" || die "$elf: __crc_ labels that point at no CRC: $(grep '^bad ' <<< "$out" | cut -d' ' -f2 | tr '\n' ' ')"
+    grep . <<< "$out" || true
 }
 
 # exported_names ELF: names ELF exports (__ksymtab_NAME), for kernels without modversions.

@@ -27,7 +27,7 @@ fetch() { "$KMOD_DIR/fetch.sh" "$@"; }
 use_prefix() {
     local p=$1 multiarch dir
     multiarch=$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)
-    PATH=$p/usr/bin:$p/bin:$PATH
+    PATH=$p/usr/bin:$p/bin:$p/usr/sbin:$p/sbin:$PATH
     for dir in "$p/usr/lib/$multiarch" "$p/lib/$multiarch"; do
         [ ! -d "$dir" ] || LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     done
@@ -337,6 +337,8 @@ cmd_check() {
     done
     run_step rc analyze_cocci
     [ "$rc" = 0 ] || failed+=("coccinelle")
+    run_step rc analyze_modversions
+    [ "$rc" = 0 ] || failed+=("modversions")
     say "driver-check took $(( $(date +%s) - t0 ))s"
     [ ${#failed[@]} = 0 ] || die "driver-check failed for ${failed[*]} on $REL (the reasons are above)"
 }
