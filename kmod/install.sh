@@ -276,7 +276,7 @@ cmd_install() {
         return 0
     fi
     load_and_test "$ver" || rollback
-    say "installed nvidia-uvm $ver$KVC_SUFFIX for $rel (uninstall: sudo make uninstall-driver)"
+    say "installed nvidia-uvm $(loaded_version nvidia_uvm) for $rel (uninstall: sudo make uninstall-driver)"
 }
 
 # build_here TREE VERSION KERNEL -> the module built from a copy of TREE against KERNEL.
