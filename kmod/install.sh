@@ -223,60 +223,71 @@ rollback() {
 
 # --- install -----------------------------------------------------------------------------------
 
-cmd_install() {
-    local rel running ver loaded stem use_dkms=0 sign tree ko placed
-    rel=${KERNEL_RELEASE:-$(running_kernel)}
-    running=$(running_kernel)
+# preflight: every refusal, before anything changes. Sets REL, RUNNING, VER, STEM, USE_DKMS,
+# SIGN (non-empty: the module must come out signed) and UVM_WAS_LOADED.
+preflight() {
+    local loaded
+    REL=${KERNEL_RELEASE:-$(running_kernel)}
+    RUNNING=$(running_kernel)
     UVM_WAS_LOADED=0
     [ "$(uvm_refcnt)" = none ] || UVM_WAS_LOADED=1
     [ "$(id -u)" = 0 ] || [ -n "$DRY" ] || refuse "run as root (sudo make install-driver), or see what it would do with make install-driver DRY_RUN=1"
-    [ -d "$SYSROOT/lib/modules/$rel/build" ] ||
-        refuse "no kernel headers for $rel ($SYSROOT/lib/modules/$rel/build): install linux-headers-$rel"
-    ver=$("$MODULE" nvidia-version "$rel") || refuse "no usable nvidia.ko for kernel $rel (the reason is above)"
-    if [ -n "${DRIVER_VERSION:-}" ] && [ "$DRIVER_VERSION" != "$ver" ]; then
-        refuse "DRIVER_VERSION=$DRIVER_VERSION, but the nvidia.ko installed for $rel is $ver (the module must match it exactly)"
+    [ -d "$SYSROOT/lib/modules/$REL/build" ] ||
+        refuse "no kernel headers for $REL ($SYSROOT/lib/modules/$REL/build): install linux-headers-$REL"
+    VER=$("$MODULE" nvidia-version "$REL") || refuse "no usable nvidia.ko for kernel $REL (the reason is above)"
+    if [ -n "${DRIVER_VERSION:-}" ] && [ "$DRIVER_VERSION" != "$VER" ]; then
+        refuse "DRIVER_VERSION=$DRIVER_VERSION, but the nvidia.ko installed for $REL is $VER (the module must match it exactly)"
     fi
     loaded=$(loaded_version nvidia)
-    if [ "$rel" = "$running" ] && [ -n "$loaded" ] && [ "$loaded" != "$ver" ]; then
-        refuse "nvidia.ko $loaded is loaded but $ver is installed for $rel (a driver upgrade waiting for a reboot): reboot, then run make install-driver again"
+    if [ "$REL" = "$RUNNING" ] && [ -n "$loaded" ] && [ "$loaded" != "$VER" ]; then
+        refuse "nvidia.ko $loaded is loaded but $VER is installed for $REL (a driver upgrade waiting for a reboot): reboot, then run make install-driver again"
     fi
-    supported "$ver" || refuse "driver $ver is not supported (driver-patch/series lists what is)"
-    stem=$("$MODULE" uvm-stem "$rel") || refuse "no usable nvidia-uvm.ko for kernel $rel (the reason is above)"
-    command -v dkms >/dev/null && use_dkms=1
-    sign=$(check_signing $use_dkms)
-    say "driver $ver, kernel $rel, nvidia-uvm file name $stem, $([ $use_dkms = 1 ] && echo "DKMS" || echo "no DKMS: built here, not rebuilt for new kernels")"
+    supported "$VER" || refuse "driver $VER is not supported (driver-patch/series lists what is)"
+    STEM=$("$MODULE" uvm-stem "$REL") || refuse "no usable nvidia-uvm.ko for kernel $REL (the reason is above)"
+    USE_DKMS=0
+    if command -v dkms >/dev/null; then USE_DKMS=1; fi
+    SIGN=$(check_signing $USE_DKMS)
+    say "driver $VER, kernel $REL, nvidia-uvm file name $STEM, $([ $USE_DKMS = 1 ] && echo "DKMS" || echo "no DKMS: built here, not rebuilt for new kernels")"
+}
 
+# put_in_place: build (here, or through DKMS), replace a previous install, place the module for
+# REL, check modprobe now resolves to it. Rolls back on failure.
+put_in_place() {
+    local tree ko
     if [ -n "$DRY" ]; then
-        echo "+ $BUILDER tree $ver   (the patched source tree)" >&2
-        tree="<patched tree of $ver>"
+        echo "+ $BUILDER tree $VER   (the patched source tree)" >&2
+        tree="<patched tree of $VER>"
     else
-        tree=$("$BUILDER" tree "$ver")
+        tree=$("$BUILDER" tree "$VER")
     fi
-    [ $use_dkms = 1 ] || ko=$(build_here "$tree" "$ver" "$rel")
-
+    [ $USE_DKMS = 1 ] || ko=$(build_here "$tree" "$VER" "$REL")
     remove_installed  # a previous install, of any version
     # Recorded first, so a rollback from any later step knows what to remove.
-    write_state "$([ $use_dkms = 1 ] && echo dkms || echo copy)" "$ver" "$rel"
-    if [ $use_dkms = 1 ]; then
-        install_dkms "$tree" "$ver" "$rel"
+    write_state "$([ $USE_DKMS = 1 ] && echo dkms || echo copy)" "$VER" "$REL"
+    if [ $USE_DKMS = 1 ]; then
+        install_dkms "$tree" "$VER" "$REL"
     else
-        act "$MODULE" place "$rel" "$ko" || rollback
-        act depmod -a "$rel" || rollback
+        act "$MODULE" place "$REL" "$ko" || rollback
+        act depmod -a "$REL" || rollback
     fi
-    [ -n "$DRY" ] || verify_placed "$rel" "$stem" "$sign" || rollback
+    [ -n "$DRY" ] || verify_placed "$REL" "$STEM" "$SIGN" || rollback
+}
 
-    if [ "$rel" != "$running" ]; then
-        say "installed for kernel $rel (not the running $running): it loads when that kernel boots"
+cmd_install() {
+    local refs
+    preflight
+    put_in_place
+    if [ "$REL" != "$RUNNING" ]; then
+        say "installed for kernel $REL (not the running $RUNNING): it loads when that kernel boots"
         return 0
     fi
-    local refs
     refs=$(uvm_refcnt)
     if [ "$refs" != none ] && [ "$refs" != 0 ]; then
         say "nvidia-uvm is in use (refcnt $refs): installed, not loaded. Stop every CUDA process (sudo lsof /dev/nvidia-uvm), then run make install-driver again to load and smoke-test it (or it loads at the next boot)"
         return 0
     fi
-    load_and_test "$ver" || rollback
-    say "installed nvidia-uvm $(loaded_version nvidia_uvm) for $rel (uninstall: sudo make uninstall-driver)"
+    load_and_test "$VER" || rollback
+    say "installed nvidia-uvm $(loaded_version nvidia_uvm) for $REL (uninstall: sudo make uninstall-driver)"
 }
 
 # build_here TREE VERSION KERNEL -> the module built from a copy of TREE against KERNEL.
@@ -297,7 +308,8 @@ build_here() {
 }
 
 install_dkms() {
-    local tree=$1 ver=$2 rel=$3 dsrc=$SYSROOT/usr/src/$DKMS_NAME-$ver
+    local tree=$1 ver=$2 rel=$3 dsrc
+    dsrc=$SYSROOT/usr/src/$DKMS_NAME-$ver
     act rm -rf "$dsrc"
     act cp -a "$tree" "$dsrc"
     act install -m 0755 "$MODULE" "$KMOD_DIR/lib.sh" "$dsrc/"

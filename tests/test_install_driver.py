@@ -132,8 +132,10 @@ class Sandbox:
         else:
             self.depmod(rel)
 
-    def install_driver(self, rel: str, driver: str, *, uvm_stems=("nvidia-uvm",), nvidia_stems=("nvidia",)) -> None:
-        """(Re)place the NVIDIA driver's modules of kernel `rel` with those of `driver`."""
+    def install_driver(self, rel: str, driver: str, *, uvm_stems=("nvidia-uvm",), nvidia_stems=("nvidia",),
+                       compress: str | None = None) -> None:
+        """(Re)place the NVIDIA driver's modules of kernel `rel` with those of `driver` (compressed
+        with `compress`, "zst" or "xz", as Ubuntu and others ship them)."""
         d = self.root / "lib" / "modules" / rel / "updates" / "dkms"
         magic = f"vermagic={rel} SMP mod_unload modversions "
         for stem in nvidia_stems:
@@ -144,6 +146,9 @@ class Sandbox:
             self.mkmodule(d / f"{stem}.ko", "--info", f"version={driver}", "--info", "name=nvidia_uvm",
                           "--info", "depends=nvidia", "--info", magic,
                           *[a for s, crc in EXPORTS[driver].items() for a in ("--use", f"{s}={crc.removeprefix('abs:')}")])
+        if compress:
+            for ko in d.glob("*.ko"):
+                subprocess.run({"zst": ["zstd", "-q", "--rm"], "xz": ["xz"]}[compress] + [str(ko)], check=True)
         self.depmod(rel)
 
     def depmod(self, rel: str) -> None:
@@ -376,6 +381,21 @@ def test_renamed_distribution_modules_get_an_override_of_their_own_name(tmp_path
     assert box.override() == [f"override nvidia-current-uvm {K1} updates/kvc"]
     assert box.resolves(K1, "nvidia-current-uvm") == _ours(box, stem="nvidia-current-uvm")
     assert box.loaded() == f"{OLD}-kvc1"
+
+
+def test_compressed_driver_modules(tmp_path, kmod_sbin, work):
+    """Ubuntu ships nvidia.ko.zst: its CRCs are read from the decompressed copy."""
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd is not installed")
+    box = Sandbox(tmp_path, kmod_sbin, work)
+    box.add_kernel(K1, None)
+    box.install_driver(K1, OLD, compress="zst")
+    box.load(K1)
+    assert box.resolves(K1).endswith("updates/dkms/nvidia-uvm.ko.zst")
+    out = box.run("install")
+    assert out.returncode == 0, out.stderr
+    assert "2 symbol CRCs of" in out.stderr and "nvidia.ko.zst match" in out.stderr
+    assert box.resolves(K1) == _ours(box) and box.loaded() == f"{OLD}-kvc1"
 
 
 def test_dry_run_changes_nothing_and_shows_each_action(machine):
