@@ -258,7 +258,7 @@ put_in_place() {
         echo "+ $BUILDER tree $VER   (the patched source tree)" >&2
         tree="<patched tree of $VER>"
     else
-        tree=$("$BUILDER" tree "$VER")
+        tree=$("$BUILDER" tree "$VER") || refuse "no patched source tree for driver $VER (the reason is above); nothing was changed"
     fi
     [ $USE_DKMS = 1 ] || ko=$(build_here "$tree" "$VER" "$REL")
     remove_installed  # a previous install, of any version

@@ -337,10 +337,11 @@ def test_failed_load_or_smoke_test_rolls_back_to_the_drivers_module(machine, fla
     assert machine.loaded() == OLD and machine.resolves(K1) == _stock(machine)
 
 
-def test_build_failure_changes_nothing(machine):
+@pytest.mark.parametrize("flag, why", [("build-fails", "planted build failure"), ("no-source", "no source for driver")])
+def test_build_failure_changes_nothing(machine, flag, why):
     before = machine.snapshot()
-    out = machine.run("install", KVC_TEST_TREE_FLAGS="build-fails")
-    assert out.returncode == 1 and "planted build failure" in out.stderr
+    out = machine.run("install", KVC_TEST_TREE_FLAGS=flag)
+    assert out.returncode == 1 and why in out.stderr and "refused" in out.stderr
     assert machine.snapshot() == before and machine.mutations() == []
     assert machine.loaded() == OLD
 
