@@ -55,15 +55,22 @@ modules_dir() { echo "$SYSROOT/lib/modules/$1"; }
 # module name (as the kernel sees it, nvidia_uvm) is NAME, ours left out. Distributions rename
 # files (Debian: nvidia-current-uvm.ko, loaded through modprobe.d `install` lines).
 stems_named() {
-    local rel=$1 name=$2 dir file stem
+    local rel=$1 name=$2 dir files=() file names
     dir=$(modules_dir "$rel")
     [ -d "$dir" ] || return 0
     while IFS= read -r -d '' file; do
-        case $file in "$dir/$PLACE_DIR"/*) continue ;; esac
-        stem=$(basename "$file"); stem=${stem%%.ko*}
-        [ "$stem" != "$DKMS_MODULE" ] || continue
-        if [ "$(modinfo -F name "$file" 2>/dev/null | tr - _)" = "$name" ]; then echo "$stem"; fi
-    done < <(find "$dir" -name 'nvidia*.ko*' -print0 2>/dev/null) | sort -u
+        case $file in "$dir/$PLACE_DIR"/*|*/"$DKMS_MODULE".ko*) continue ;; esac
+        files+=("$file")
+    done < <(find "$dir" -name 'nvidia*.ko*' -print0 2>/dev/null)
+    [ ${#files[@]} -gt 0 ] || return 0
+    # One modinfo for all of them: a "name" line per file, in order (file by file if some file
+    # has no name, which would misalign the lines).
+    names=$(modinfo -F name "${files[@]}" 2>/dev/null || true)
+    if [ "$(grep -c . <<< "$names")" != ${#files[@]} ]; then
+        names=$(for file in "${files[@]}"; do modinfo -F name "$file" 2>/dev/null | grep . || echo -; done)
+    fi
+    paste -d' ' <(tr - _ <<< "$names") <(printf '%s\n' "${files[@]}") |
+        awk -v n="$name" '$1 == n { f = $2; sub(/.*\//, "", f); sub(/\.ko.*/, "", f); print f }' | sort -u
 }
 
 # one_stem KERNEL NAME WHAT: the single stem of NAME, or die naming what was found.

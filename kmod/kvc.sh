@@ -4,8 +4,10 @@
 # every knob is an environment variable set there. Never loads or unloads a module except in
 # `install` (root, explicit), and then only nvidia-uvm, only when nothing uses it.
 # What a build or check needs and this machine lacks (NVIDIA's source as Debian packages it,
-# Debian kernel headers, sparse, patch, xz) is fetched into .cache/kvc by kmod/fetch.sh: nothing
-# is installed on the system and /etc/apt is never written, as root or as any user.
+# Debian kernel headers, sparse, patch, xz; for the static analysis of kmod/analyze.sh also
+# coccinelle, linux-source's semantic patches and kmod) is fetched into .cache/kvc by
+# kmod/fetch.sh: nothing is installed on the system and /etc/apt is never written, as root or as
+# any user.
 KMOD_DIR=$(cd "$(dirname "$0")" && pwd)
 . "$KMOD_DIR/lib.sh"
 
