@@ -28,16 +28,12 @@
 declare -A ANALYSIS_MODE=(
     [modversions]=enforce
     [debug-w1]=enforce
-    # TODO(lead): enforce after merging i12-driver. On main (05cdaac) gcc -fanalyzer reports one
-    # false positive (uvm_kvc_free_pages looks a page up again after the validation loop and
-    # dereferences it under an UVM_ASSERT that is empty in release builds); on i12-driver at
-    # 4daf030, which guards that lookup, it reports nothing in the four KVC files.
-    [analyzer]=report
-    # TODO(lead): enforce once the finding below is settled on i12-driver. Clean on main
-    # (05cdaac); on i12-driver at 4daf030 locks/mini_lock (taught UVM's lock calls) reports
+    [analyzer]=enforce
+    # TODO(lead): enforce once this finding is settled by the kernel engineer (all else is clean
+    # on the driver rework, 883cdd1): locks/mini_lock (taught UVM's lock calls) reports
     # kvc_claim_pages (uvm_kvc_pool.c:364), which is entered and left with the KVC lock held and
-    # drops it around root allocation: that rule's known false-positive shape, but for the
-    # kernel engineer to confirm or restructure.
+    # drops it around root allocation: that rule's known false-positive shape. Restructure it (or
+    # judge it a false positive here) and flip this to enforce.
     [coccinelle]=report
 )
 # The kernel's semantic patches this runs (paths under scripts/coccinelle).
