@@ -123,7 +123,7 @@ def test_kvc_check_without_its_downloads_fails_with_reasons(tmp_path, no_retries
 def test_kvc_unknown_command(tmp_path):
     r = subprocess.run([str(KMOD / "kvc.sh"), "frobnicate"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert errors(r.stderr) == ["kvc: error: usage: kvc.sh driver|check|install|uninstall"]
+    assert len(errors(r.stderr)) == 1 and errors(r.stderr)[0].startswith("kvc: error: usage: kvc.sh driver|")
 
 
 # --- kmod/fetch.sh against Debian's archive ------------------------------------------------------
