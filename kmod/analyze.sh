@@ -29,12 +29,7 @@ declare -A ANALYSIS_MODE=(
     [modversions]=enforce
     [debug-w1]=enforce
     [analyzer]=enforce
-    # TODO(lead): enforce once this finding is settled by the kernel engineer (all else is clean
-    # on the driver rework, 883cdd1): locks/mini_lock (taught UVM's lock calls) reports
-    # kvc_claim_pages (uvm_kvc_pool.c:364), which is entered and left with the KVC lock held and
-    # drops it around root allocation: that rule's known false-positive shape. Restructure it (or
-    # judge it a false positive here) and flip this to enforce.
-    [coccinelle]=report
+    [coccinelle]=enforce
 )
 # The kernel's semantic patches this runs (paths under scripts/coccinelle).
 COCCI_SCRIPTS="api/kvmalloc.cocci locks/call_kern.cocci locks/double_lock.cocci locks/flags.cocci
