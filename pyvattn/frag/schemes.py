@@ -15,6 +15,7 @@ same order), so a simulation and a run on a real cache can be compared step by s
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..units import format_size
 
 KiB, MiB = 1 << 10, 1 << 20
 _MAX_JUMP = 4096  # steps simulated at once: bounds a (slots x steps) array to a few MiB
+_RECLAIM_JUMP = 256  # steps past the unspent budget one advance looks at when it may reclaim
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,13 @@ DEFAULT_SCHEMES: tuple[Scheme, ...] = (
 class UnitMemory:
     """Simulated KV memory: ``max_batch`` slots, each holding units in ``regions`` regions, under
     a budget of whole units. Interface shared with the measured model (a real KVCache):
-    ``alloc(prompt) -> slot | None``, ``grow(slots, lens) -> bool`` (all or nothing), ``free(slot)``,
-    ``allocated_bytes()``, ``capacity(slots) -> tokens``, ``advance(slots, lens, horizon)``."""
+    ``alloc(length) -> slot | None``, ``grow(slots, lens) -> bool`` (all or nothing), ``free(slot)``,
+    ``need_units(lens)``, ``budget_units``, ``available_units()``, ``allocated_bytes()``,
+    ``retained_bytes()``, ``held_bytes(slots)``, ``advance(slots, lens, horizon)``.
+
+    Units count every region: a request of L tokens holds ``need_units(L)`` units in all. Memory
+    that no running request needs for its current length (a finished slot's units under deferred
+    reclaim, or what a reused slot holds beyond its length) is *retained*: reclaimable at once."""
 
     def __init__(self, unit_bytes: int, token_bytes: int, regions: int, max_batch: int, max_len: int,
                  budget_bytes: int | None, deferred_reclaim: bool):
@@ -98,14 +105,35 @@ class UnitMemory:
         self.reclaimed_units = 0
 
     def units_for(self, lens: np.ndarray | int) -> np.ndarray | int:
+        """Units per region that ``lens`` tokens occupy."""
         return -(-lens * self.token_bytes // self.unit_bytes)
 
-    def alloc(self, prompt: int) -> int | None:
+    def need_units(self, lens: np.ndarray | int) -> np.ndarray | int:
+        """Units in all regions that a request of ``lens`` tokens holds."""
+        return self.units_for(lens) * self.regions
+
+    def need_bytes(self, lens: np.ndarray | int) -> np.ndarray | int:
+        return self.need_units(lens) * self.unit_bytes
+
+    def retained_units(self) -> int:
+        """Units (all regions) beyond what running requests need: reclaimable at once."""
+        if not self.deferred_reclaim:
+            return 0  # freed at once, and a slot never holds more than its length needs
+        keep = np.where(self.active, self.units_for(self.lens), 0)
+        return int(np.maximum(self.units - keep, 0).sum()) * self.regions
+
+    def available_units(self) -> int:
+        """Units (all regions) a new request could have now: unspent budget plus retained units."""
+        if self.budget_units is None:
+            return 1 << 62
+        return self.budget_units - self.total_units * self.regions + self.retained_units()
+
+    def alloc(self, length: int) -> int | None:
         free = (~self.active).nonzero()[0]
         if len(free) == 0:
             return None
         units = self.units[free]
-        fits = free[units >= self.units_for(prompt)] if prompt else free[:0]
+        fits = free[units >= self.units_for(length)] if length else free[:0]
         slot = int(fits[np.argmin(self.units[fits])] if len(fits) else free[np.argmax(units)])
         self.active[slot] = True
         self.lens[slot] = 0
@@ -163,35 +191,87 @@ class UnitMemory:
     def allocated_bytes(self) -> int:
         return self.total_units * self.regions * self.unit_bytes
 
+    def retained_bytes(self) -> int:
+        return self.retained_units() * self.unit_bytes
+
     def capacity(self, slots: np.ndarray) -> np.ndarray:
         """Tokens each slot's units cover (what it can grow to without allocating)."""
         return np.minimum(self.max_len, self.units[slots] * self.unit_bytes // self.token_bytes)
 
-    def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> np.ndarray:
-        """Grow every slot in ``slots`` from ``lens`` by one token per step for as many steps
-        ``k <= horizon`` as fit the unspent budget without reclaiming anything, exactly as that
-        many :meth:`grow` calls would; return the allocated bytes after each of those steps."""
+    def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """Grow every slot in ``slots`` (all the active ones) from ``lens`` by one token per step
+        for as many steps ``k <= horizon`` as can run without a preemption, exactly as that many
+        :meth:`grow` calls would: within the unspent budget and, with deferred reclaim, with
+        shortfalls reclaimed from finished slots (in :meth:`_reclaim`'s order). Returns the
+        allocated and the retained bytes after each of those steps (two arrays of length k)."""
         horizon = min(horizon, self.max_len - int(lens.max()), _MAX_JUMP)
-        if horizon <= 0:
-            return np.zeros(0, dtype=np.int64)
-        held = self.units[slots]
+        held, total0 = self.units[slots], self.total_units
         spare = None if self.budget_units is None else self.budget_units - self.total_units * self.regions
+        donors = self.deferred_reclaim and bool((self.units[~self.active] > 0).any())
         if spare is not None and spare < self.regions:
-            # Not one more unit fits: only the steps every slot can take inside what it holds.
-            steps = max(0, min(horizon, int((self.capacity(slots) - lens).min())))
-            self.lens[slots] = lens + steps
-            return np.full(steps, self.allocated_bytes(), dtype=np.int64)
+            # Not one more unit fits: without donors only the steps inside what every slot holds
+            free_steps = int((self.capacity(slots) - lens).min())
+            horizon = min(horizon, max(0, free_steps) if not donors else free_steps + _RECLAIM_JUMP)
+        if horizon <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         need = self.units_for(lens[:, None] + np.arange(1, horizon + 1)[None, :])
-        extra = np.maximum(need - held[:, None], 0).sum(axis=0) * self.regions  # non-decreasing in k
-        if spare is not None:
-            extra = extra[: int(np.searchsorted(extra, spare, side="right"))]
-        steps = len(extra)
-        if steps:
-            grown = np.maximum(held, need[:, steps - 1])
-            self.total_units += int((grown - held).sum())
-            self.units[slots] = grown
-            self.lens[slots] = lens + steps
-        return self.allocated_bytes() - (extra[-1:] - extra) * self.unit_bytes if steps else extra
+        added = np.maximum(need - held[:, None], 0).sum(axis=0)  # per region, cumulative: non-decreasing
+        reclaimed = np.zeros(horizon, dtype=np.int64)  # per region, cumulative
+        if spare is None:
+            steps = horizon
+        else:
+            steps = int(np.searchsorted(added * self.regions, spare, side="right"))
+            if donors and steps < horizon:
+                steps = self._reclaim_run(added, steps, reclaimed)
+        if not steps:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        need, added, reclaimed = need[:, :steps], added[:steps], reclaimed[:steps]
+        grown = np.maximum(held, need[:, -1])
+        self.total_units += int((grown - held).sum())  # after _reclaim_run took its reclaims
+        self.units[slots] = grown
+        self.lens[slots] = lens + steps
+        allocated = (total0 - reclaimed + added) * self.regions * self.unit_bytes
+        return allocated, self._retained_after(held, need, reclaimed)
+
+    def _reclaim_run(self, added: np.ndarray, start: int, reclaimed: np.ndarray) -> int:
+        """Continue an :meth:`advance` from step ``start`` with deferred reclaim: each step's
+        shortfall is reclaimed as :meth:`grow` would (whole units per region, from the finished
+        slot with the most units, the lowest slot among equals), as long as that one slot covers
+        it (grow() handles the rest). ``added`` is the advance's cumulative units per region.
+        Takes the units from the donors (``total_units`` drops by what was taken), fills
+        ``reclaimed`` (cumulative units per region) and returns the number of steps that run."""
+        heap = [(-int(self.units[s]), s) for s in (~self.active & (self.units > 0)).nonzero()[0].tolist()]
+        heapq.heapify(heap)
+        regions, budget, base = self.regions, self.budget_units, self.total_units
+        taken = 0
+        for step in range(start, len(added)):
+            short = (base - taken + int(added[step])) * regions - budget
+            if short > 0:
+                per_region = -(-short // regions)
+                if not heap or per_region > -heap[0][0]:
+                    self.total_units = base - taken
+                    return step
+                units, slot = heapq.heappop(heap)  # units negated: the most first
+                if units + per_region < 0:
+                    heapq.heappush(heap, (units + per_region, slot))
+                self.units[slot] -= per_region
+                taken += per_region
+                self.reclaimed_units += per_region * regions
+            reclaimed[step] = taken
+        self.total_units = base - taken
+        return len(added)
+
+    def _retained_after(self, held: np.ndarray, need: np.ndarray, reclaimed: np.ndarray) -> np.ndarray:
+        """Retained bytes after each step of an advance (call it once ``self.lens`` and
+        ``self.units`` hold the advance's end state): the advancing slots held ``held`` units and
+        needed ``need[:, k]`` after step k, and ``reclaimed[k]`` units per region had been taken
+        from finished slots by then; a slot's units beyond its need shrink as it grows into
+        them, and no other slot changes."""
+        if not self.deferred_reclaim:
+            return np.zeros(need.shape[1], dtype=np.int64)
+        mine = np.maximum(held[:, None] - need, 0).sum(axis=0)
+        others = self.retained_units() // self.regions - int(mine[-1]) + int(reclaimed[-1])
+        return (others - reclaimed + mine) * self.regions * self.unit_bytes
 
     def held_bytes(self, slots: np.ndarray) -> np.ndarray:
         """Bytes each slot holds across all regions."""
@@ -202,18 +282,35 @@ class UnitMemory:
 
 
 class CacheMemory:
-    """The measured model: the same interface over a real :class:`pyvattn.KVCache`."""
+    """The measured model: the same interface over a real :class:`pyvattn.KVCache` (public API
+    only: ``alloc_slot``, ``step``, ``free_slot``, ``stats``, ``mapped_tokens``, ``seq_len``,
+    ``slot_mapped_bytes``). Its books (which slots run, at what length) come from the cache."""
 
     def __init__(self, cache):
         self.cache = cache
+        self.unit_bytes, self.token_bytes = cache.page_size, cache.token_bytes
+        self.regions = cache.num_regions
+        self.budget_units = cache.stats()["budget_pages"]
+        self._active: set[int] = set()
 
-    def alloc(self, prompt: int) -> int | None:
+    def units_for(self, lens):
+        return -(-lens * self.token_bytes // self.unit_bytes)
+
+    def need_units(self, lens):
+        return self.units_for(lens) * self.regions
+
+    def need_bytes(self, lens):
+        return self.need_units(lens) * self.unit_bytes
+
+    def alloc(self, length: int) -> int | None:
         from ..errors import OutOfSlots
 
         try:
-            return self.cache.alloc_slot(seq_len=prompt)
+            slot = self.cache.alloc_slot(seq_len=length)
         except OutOfSlots:
             return None
+        self._active.add(slot)
+        return slot
 
     def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:
         from ..errors import OutOfPages
@@ -226,9 +323,25 @@ class CacheMemory:
 
     def free(self, slot: int) -> None:
         self.cache.free_slot(slot)
+        self._active.discard(slot)
 
     def allocated_bytes(self) -> int:
         return self.cache.stats()["mapped_bytes"]
+
+    def retained_bytes(self) -> int:
+        """Mapped bytes no running request needs for its length (the cache's ``retained_bytes``
+        where it reports one; else counted here from each slot's mapped pages and length)."""
+        stats = self.cache.stats()
+        if "retained_bytes" in stats:
+            return stats["retained_bytes"]
+        needed = sum(int(self.need_bytes(self.cache.seq_len(s))) for s in self._active)
+        return stats["mapped_bytes"] - needed
+
+    def available_units(self) -> int:
+        if self.budget_units is None:
+            return 1 << 62
+        mapped_units = self.cache.stats()["mapped_bytes"] // self.unit_bytes
+        return self.budget_units - mapped_units + self.retained_bytes() // self.unit_bytes
 
     def capacity(self, slots: np.ndarray) -> np.ndarray:
         return np.array([self.cache.mapped_tokens(s) for s in slots.tolist()], dtype=np.int64)
@@ -236,11 +349,18 @@ class CacheMemory:
     def held_bytes(self, slots: np.ndarray) -> np.ndarray:
         return np.array([self.cache.slot_mapped_bytes(s) for s in slots.tolist()], dtype=np.int64)
 
-    def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> np.ndarray:
+    def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """Steps the slots can grow within their mapped pages (nothing to map, so no call to the
-        cache: the next real step catches its lengths up); allocated bytes after each."""
+        cache: the next real step catches its lengths up); allocated and retained bytes after
+        each (retained shrinks as a reused slot grows into pages it already holds)."""
         steps = max(0, min(horizon, int((self.capacity(slots) - lens).min())))
-        return np.full(steps, self.allocated_bytes(), dtype=np.int64)
+        if not steps:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        held = self.held_bytes(slots)[:, None]
+        need = self.need_bytes(lens[:, None] + np.arange(1, steps + 1)[None, :])
+        now = np.maximum(held - self.need_bytes(lens)[:, None], 0).sum()
+        retained = self.retained_bytes() - now + np.maximum(held - need, 0).sum(axis=0)
+        return np.full(steps, self.allocated_bytes(), dtype=np.int64), retained
 
     def close(self) -> None:
         self.cache.close()
