@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +53,13 @@ class Experiment:
         """Tokens a slot can hold: the context length (what static reservation reserves)."""
         return self.max_context
 
+    def unit_bytes(self, scheme: Scheme) -> int:
+        """Bytes of one allocation unit of ``scheme`` in one region (one layer's K or V)."""
+        return scheme.unit_bytes(self.model.token_bytes(self.tp), self.max_len)
+
     def memory(self, scheme: Scheme) -> UnitMemory:
         tb = self.model.token_bytes(self.tp)
-        return UnitMemory(scheme.unit_bytes(tb, self.max_len), tb, 2 * self.model.num_layers,
+        return UnitMemory(self.unit_bytes(scheme), tb, 2 * self.model.num_layers,
                           self.max_batch, self.max_len, self.budget_bytes, scheme.deferred_reclaim)
 
     def simulate(self, scheme: Scheme, progress=None, on_step=None, keep_series: bool = False) -> RunResult:
@@ -276,24 +280,29 @@ def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, prog
 
     from tqdm import tqdm
 
-    jobs = min(len(schemes), jobs or os.cpu_count() or 1)
-    bar = tqdm(total=len(exp.trace) * len(schemes), desc=f"{exp.trace.basename} {exp.model.name} TP{exp.tp}",
+    # Schemes with the same unit and reclaim policy (a 64 KiB page that holds exactly 32 tokens
+    # and a 32-token block) run identically: simulate each once.
+    key = [(exp.unit_bytes(s), s.deferred_reclaim) for s in schemes]
+    unique = [i for i, k in enumerate(key) if key.index(k) == i]
+    jobs = min(len(unique), jobs or os.cpu_count() or 1)
+    bar = tqdm(total=len(exp.trace) * len(unique), desc=f"{exp.trace.basename} {exp.model.name} TP{exp.tp}",
                unit="req", unit_scale=True, disable=not progress, smoothing=0.05)
     try:
         if jobs == 1:
-            return [exp.simulate(s, progress=bar.update) for s in schemes]
-        # The slowest schemes (deferred reclaim reclaims on most steps; static runs the most
-        # steps) go first, so no worker is left with a long one at the end.
-        slow_first = sorted(range(len(schemes)),
-                            key=lambda i: (not schemes[i].deferred_reclaim, schemes[i].kind != "static"))
-        queue = multiprocessing.get_context().Queue()
-        with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(queue,)) as pool:
-            futures = {i: pool.submit(_simulate_in_worker, exp, schemes[i]) for i in slow_first}
-            pending = set(futures.values())
-            while pending:
-                _, pending = wait(pending, timeout=0.2)
-                while not queue.empty():
-                    bar.update(queue.get())
-            return [futures[i].result() for i in range(len(schemes))]
+            done = {i: exp.simulate(schemes[i], progress=bar.update) for i in unique}
+        else:
+            # The slowest schemes (deferred reclaim reclaims on most steps; static runs the most
+            # steps) go first, so no worker is left with a long one at the end.
+            slow_first = sorted(unique, key=lambda i: (not schemes[i].deferred_reclaim, schemes[i].kind != "static"))
+            queue = multiprocessing.get_context().Queue()
+            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(queue,)) as pool:
+                futures = {i: pool.submit(_simulate_in_worker, exp, schemes[i]) for i in slow_first}
+                pending = set(futures.values())
+                while pending:
+                    _, pending = wait(pending, timeout=0.2)
+                    while not queue.empty():
+                        bar.update(queue.get())
+                done = {i: f.result() for i, f in futures.items()}
+        return [replace(done[key.index(k)], scheme=s.name) for s, k in zip(schemes, key)]
     finally:
         bar.close()

@@ -81,10 +81,21 @@ DEFAULT_SCHEMES: tuple[Scheme, ...] = (
 )
 
 
+class _ReclaimRun:
+    """What an advance reclaimed: cumulative units per region after each step (all donors, and
+    finished slots only), and each take from an active slot as (step, row in slots, units before)."""
+
+    def __init__(self, horizon: int):
+        self.reclaimed = np.zeros(horizon, dtype=np.int64)
+        self.from_finished = np.zeros(horizon, dtype=np.int64)
+        self.active_takes: list[tuple[int, int, int, int]] = []
+
+
 class UnitMemory:
     """Simulated KV memory: ``max_batch`` slots, each holding units in ``regions`` regions, under
     a budget of whole units. Interface shared with the measured model (a real KVCache):
-    ``alloc(length) -> slot | None``, ``grow(slots, lens) -> bool`` (all or nothing), ``free(slot)``,
+    ``alloc(length) -> slot | None``, ``admit(length) -> slot | None`` (alloc and grow),
+    ``grow(slots, lens) -> bool`` (all or nothing), ``free(slot)``,
     ``need_units(lens)``, ``budget_units``, ``available_units()``, ``allocated_bytes()``,
     ``retained_bytes()``, ``held_bytes(slots)``, ``advance(slots, lens, horizon)``.
 
@@ -102,7 +113,11 @@ class UnitMemory:
         self.units = np.zeros(max_batch, dtype=np.int64)  # per region, per slot
         self.total_units = 0  # == units.sum(), kept up to date (summing every step is a hot spot)
         self.lens = np.zeros(max_batch, dtype=np.int64)  # tokens each active slot last grew to
+        self.need = np.zeros(max_batch, dtype=np.int64)  # units_for(lens) of active slots, else 0
+        self.needed_units = 0  # == need.sum(): units <= total_units; the rest is retained
         self.reclaimed_units = 0
+        # tokens per unit when a unit holds a whole number of them (else 0): enables a fast path
+        self._tokens_per_unit = unit_bytes // token_bytes if unit_bytes % token_bytes == 0 else 0
 
     def units_for(self, lens: np.ndarray | int) -> np.ndarray | int:
         """Units per region that ``lens`` tokens occupy."""
@@ -117,18 +132,22 @@ class UnitMemory:
 
     def retained_units(self) -> int:
         """Units (all regions) beyond what running requests need: reclaimable at once."""
-        if not self.deferred_reclaim:
-            return 0  # freed at once, and a slot never holds more than its length needs
-        keep = np.where(self.active, self.units_for(self.lens), 0)
-        return int(np.maximum(self.units - keep, 0).sum()) * self.regions
+        return (self.total_units - self.needed_units) * self.regions  # an active slot holds >= its need
 
     def available_units(self) -> int:
         """Units (all regions) a new request could have now: unspent budget plus retained units."""
         if self.budget_units is None:
             return 1 << 62
-        return self.budget_units - self.total_units * self.regions + self.retained_units()
+        return self.budget_units - self.needed_units * self.regions
 
     def alloc(self, length: int) -> int | None:
+        if not self.deferred_reclaim:  # every free slot holds nothing: the lowest one, as below
+            slot = int(self.active.argmin())
+            if self.active[slot]:
+                return None
+            self.active[slot] = True
+            self.lens[slot] = 0
+            return slot
         free = (~self.active).nonzero()[0]
         if len(free) == 0:
             return None
@@ -139,8 +158,29 @@ class UnitMemory:
         self.lens[slot] = 0
         return slot
 
+    def admit(self, length: int) -> int | None:
+        """A slot grown to ``length`` tokens (``alloc`` then ``grow``, all or nothing), or None."""
+        slot = self.alloc(length)
+        if slot is None:
+            return None
+        need = self.units_for(length)
+        added = need - int(self.units[slot])
+        if added > 0 and self.budget_units is not None \
+                and (added + self.total_units) * self.regions > self.budget_units:
+            if not self.grow(np.array([slot]), np.array([length])):  # reclaims, as grow() does
+                self.free(slot)
+                return None
+            return slot
+        if added > 0:  # the common case, without arrays: fits the unspent budget
+            self.units[slot] += added
+            self.total_units += added
+        self.lens[slot] = length
+        self.need[slot] = need
+        self.needed_units += need
+        return slot
+
     def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:
-        need = self.units_for(lens)
+        need = np.maximum(self.units_for(lens), self.need[slots])  # lengths never shrink
         growing = need > self.units[slots]
         if growing.any():
             g_slots, g_need = slots[growing], need[growing]
@@ -148,13 +188,15 @@ class UnitMemory:
             if self.budget_units is not None:
                 short = (added + self.total_units) * self.regions - self.budget_units
                 if short > 0:
-                    keep = np.where(self.active, self.units_for(self.lens), 0)
-                    keep[slots] = np.maximum(keep[slots], need)
+                    keep = self.need.copy()
+                    keep[slots] = need
                     if not self._reclaim(short, keep):
                         return False
             self.units[g_slots] = g_need
             self.total_units += added
         self.lens[slots] = np.maximum(self.lens[slots], lens)
+        self.needed_units += int((need - self.need[slots]).sum())
+        self.need[slots] = need
         return True
 
     def _reclaim(self, short: int, keep: np.ndarray) -> bool:
@@ -184,6 +226,8 @@ class UnitMemory:
 
     def free(self, slot: int) -> None:
         self.active[slot] = False
+        self.needed_units -= int(self.need[slot])
+        self.need[slot] = 0
         if not self.deferred_reclaim:
             self.total_units -= int(self.units[slot])
             self.units[slot] = 0
@@ -201,77 +245,115 @@ class UnitMemory:
     def advance(self, slots: np.ndarray, lens: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """Grow every slot in ``slots`` (all the active ones) from ``lens`` by one token per step
         for as many steps ``k <= horizon`` as can run without a preemption, exactly as that many
-        :meth:`grow` calls would: within the unspent budget and, with deferred reclaim, with
-        shortfalls reclaimed from finished slots (in :meth:`_reclaim`'s order). Returns the
-        allocated and the retained bytes after each of those steps (two arrays of length k)."""
+        :meth:`grow` calls would: within the unspent budget and, with deferred reclaim, with each
+        shortfall reclaimed as :meth:`_reclaim` would take it. Returns the allocated and the
+        retained bytes after each of those steps (two arrays of length k)."""
         horizon = min(horizon, self.max_len - int(lens.max()), _MAX_JUMP)
-        held, total0 = self.units[slots], self.total_units
+        held, total0 = self.units[slots].copy(), self.total_units
         spare = None if self.budget_units is None else self.budget_units - self.total_units * self.regions
-        donors = self.deferred_reclaim and bool((self.units[~self.active] > 0).any())
+        may_reclaim = self.deferred_reclaim and self.total_units * self.regions > 0
         if spare is not None and spare < self.regions:
-            # Not one more unit fits: without donors only the steps inside what every slot holds
+            # Not one more unit fits: without reclaims only the steps inside what every slot holds
             free_steps = int((self.capacity(slots) - lens).min())
-            horizon = min(horizon, max(0, free_steps) if not donors else free_steps + _RECLAIM_JUMP)
+            horizon = min(horizon, max(0, free_steps) + (_RECLAIM_JUMP if may_reclaim else 0))
         if horizon <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if not self.deferred_reclaim and horizon <= self._tokens_per_unit:
+            return self._advance_by_crossings(slots, lens, held, horizon, spare)
         need = self.units_for(lens[:, None] + np.arange(1, horizon + 1)[None, :])
-        added = np.maximum(need - held[:, None], 0).sum(axis=0)  # per region, cumulative: non-decreasing
-        reclaimed = np.zeros(horizon, dtype=np.int64)  # per region, cumulative
+        added = np.maximum(need - held[:, None], 0).sum(axis=0)  # per region, cumulative
+        run = _ReclaimRun(horizon)
         if spare is None:
             steps = horizon
         else:
             steps = int(np.searchsorted(added * self.regions, spare, side="right"))
-            if donors and steps < horizon:
-                steps = self._reclaim_run(added, steps, reclaimed)
+            if may_reclaim and steps < horizon:
+                steps = self._reclaim_run(need, held, added, steps, run)
         if not steps:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        need, added, reclaimed = need[:, :steps], added[:steps], reclaimed[:steps]
-        grown = np.maximum(held, need[:, -1])
-        self.total_units += int((grown - held).sum())  # after _reclaim_run took its reclaims
+        need, added = need[:, :steps], added[:steps]
+        reclaimed, from_finished = run.reclaimed[:steps], run.from_finished[:steps]
+        grown = np.maximum(held, need[:, -1])  # held: after any reclaims from these slots
+        self.total_units = total0 - int(reclaimed[-1]) + int(added[-1])
         self.units[slots] = grown
         self.lens[slots] = lens + steps
+        self.needed_units += int((need[:, -1] - self.need[slots]).sum())
+        self.need[slots] = need[:, -1]
         allocated = (total0 - reclaimed + added) * self.regions * self.unit_bytes
-        return allocated, self._retained_after(held, need, reclaimed)
+        if not self.deferred_reclaim:
+            return allocated, np.zeros(steps, dtype=np.int64)
+        # retained: finished slots' units (less what was taken from them) + the advancing slots'
+        # units beyond their need (which shrink as they grow into them, or are taken)
+        mine = np.maximum(held[:, None] - need, 0).sum(axis=0)
+        for step, row, before, after in run.active_takes:  # before a take, that slot held more
+            mine[:step] += np.maximum(before - need[row, :step], 0) - np.maximum(after - need[row, :step], 0)
+        finished_now = self.retained_units() // self.regions - int(mine[-1])
+        retained = finished_now + int(from_finished[-1]) - from_finished + mine
+        return allocated, retained * self.regions * self.unit_bytes
 
-    def _reclaim_run(self, added: np.ndarray, start: int, reclaimed: np.ndarray) -> int:
-        """Continue an :meth:`advance` from step ``start`` with deferred reclaim: each step's
-        shortfall is reclaimed as :meth:`grow` would (whole units per region, from the finished
-        slot with the most units, the lowest slot among equals), as long as that one slot covers
-        it (grow() handles the rest). ``added`` is the advance's cumulative units per region.
-        Takes the units from the donors (``total_units`` drops by what was taken), fills
-        ``reclaimed`` (cumulative units per region) and returns the number of steps that run."""
+    def _advance_by_crossings(self, slots, lens, held, horizon: int, spare: int | None):
+        """:meth:`advance` without deferred reclaim when a unit holds a whole number of tokens and
+        the jump is no longer than one unit: each slot then needs one more unit at most once, at
+        the step its length first passes what it holds, so sorting those steps replaces the
+        (slots x steps) array. Same result; the common case, so worth the second path."""
+        crossing = np.sort(held * self._tokens_per_unit - lens + 1)  # step at which each needs one more
+        steps = horizon
+        if spare is not None:
+            affordable = spare // self.regions  # units per region the budget still allows
+            if affordable < len(crossing) and crossing[affordable] <= horizon:
+                steps = int(crossing[affordable]) - 1
+        if steps <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        added = np.searchsorted(crossing, np.arange(1, steps + 1), side="right")  # cumulative
+        grown = held + (held * self._tokens_per_unit - lens + 1 <= steps)
+        total0 = self.total_units
+        self.total_units += int(added[-1])
+        self.needed_units += int(added[-1])  # without deferred reclaim every unit is needed
+        self.units[slots] = self.need[slots] = grown
+        self.lens[slots] = lens + steps
+        return (total0 + added) * self.regions * self.unit_bytes, np.zeros(steps, dtype=np.int64)
+
+    def _reclaim_run(self, need: np.ndarray, held: np.ndarray, added: np.ndarray, start: int,
+                     run: "_ReclaimRun") -> int:
+        """Continue an :meth:`advance` from step ``start`` with deferred reclaim. Each step's
+        shortfall is reclaimed as :meth:`_reclaim` takes it when one donor covers it: the finished
+        slot with the most units if any finished slot holds units, else the active slot with the
+        most units beyond its need; the lowest slot among equals. The run stops at the first step
+        that would need several donors (grow() handles that one). Takes the units, lowers ``held``
+        for active donors and corrects ``added`` (cumulative units per region grown) for them,
+        records what was taken in ``run``, and returns the number of steps that can run."""
         heap = [(-int(self.units[s]), s) for s in (~self.active & (self.units > 0)).nonzero()[0].tolist()]
         heapq.heapify(heap)
         regions, budget, base = self.regions, self.budget_units, self.total_units
-        taken = 0
+        taken = finished_taken = 0
         for step in range(start, len(added)):
             short = (base - taken + int(added[step])) * regions - budget
             if short > 0:
                 per_region = -(-short // regions)
-                if not heap or per_region > -heap[0][0]:
-                    self.total_units = base - taken
-                    return step
-                units, slot = heapq.heappop(heap)  # units negated: the most first
-                if units + per_region < 0:
-                    heapq.heappush(heap, (units + per_region, slot))
-                self.units[slot] -= per_region
+                if heap:
+                    if per_region > -heap[0][0]:
+                        return step
+                    units, slot = heapq.heappop(heap)  # units negated: the most first
+                    if units + per_region < 0:
+                        heapq.heappush(heap, (units + per_region, slot))
+                    self.units[slot] -= per_region
+                    finished_taken += per_region
+                else:
+                    excess = held - need[:, step]
+                    row = int(excess.argmax())
+                    if excess[row] < per_region:
+                        return step
+                    run.active_takes.append((step, row, int(held[row]), int(held[row]) - per_region))
+                    held[row] -= per_region
+                    # from here on this slot grows past its lowered units again
+                    later = need[row, step + 1:]
+                    added[step + 1:] += (np.maximum(later - held[row], 0)
+                                         - np.maximum(later - held[row] - per_region, 0))
                 taken += per_region
                 self.reclaimed_units += per_region * regions
-            reclaimed[step] = taken
-        self.total_units = base - taken
+            run.reclaimed[step] = taken
+            run.from_finished[step] = finished_taken
         return len(added)
-
-    def _retained_after(self, held: np.ndarray, need: np.ndarray, reclaimed: np.ndarray) -> np.ndarray:
-        """Retained bytes after each step of an advance (call it once ``self.lens`` and
-        ``self.units`` hold the advance's end state): the advancing slots held ``held`` units and
-        needed ``need[:, k]`` after step k, and ``reclaimed[k]`` units per region had been taken
-        from finished slots by then; a slot's units beyond its need shrink as it grows into
-        them, and no other slot changes."""
-        if not self.deferred_reclaim:
-            return np.zeros(need.shape[1], dtype=np.int64)
-        mine = np.maximum(held[:, None] - need, 0).sum(axis=0)
-        others = self.retained_units() // self.regions - int(mine[-1]) + int(reclaimed[-1])
-        return (others - reclaimed + mine) * self.regions * self.unit_bytes
 
     def held_bytes(self, slots: np.ndarray) -> np.ndarray:
         """Bytes each slot holds across all regions."""
@@ -310,6 +392,13 @@ class CacheMemory:
         except OutOfSlots:
             return None
         self._active.add(slot)
+        return slot
+
+    def admit(self, length: int) -> int | None:
+        slot = self.alloc(length)
+        if slot is not None and not self.grow(np.array([slot]), np.array([length])):
+            self.free(slot)
+            return None
         return slot
 
     def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:

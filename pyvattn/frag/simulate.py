@@ -274,6 +274,21 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
     slots = np.zeros(0, dtype=np.int64)  # running slots, ascending
     report_every = max(1, n // 1000)
 
+    def complete(done: np.ndarray, at_step: int) -> None:
+        """Requests in ``done`` (slots) reached their length at ``at_step``: record and free them."""
+        nonlocal finished, live_tokens
+        held = memory.held_bytes(done)
+        for s, a in zip(done.tolist(), held.tolist()):
+            r, tokens = int(req[s]), int(length[s])
+            out.completion_step[r] = at_step
+            out.completion_alloc[r] = a
+            out.completion_used[r] = tokens * bytes_per_token
+            out.completion_needed[r] = int(memory.need_bytes(tokens))
+            live_tokens -= tokens
+            memory.free(s)
+            req[s] = -1
+        finished += len(done)
+
     while finished < n:
         while next_arrival < n and arrive[order[next_arrival]] <= step:
             r = int(order[next_arrival])
@@ -320,8 +335,8 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
                 if memory.available_units() - int(memory.need_units(tokens)) < watermark:
                     stuck = True
                     break
-                slot = memory.alloc(tokens)
-                if slot is None or not memory.grow(np.array([slot]), np.array([tokens])):
+                slot = memory.admit(tokens)
+                if slot is None:
                     raise SimulationStuck(f"{scheme}: step {step}: request {r} was available memory "
                                           f"({tokens} tokens) but the memory model refused it")
                 waiting.popleft()
@@ -343,17 +358,7 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
         # 3. completions
         done = slots[length[slots] >= total[req[slots]]] if n_run else slots
         if len(done):
-            held = memory.held_bytes(done)
-            for s, a in zip(done.tolist(), held.tolist()):
-                r = int(req[s])
-                out.completion_step[r] = step
-                out.completion_alloc[r] = a
-                out.completion_used[r] = int(length[s]) * bytes_per_token
-                out.completion_needed[r] = int(memory.need_bytes(int(length[s])))
-                live_tokens -= int(length[s])
-                memory.free(s)
-                req[s] = -1
-            finished += len(done)
+            complete(done, step)
             stuck = False
             last_progress = step
             slots = (req >= 0).nonzero()[0]
@@ -366,8 +371,9 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
             progress(finished - reported)
             reported = finished
         step += 1
-        # 4. jump over steps in which nothing but growth can happen: no completion, no arrival
-        # that could be admitted, admission blocked, growth within the unspent budget
+        # 4. jump over steps in which nothing but growth can happen (no arrival that could be
+        # admitted, admission blocked, growth within the unspent budget or, with deferred
+        # reclaim, reclaims from finished slots), up to and including the next completion step
         if not len(slots):
             if not waiting and next_arrival < n:  # idle until the next arrival
                 gap = int(arrive[order[next_arrival]]) - step
@@ -381,7 +387,8 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
         if waiting and not stuck:
             continue
         lens = length[slots]
-        horizon = int((total[req[slots]] - lens).min()) - 1
+        left = total[req[slots]] - lens
+        horizon = int(left.min())
         if not waiting and next_arrival < n:
             horizon = min(horizon, int(arrive[order[next_arrival]]) - step)
         if horizon <= 0:
@@ -395,6 +402,11 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
             length[slots] += jump
             live_tokens += jump * n_run
             step += jump
+            if jump == int(left.min()):  # the last step jumped over is a completion step
+                complete(slots[left == jump], step - 1)
+                stuck = False
+                last_progress = step - 1
+                slots = (req >= 0).nonzero()[0]
     if progress is not None and finished > reported:
         progress(finished - reported)
     if hasattr(memory, "reclaimed_units"):
