@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def _style(scheme: str) -> tuple[str, str]:
 
 def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[Path]:
     """Two PNGs: waste by scheme (fragmentation and retained, stacked, on a linear scale with
-    each value printed), and requests in the batch and completed over time, every scheme."""
+    each value printed, and the per-request p99), and requests in the batch and completed over
+    time, every scheme."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,18 +200,22 @@ def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[P
         ax.barh(y, frag, 0.7, color="tab:blue", label="internal fragmentation of running requests")
         ax.barh(y, ret, 0.7, left=frag, color="tab:orange", alpha=0.7,
                 label="retained for reuse (reclaimable at once)")
-        top = max([f + r for f, r in zip(frag, ret)] + [1.0])
-        for i, (f, r, s) in enumerate(zip(frag, ret, summ)):
+        p99 = [100 * (s["waste_at_completion"]["p99"] or 0) if frag_key.endswith("completion") else 0 for s in summ]
+        if any(p99):
+            ax.plot(p99, y, "k|", markersize=11, mew=1.5, label="p99 over requests (waste)")
+        top = max([max(f + r, p) for f, r, p in zip(frag, ret, p99)] + [1.0])
+        for i, (f, r, p, s) in enumerate(zip(frag, ret, p99, summ)):
             text = "served nothing" if not s["served"] else (
-                f"{f:.2f}%" if r < 0.005 else f"{f:.2f}% + {r:.2f}% retained")
-            ax.text(f + r + top * 0.01, i, text, va="center", fontsize=7)
-        ax.set_xlim(0, top * 1.45)
+                f"{f:.2f}%" if r < 0.005 else f"{f:.2f}% + {r:.2f}% retained") + (f", p99 {p:.1f}%" if p else "")
+            ax.text(max(f + r, p) + top * 0.015, i, text, va="center", fontsize=7)
+        ax.set_xlim(0, top * 1.6)  # room for the labels; no ticks past the data (or past 100%)
+        ax.set_xticks([t for t in ax.get_xticks() if 0 <= t <= min(100.0, top * 1.05)])
         ax.set_xlabel(f"% of allocated KV memory wasted, {label}")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     waste_png = Path(f"{path_prefix}-waste.png")
@@ -224,19 +230,29 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
     x-range ends where the slowest non-static scheme finishes, and longer runs say where they end."""
     dynamic = [r.steps for r in results if not r.scheme.startswith("static")]
     xmax = 1.05 * max(dynamic or [r.steps for r in results])
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
+    groups: list[list[RunResult]] = []  # runs with identical outcomes draw one line, named by all
+    for r in results:
+        same = next((g for g in groups if np.array_equal(g[0].completion_step, r.completion_step)
+                     and g[0].steps == r.steps), None)
+        (same.append(r) if same else groups.append([r]))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
-    for i, r in enumerate(results):
+    for i, group in enumerate(groups):
+        r = group[0]
         style, colour = _style(r.scheme)
-        colour = colour or cmap(i % 20)
+        colour = colour or cmap(i % 10)
         x, _, running = r.series.downsampled()
-        label = r.scheme + (f" (runs to step {r.steps:,})" if r.steps > xmax else "")
+        per = max(1, len(x) // 250)  # about 250 points: the trend, not step-to-step noise
+        cut = len(x) // per * per
+        if cut:
+            x, running = x[:cut:per], running[:cut].reshape(-1, per).mean(axis=1)
+        label = " = ".join(g.scheme for g in group) + (f" (runs to step {r.steps:,})" if r.steps > xmax else "")
         if not r.served:
             label += " (served nothing)"
-        ax.plot(x, running, style, color=colour, lw=1.1, label=label)
+        ax.plot(x, running, style, color=colour, lw=1.2, label=label)
         done = np.sort(r.completion_step[r.completion_step >= 0])
         ax2.plot(np.append(done, r.steps), np.append(np.arange(1, len(done) + 1), len(done)),
-                 style, color=colour, lw=1.1)
+                 style, color=colour, lw=1.2)
     for a in (ax, ax2):
         a.set_xlim(0, xmax)
         a.set_xlabel("decode step")
@@ -245,9 +261,10 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
     ax.set_title("concurrent requests")
     ax2.set_ylabel("requests completed")
     ax2.set_title("completed requests (steeper = more throughput)")
-    fig.legend(*ax.get_legend_handles_labels(), loc="center right", fontsize=7, frameon=False)
-    fig.suptitle(title + "\nlines of equal schemes coincide (e.g. a page equal to a block)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, [textwrap.fill(t, 48) for t in labels], loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title + "\n(schemes with identical runs share a line, named together)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.72, 1))
     path = Path(f"{path_prefix}-concurrency.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
