@@ -15,22 +15,31 @@ demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer
 from .errors import (BackendUnavailable, CudaError, DriverError, OSCallError, OutOfPages,
                      OutOfSlots, PyvattnError, UvmError)
 
-# Imported on first use (PEP 562), so that tools that need no tensors (``python -m pyvattn frag
-# --help``) start without importing torch.
-_LAZY = {"KVCache": (".kvcache", "KVCache"), "VirtualBuffer": (".buffer", "VirtualBuffer"),
-         "PagePool": (".pool", "PagePool"), "backend_names": (".backends", "backend_names"),
-         "select_backend": (".backends", "select")}
+# Imported on first use (PEP 562), so that `python -m pyvattn <command> --help` and the error
+# types load without torch: name -> (module, attribute).
+_LAZY = {
+    "KVCache": (".kvcache", "KVCache"),
+    "VirtualBuffer": (".buffer", "VirtualBuffer"),
+    "PagePool": (".pool", "PagePool"),
+    "backend_names": (".backends", "backend_names"),
+    "select_backend": (".backends", "select"),
+}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pyvattn' has no attribute {name!r}")
+    import importlib
 
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module, __name__), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pyvattn' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
