@@ -258,8 +258,10 @@ class UnitMemory:
             horizon = min(horizon, max(0, free_steps) + (_RECLAIM_JUMP if may_reclaim else 0))
         if horizon <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        if not self.deferred_reclaim and horizon <= self._tokens_per_unit:
-            return self._advance_by_crossings(slots, lens, held, horizon, spare)
+        if horizon <= self._tokens_per_unit:
+            if not self.deferred_reclaim:
+                return self._advance_by_crossings(slots, lens, held, horizon, spare)
+            return self._advance_deferred_by_crossings(slots, lens, held, horizon, spare, may_reclaim)
         need = self.units_for(lens[:, None] + np.arange(1, horizon + 1)[None, :])
         added = np.maximum(need - held[:, None], 0).sum(axis=0)  # per region, cumulative
         run = _ReclaimRun(horizon)
@@ -312,6 +314,142 @@ class UnitMemory:
         self.units[slots] = self.need[slots] = grown
         self.lens[slots] = lens + steps
         return (total0 + added) * self.regions * self.unit_bytes, np.zeros(steps, dtype=np.int64)
+
+    def _advance_deferred_by_crossings(self, slots, lens, held, horizon: int, spare: int | None,
+                                       may_reclaim: bool):
+        """:meth:`_advance_by_crossings` with deferred reclaim. A slot may hold more than its
+        length needs (a reused slot): each step its need grows (at most once in a jump no longer
+        than a unit), it takes a unit if it then needs more than it holds, else what it retains
+        shrinks by one. Steps within the unspent budget are computed at once; from the first
+        shortfall on, step by step, each shortfall taken as :meth:`grow` takes it (the finished
+        slot with the most units if any finished slot holds units, else the active slot with the
+        most beyond its need; the lowest slot among equals), while one donor covers it."""
+        T, regions = self._tokens_per_unit, self.regions
+        need0 = self.need[slots]
+        grows_at = need0 * T - lens + 1  # step at which each slot's need grows by one unit
+        crossing = np.sort(held * T - lens + 1)  # ... and at which it needs more than it holds
+        free_steps = horizon
+        if spare is not None:
+            affordable = spare // regions
+            if affordable < len(crossing) and crossing[affordable] <= horizon:
+                free_steps = int(crossing[affordable]) - 1
+        t_axis = np.arange(1, free_steps + 1)
+        added = np.searchsorted(crossing, t_axis, side="right")  # cumulative units per region
+        mine0 = int((held - need0).sum())  # units the advancing slots hold beyond their need
+        shrinks = np.sort(grows_at[held > need0])
+        mine = mine0 - np.searchsorted(shrinks, t_axis, side="right")
+        total0, finished0 = self.total_units, self.retained_units() // regions - mine0
+        alloc = ((total0 + added) * regions * self.unit_bytes).tolist()
+        kept = ((finished0 + mine) * regions * self.unit_bytes).tolist()
+        held_now = held + (held * T - lens + 1 <= free_steps)
+        need_now = need0 + (grows_at <= free_steps)
+        added_total, taken = int(added[-1]) if free_steps else 0, 0
+        if free_steps < horizon and may_reclaim:
+            added_total, taken = self._deferred_steps(held_now, need_now, grows_at, free_steps,
+                                                      min(horizon, free_steps + _RECLAIM_JUMP), added_total,
+                                                      alloc, kept)
+        steps = len(alloc)
+        if not steps:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self.total_units = total0 - taken + added_total
+        self.units[slots] = held_now
+        self.lens[slots] = lens + steps
+        self.needed_units += int((need_now - need0).sum())
+        self.need[slots] = need_now
+        return np.array(alloc, dtype=np.int64), np.array(kept, dtype=np.int64)
+
+    def _deferred_steps(self, held, need, grows_at, start: int, stop: int, added: int,
+                        alloc: list, kept: list) -> tuple[int, int]:
+        """The step-by-step part of :meth:`_advance_deferred_by_crossings`, steps ``start + 1``
+        to ``stop`` (``held``/``need``: the advancing slots' units after step ``start``, updated
+        in place). Appends allocated and retained bytes per step that runs; returns the units per
+        region grown (cumulative, from the jump's start) and taken from donors (already taken
+        from the finished ones in ``self.units``)."""
+        regions, budget, total0 = self.regions, self.budget_units, self.total_units
+        order = np.argsort(grows_at, kind="stable")
+        events = order[grows_at[order] > start].tolist()
+        when = grows_at.tolist()
+        i = 0
+        heap = None
+        taken = 0
+        finished = int(self.units[~self.active].sum())
+        mine = int((held - need).sum())
+        unit_bytes = self.unit_bytes
+        for step in range(start + 1, stop + 1):
+            crossing, shrinking = [], 0
+            while i < len(events) and when[events[i]] == step:
+                row = events[i]
+                i += 1
+                if need[row] + 1 > held[row]:
+                    crossing.append(row)
+                else:
+                    shrinking += 1
+            short = (total0 - taken + added + len(crossing)) * regions - budget
+            take = -(-short // regions) if short > 0 else 0
+            donor = None
+            if take:
+                if heap is None:
+                    heap = [(-int(self.units[s]), s) for s in (~self.active & (self.units > 0)).nonzero()[0].tolist()]
+                    heapq.heapify(heap)
+                if heap:
+                    if take > -heap[0][0]:
+                        return added, taken  # several donors: grow() takes this step
+                else:
+                    excess = held - need
+                    for row in crossing:
+                        excess[row] = 0  # a slot taking a unit this step has none to give
+                    if shrinking:
+                        for row in events[i - shrinking - len(crossing):i]:
+                            if row not in crossing:
+                                excess[row] -= 1
+                    donor = int(excess.argmax())
+                    if excess[donor] < take:
+                        return added, taken
+            # the step runs: apply its events, then the take
+            for row in events[i - shrinking - len(crossing):i]:
+                need[row] += 1
+            for row in crossing:
+                held[row] += 1
+            added += len(crossing)
+            mine -= shrinking
+            if take:
+                if donor is None:
+                    units, slot = heapq.heappop(heap)  # units negated: the most first
+                    if units + take < 0:
+                        heapq.heappush(heap, (units + take, slot))
+                    self.units[slot] -= take
+                    finished -= take
+                else:
+                    held[donor] -= take
+                    mine -= take
+                taken += take
+                self.reclaimed_units += take * regions
+            alloc.append((total0 - taken + added) * regions * unit_bytes)
+            kept.append((finished + mine) * regions * unit_bytes)
+        return added, taken
+
+    def _reclaim_from_finished(self, added: np.ndarray, start: int, run: "_ReclaimRun") -> int:
+        """The finished-slot half of :meth:`_reclaim_run`: from step ``start``, take each step's
+        shortfall from the finished slot with the most units (the lowest slot among equals) while
+        that one slot covers it; returns the number of steps that can run."""
+        heap = [(-int(self.units[s]), s) for s in (~self.active & (self.units > 0)).nonzero()[0].tolist()]
+        heapq.heapify(heap)
+        regions, budget, base = self.regions, self.budget_units, self.total_units
+        taken = 0
+        for step in range(start, len(added)):
+            short = (base - taken + int(added[step])) * regions - budget
+            if short > 0:
+                per_region = -(-short // regions)
+                if not heap or per_region > -heap[0][0]:
+                    return step
+                units, slot = heapq.heappop(heap)  # units negated: the most first
+                if units + per_region < 0:
+                    heapq.heappush(heap, (units + per_region, slot))
+                self.units[slot] -= per_region
+                taken += per_region
+                self.reclaimed_units += per_region * regions
+            run.reclaimed[step] = run.from_finished[step] = taken
+        return len(added)
 
     def _reclaim_run(self, need: np.ndarray, held: np.ndarray, added: np.ndarray, start: int,
                      run: "_ReclaimRun") -> int:
