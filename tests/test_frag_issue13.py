@@ -15,7 +15,8 @@ import pytest
 from pyvattn.frag.cli import main as frag_main
 from pyvattn.frag.models import ModelConfig, get_model
 from pyvattn.frag.report import Experiment, markdown_table, warnings
-from pyvattn.frag.schemes import DEFAULT_SCHEMES, Scheme, UnitMemory
+from pyvattn.frag.memory import UnitMemory
+from pyvattn.frag.schemes import DEFAULT_SCHEMES, Scheme
 from pyvattn.frag.simulate import REJECT_BUDGET, REJECT_CONTEXT, SimulationStuck, serve
 from pyvattn.frag.traces import Request, Trace, TraceError, load_trace
 
@@ -67,8 +68,8 @@ def test_livelock_guard_stops_a_memory_model_that_lies():
     (["--max-batch", "-3"], "--max-batch: -3 must be >= 1"),
     (["--requests", "0"], "--requests: 0 must be >= 1"),
     (["--tp", "x"], "--tp: 'x' is not a whole number"),
-    (["--step-ms", "0", "--arrivals", "timestamps"], "--step-ms: 0 must be a finite number > 0"),
-    (["--step-ms", "nan", "--arrivals", "timestamps"], "--step-ms: nan must be a finite number > 0"),
+    (["--step-ms", "0", "--arrivals", "timestamps"], "--step-ms: 0 must be > 0"),
+    (["--step-ms", "nan", "--arrivals", "timestamps"], "--step-ms: nan is not a finite number"),
     (["--step-ms", "30"], "--step-ms applies only with --arrivals timestamps"),
     (["--watermark", "1"], "--watermark: 1 must lie in [0, 1)"),
     (["--max-context", "0"], "--max-context: 0 must be >= 1"),

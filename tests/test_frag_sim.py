@@ -8,7 +8,8 @@ import pytest
 
 from pyvattn.frag.models import get_model
 from pyvattn.frag.report import Experiment
-from pyvattn.frag.schemes import DEFAULT_SCHEMES, Scheme, UnitMemory
+from pyvattn.frag.memory import UnitMemory
+from pyvattn.frag.schemes import DEFAULT_SCHEMES, Scheme
 from pyvattn.frag.simulate import serve
 from pyvattn.frag.traces import load_trace
 

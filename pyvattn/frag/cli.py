@@ -8,48 +8,18 @@ then prints a markdown table and writes JSON and PNG plots.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
-# Only light imports here: `--help` must answer at once (no numpy, no torch).
+# Only light imports here: `--help` must answer at once (no torch).
+from ..argtypes import fraction, positive_float, positive_int
 from .models import model_names
 from .traces import SHIPPED, SYNTHETIC
 
 DEFAULT_OUT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyvattn" / "frag"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} must lie in [0, 1)")
-    return value
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,23 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(N generated requests), or a trace file (CSV or Mooncake JSONL)")
     p.add_argument("--model", default="llama-3-8b",
                    help=f"one of {', '.join(model_names())} (any case), or layers,kv_heads,head_dim[,dtype_bytes]")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree")
     p.add_argument("--budget", default="40GiB", help="KV memory budget per GPU (e.g. 40GiB, 512MiB)")
-    p.add_argument("--max-context", type=_positive_int, default=None,
+    p.add_argument("--max-context", type=positive_int, default=None,
                    help="tokens one request may hold, what static reserves (default: the model's context length)")
-    p.add_argument("--requests", type=_positive_int, default=None, help="the first N requests of the trace (default: all)")
-    p.add_argument("--max-batch", type=_positive_int, default=256, help="batch slots (vLLM's max_num_seqs)")
-    p.add_argument("--watermark", type=_fraction, default=0.01,
+    p.add_argument("--requests", type=positive_int, default=None, help="the first N requests of the trace (default: all)")
+    p.add_argument("--max-batch", type=positive_int, default=256, help="batch slots (vLLM's max_num_seqs)")
+    p.add_argument("--watermark", type=fraction, default=0.01,
                    help="fraction of the budget kept free when admitting (vLLM v0's block watermark)")
     p.add_argument("--arrivals", choices=["order", "timestamps"], default="order",
                    help="queue everything at once (order), or arrive at the trace's timestamps")
-    p.add_argument("--step-ms", type=_positive_float, default=None,
+    p.add_argument("--step-ms", type=positive_float, default=None,
                    help="decode step duration with --arrivals timestamps (default 30)")
-    p.add_argument("--jobs", type=_positive_int, default=None, help="worker processes (default: one per CPU)")
+    p.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: one per CPU)")
     p.add_argument("--measured", action="store_true",
                    help="also run every scheme on a real KVCache, scaled down, and check it against the simulation")
-    p.add_argument("--measured-layers", type=_positive_int, default=1, help="layers of the scaled measured run")
-    p.add_argument("--measured-requests", type=_positive_int, default=None,
+    p.add_argument("--measured-layers", type=positive_int, default=1, help="layers of the scaled measured run")
+    p.add_argument("--measured-requests", type=positive_int, default=None,
                    help="requests of the scaled measured run (default: enough that the budget binds)")
     p.add_argument("--backend", default="host", help="KVCache backend of the measured run (host, cuda-vmm, uvm64k)")
     p.add_argument("--device", default="cpu", help="device of the measured run (cpu, cuda)")

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..units import format_size
 from .models import ModelConfig
-from .schemes import DEFAULT_SCHEMES, CacheMemory, Scheme, UnitMemory
+from .memory import CacheMemory, UnitMemory
+from .schemes import DEFAULT_SCHEMES, Scheme
 from .simulate import REJECT_BUDGET, REJECT_CONTEXT, RunResult, ServePolicy, serve
 from .traces import Trace
 
