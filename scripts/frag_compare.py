@@ -47,7 +47,8 @@ def one(trace: str, model: str, tp: int, out: Path, budget: str) -> tuple[str, f
 def _cell(row: dict, metric: str, fmt: str, base: float) -> str:
     if not row["served"]:
         return "served nothing"
-    value = row[metric]["mean"] if isinstance(row[metric], dict) else row[metric]
+    metric, _, stat = metric.partition(".")
+    value = row[metric][stat or "mean"] if isinstance(row[metric], dict) else row[metric]
     return fmt.format(value / base)
 
 
@@ -57,6 +58,7 @@ def summary(out: Path, times: dict) -> str:
     preemptions and requests served per step relative to paged 16-token blocks."""
     lines = []
     tables = (("waste_at_completion", "Waste at completion (mean over served requests)", "{:.2%}"),
+              ("waste_at_completion.p99", "Waste at completion, p99 over requests", "{:.1%}"),
               ("retained_at_completion", "... of which retained for reuse (reclaimable at once)", "{:.2%}"),
               ("time_avg_fragmentation_fraction", "Time-averaged internal fragmentation (of allocated memory)", "{:.2%}"),
               ("time_avg_retained_fraction", "Time-averaged memory retained for reuse (of allocated memory)", "{:.2%}"),

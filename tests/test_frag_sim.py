@@ -97,3 +97,16 @@ def test_jumps_equal_steps_with_reused_slots_and_fractional_pages(scheme, model)
     assert (fast.preemptions, fast.reclaimed_bytes) == (ref.preemptions, ref.reclaimed_bytes)
     assert fast.served + fast.rejected_total == 400
     assert fast.reclaimed_bytes > 0 or scheme.page_bytes != 64 * KiB  # 2 MiB: one page per request, reused
+
+
+@pytest.mark.parametrize("scheme", [Scheme("paged", block_tokens=16),
+                                    Scheme("vattn", page_bytes=64 * KiB, deferred_reclaim=True)], ids=lambda s: s.name)
+def test_measured_agrees_through_preemptions_and_resumes(scheme):
+    from pyvattn.frag.measured import check
+
+    # a tight budget and no watermark: requests are preempted and refilled at their full length
+    exp = Experiment(load_trace("azure-conv", 120), get_model("1,4,128"), 1, 12 * MiB, 64,
+                     max_context=4096, watermark=0.0)
+    result = check(exp, scheme)
+    assert result["agree"], result
+    assert result["preemptions"] > 0

@@ -209,7 +209,7 @@ def plot(path_prefix: Path, results: list[RunResult], exp: Experiment) -> list[P
             text = "served nothing" if not s["served"] else (
                 f"{f:.2f}%" if r < 0.005 else f"{f:.2f}% + {r:.2f}% retained") + (f", p99 {p:.1f}%" if p else "")
             ax.text(max(f + r, p) + top * 0.015, i, text, va="center", fontsize=7)
-        ax.set_xlim(0, top * 1.6)  # room for the labels; no ticks past the data (or past 100%)
+        ax.set_xlim(0, top * (1.9 if any(p99) else 1.5))  # room for the labels; no ticks past the data (or 100%)
         ax.set_xticks([t for t in ax.get_xticks() if 0 <= t <= min(100.0, top * 1.05)])
         ax.set_xlabel(f"% of allocated KV memory wasted, {label}")
         ax.grid(axis="x", alpha=0.3)
@@ -256,7 +256,8 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
                  style, color=colour, lw=1.2)
     for a in (ax, ax2):
         a.set_xlim(0, xmax)
-        a.set_xlabel("decode step")
+        a.set_xlabel("decode step (thousands)")
+        a.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}")
         a.grid(alpha=0.3)
     ax.set_ylabel("requests in the batch (mean per window)")
     ax.set_title("concurrent requests")

@@ -246,169 +246,205 @@ def arrival_steps(trace: Trace, step_seconds: float | None) -> np.ndarray:
 
 def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, scheme: str = "",
           progress=None, on_step=None, keep_series: bool = False) -> RunResult:
-    """Run ``trace`` through ``memory`` (a :class:`~.schemes.UnitMemory` or a
-    :class:`~.schemes.CacheMemory` with ``policy.max_batch`` slots) under ``policy``.
+    """Run ``trace`` through ``memory`` (a :class:`~.memory.UnitMemory` or a
+    :class:`~.memory.CacheMemory` with ``policy.max_batch`` slots) under ``policy``.
     ``progress(k)``, if given, is called as requests finish (served or rejected), in batches.
     ``on_step(step, memory)`` is called after every executed (not jumped) step."""
-    n = len(trace)
-    prompt, total = trace.prompt, trace.total
-    arrive = arrival_steps(trace, policy.arrival_step_seconds)
-    order = np.argsort(arrive, kind="stable")
-    budget = memory.budget_units
-    watermark = 0 if budget is None else int(policy.watermark * budget)
-    beyond = total > policy.max_context
-    never = ~beyond & (memory.need_units(np.minimum(total, policy.max_context)) + watermark > budget
-                       if budget is not None else False)
-    resume = prompt.copy()  # tokens a request is (re)filled with at admission
-    B = policy.max_batch
-    req = np.full(B, -1, dtype=np.int64)  # request in each slot, -1 = none
-    length = np.zeros(B, dtype=np.int64)
-    admitted_at = np.zeros(B, dtype=np.int64)  # admission sequence: the newest is preempted
-    out = RunResult(scheme, StepSeries(keep_series), np.full(n, -1, dtype=np.int64),
-                    np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
-                    np.zeros(n, dtype=np.int32), {REJECT_CONTEXT: 0, REJECT_BUDGET: 0})
-    waiting: deque[int] = deque()
-    next_arrival = seq = step = finished = live_tokens = reported = 0
-    stuck = False  # the head of the queue failed admission and nothing was freed since
-    last_progress = 0  # last step a request completed or the server was idle
-    slots = np.zeros(0, dtype=np.int64)  # running slots, ascending
-    report_every = max(1, n // 1000)
+    return _Server(trace, memory, bytes_per_token, policy, scheme, progress, on_step, keep_series).run()
 
-    def complete(done: np.ndarray, at_step: int) -> None:
+
+class _Server:
+    """One serving run: the batch slots, the queue and the outcomes; one method per phase of a
+    step (see the module docstring), and the jump over steps in which only growth happens."""
+
+    def __init__(self, trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, scheme: str,
+                 progress, on_step, keep_series: bool):
+        n = self.n = len(trace)
+        self.memory, self.policy, self.scheme = memory, policy, scheme
+        self.bytes_per_token, self.progress, self.on_step = bytes_per_token, progress, on_step
+        self.total = trace.total
+        self.arrive = arrival_steps(trace, policy.arrival_step_seconds)
+        self.order = np.argsort(self.arrive, kind="stable")
+        budget = memory.budget_units
+        self.watermark = 0 if budget is None else int(policy.watermark * budget)
+        self.beyond = self.total > policy.max_context
+        self.never = ~self.beyond & (memory.need_units(np.minimum(self.total, policy.max_context))
+                                     + self.watermark > budget if budget is not None else False)
+        self.resume = trace.prompt.copy()  # tokens a request is (re)filled with at admission
+        self.req = np.full(policy.max_batch, -1, dtype=np.int64)  # request in each slot, -1 = none
+        self.length = np.zeros(policy.max_batch, dtype=np.int64)
+        self.admitted_at = np.zeros(policy.max_batch, dtype=np.int64)  # the newest is preempted
+        self.slots = np.zeros(0, dtype=np.int64)  # running slots, ascending
+        self.out = RunResult(scheme, StepSeries(keep_series), np.full(n, -1, dtype=np.int64),
+                             np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                             np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int32),
+                             {REJECT_CONTEXT: 0, REJECT_BUDGET: 0})
+        self.waiting: deque[int] = deque()
+        self.next_arrival = self.seq = self.step = self.finished = self.live_tokens = self.reported = 0
+        self.stuck = False  # the head of the queue failed admission and nothing was freed since
+        self.last_progress = 0  # last step a request completed or the server was idle
+        self.report_every = max(1, n // 1000)
+
+    def run(self) -> RunResult:
+        while self.finished < self.n:
+            self._arrive()
+            preempted = self._decode()
+            self._admit(preempted)
+            self._record()
+            self._complete_due()
+            if self.progress is not None and self.finished - self.reported >= self.report_every:
+                self.progress(self.finished - self.reported)
+                self.reported = self.finished
+            self.step += 1
+            self._jump()
+        if self.progress is not None and self.finished > self.reported:
+            self.progress(self.finished - self.reported)
+        if hasattr(self.memory, "reclaimed_units"):
+            self.out.reclaimed_bytes = self.memory.reclaimed_units * self.memory.unit_bytes
+        return self.out
+
+    def _arrive(self) -> None:
+        """Queue the requests that arrived by now; reject those that could never complete."""
+        arrive, order, n = self.arrive, self.order, self.n
+        while self.next_arrival < n and arrive[order[self.next_arrival]] <= self.step:
+            r = int(order[self.next_arrival])
+            self.next_arrival += 1
+            if self.beyond[r] or self.never[r]:
+                self.out.rejected[REJECT_CONTEXT if self.beyond[r] else REJECT_BUDGET] += 1
+                self.finished += 1
+            else:
+                self.waiting.append(r)
+
+    def _decode(self) -> bool:
+        """Every running request grows by one token, preempting the newest until that fits;
+        whether anything was preempted."""
+        slots, length, out = self.slots, self.length, self.out
+        if not len(slots):
+            return False
+        preempted = False
+        grown = length[slots] + 1
+        while not self.memory.grow(slots, grown):
+            i = int(np.argmax(self.admitted_at[slots]))
+            victim = int(slots[i])
+            r, tokens = int(self.req[victim]), int(length[victim])
+            if len(slots) == 1:
+                raise SimulationStuck(f"{self.scheme}: step {self.step}: the only running request (request "
+                                      f"{r}, {tokens} of {self.total[r]} tokens) does not fit the memory alone")
+            self.memory.free(victim)
+            self.waiting.appendleft(r)
+            self.resume[r] = tokens
+            self.live_tokens -= tokens
+            out.recomputed_tokens += tokens
+            out.preempted[r] += 1
+            out.preemptions += 1
+            self.req[victim] = -1
+            slots, grown = np.delete(slots, i), np.delete(grown, i)
+            preempted = True
+        length[slots] = grown
+        self.live_tokens += len(slots)
+        self.slots = slots
+        return preempted
+
+    def _admit(self, preempted: bool) -> None:
+        """Admission, not in a step that preempted: in order, while a slot is free and the request
+        fits with the watermark kept free. Once the head failed it keeps failing until something
+        is freed (what is available only shrinks meanwhile), so it is not retried until then."""
+        if preempted:
+            self.stuck = False  # memory was freed: try again next step
+            return
+        waiting, memory, B = self.waiting, self.memory, self.policy.max_batch
+        if not waiting or self.stuck:
+            return
+        admitted = 0
+        while waiting and len(self.slots) + admitted < B:
+            r = waiting[0]
+            tokens = int(self.resume[r])
+            if memory.available_units() - int(memory.need_units(tokens)) < self.watermark:
+                self.stuck = True
+                break
+            slot = memory.admit(tokens)
+            if slot is None:
+                raise SimulationStuck(f"{self.scheme}: step {self.step}: request {r} fit the available memory "
+                                      f"({tokens} tokens) but the memory model refused it")
+            waiting.popleft()
+            self.req[slot], self.length[slot], self.admitted_at[slot] = r, tokens, self.seq
+            self.seq += 1
+            self.live_tokens += tokens
+            admitted += 1
+        if admitted:
+            self.slots = (self.req >= 0).nonzero()[0]
+        if waiting and len(self.slots) >= B:
+            self.stuck = True  # no slot until something completes
+
+    def _record(self) -> None:
+        memory = self.memory
+        self.out.series.add(memory.allocated_bytes(), memory.retained_bytes(),
+                            self.live_tokens * self.bytes_per_token, len(self.slots))
+        if self.on_step is not None:
+            self.on_step(self.step, memory)
+
+    def _complete_due(self) -> None:
+        """Requests that reached their length this step leave; the watchdog checks progress."""
+        slots = self.slots
+        done = slots[self.length[slots] >= self.total[self.req[slots]]] if len(slots) else slots
+        if len(done):
+            self._complete(done, self.step)
+        elif not len(slots) and not self.waiting:
+            self.last_progress = self.step
+        elif self.step - self.last_progress > self.policy.max_context + 1:
+            raise SimulationStuck(f"{self.scheme}: no request completed in the {self.step - self.last_progress} "
+                                  f"steps up to step {self.step} ({len(slots)} running, {len(self.waiting)} waiting)")
+
+    def _complete(self, done: np.ndarray, at_step: int) -> None:
         """Requests in ``done`` (slots) reached their length at ``at_step``: record and free them."""
-        nonlocal finished, live_tokens
-        held = memory.held_bytes(done)
-        for s, a in zip(done.tolist(), held.tolist()):
+        out, memory, length, req = self.out, self.memory, self.length, self.req
+        for s, held in zip(done.tolist(), memory.held_bytes(done).tolist()):
             r, tokens = int(req[s]), int(length[s])
             out.completion_step[r] = at_step
-            out.completion_alloc[r] = a
-            out.completion_used[r] = tokens * bytes_per_token
+            out.completion_alloc[r] = held
+            out.completion_used[r] = tokens * self.bytes_per_token
             out.completion_needed[r] = int(memory.need_bytes(tokens))
-            live_tokens -= tokens
+            self.live_tokens -= tokens
             memory.free(s)
             req[s] = -1
-        finished += len(done)
+        self.finished += len(done)
+        self.stuck = False
+        self.last_progress = at_step
+        self.slots = (req >= 0).nonzero()[0]
 
-    while finished < n:
-        while next_arrival < n and arrive[order[next_arrival]] <= step:
-            r = int(order[next_arrival])
-            next_arrival += 1
-            if beyond[r] or never[r]:
-                out.rejected[REJECT_CONTEXT if beyond[r] else REJECT_BUDGET] += 1
-                finished += 1
-            else:
-                waiting.append(r)
-        # 1. decode: every running request grows by one token; preempt the newest until it fits
-        preempted_now = False
-        if len(slots):
-            grown = length[slots] + 1
-            while not memory.grow(slots, grown):
-                i = int(np.argmax(admitted_at[slots]))
-                victim = int(slots[i])
-                if len(slots) == 1:
-                    raise SimulationStuck(
-                        f"{scheme}: step {step}: the only running request (request {req[victim]}, "
-                        f"{length[victim]} of {total[req[victim]]} tokens) does not fit the memory alone")
-                r = int(req[victim])
-                memory.free(victim)
-                waiting.appendleft(r)
-                resume[r] = length[victim]
-                live_tokens -= int(length[victim])
-                out.recomputed_tokens += int(length[victim])
-                out.preempted[r] += 1
-                out.preemptions += 1
-                req[victim] = -1
-                slots, grown = np.delete(slots, i), np.delete(grown, i)
-                preempted_now = True
-            length[slots] = grown
-            live_tokens += len(slots)
-        # 2. admission (not in a step that preempted): in order, while a slot is free and the
-        # request fits with the watermark kept free. Once the head failed it keeps failing until
-        # something is freed (what is available only shrinks meanwhile), so it is not retried.
-        if preempted_now:
-            stuck = False  # memory was freed: try again next step
-        elif waiting and not stuck:
-            admitted = False
-            while waiting and len(slots) + admitted < B:
-                r = waiting[0]
-                tokens = int(resume[r])
-                if memory.available_units() - int(memory.need_units(tokens)) < watermark:
-                    stuck = True
-                    break
-                slot = memory.admit(tokens)
-                if slot is None:
-                    raise SimulationStuck(f"{scheme}: step {step}: request {r} was available memory "
-                                          f"({tokens} tokens) but the memory model refused it")
-                waiting.popleft()
-                req[slot], length[slot], admitted_at[slot] = r, tokens, seq
-                seq += 1
-                live_tokens += tokens
-                admitted += 1
-            if admitted:
-                slots = (req >= 0).nonzero()[0]
-            if waiting and len(slots) >= B:
-                stuck = True  # no slot until something completes
-        n_run = len(slots)
-        alloc_now = memory.allocated_bytes()
-        retained_now = memory.retained_bytes()
-        used_now = live_tokens * bytes_per_token
-        out.series.add(alloc_now, retained_now, used_now, n_run)
-        if on_step is not None:
-            on_step(step, memory)
-        # 3. completions
-        done = slots[length[slots] >= total[req[slots]]] if n_run else slots
-        if len(done):
-            complete(done, step)
-            stuck = False
-            last_progress = step
-            slots = (req >= 0).nonzero()[0]
-        elif not n_run and not waiting:
-            last_progress = step
-        elif step - last_progress > policy.max_context + 1:
-            raise SimulationStuck(f"{scheme}: no request completed in the {step - last_progress} steps "
-                                  f"up to step {step} ({n_run} running, {len(waiting)} waiting)")
-        if progress is not None and finished - reported >= report_every:
-            progress(finished - reported)
-            reported = finished
-        step += 1
-        # 4. jump over steps in which nothing but growth can happen (no arrival that could be
-        # admitted, admission blocked, growth within the unspent budget or, with deferred
-        # reclaim, reclaims from finished slots), up to and including the next completion step
+    def _jump(self) -> None:
+        """Skip the steps in which nothing but growth can happen (no arrival that could be
+        admitted, admission blocked, growth within the unspent budget or, with deferred reclaim,
+        with reclaims), up to and including the next completion step; or idle to an arrival."""
+        slots, memory, out = self.slots, self.memory, self.out
+        next_arrival = int(self.arrive[self.order[self.next_arrival]]) if self.next_arrival < self.n else None
         if not len(slots):
-            if not waiting and next_arrival < n:  # idle until the next arrival
-                gap = int(arrive[order[next_arrival]]) - step
-                if gap > 0:
-                    idle = np.full(gap, memory.allocated_bytes(), dtype=np.int64)
-                    out.series.add_run(idle, np.full(gap, memory.retained_bytes(), dtype=np.int64),
-                                       np.zeros(gap, dtype=np.int64), 0)
-                    step += gap
-                    last_progress = step
-            continue
-        if waiting and not stuck:
-            continue
-        lens = length[slots]
-        left = total[req[slots]] - lens
-        horizon = int(left.min())
-        if not waiting and next_arrival < n:
-            horizon = min(horizon, int(arrive[order[next_arrival]]) - step)
+            if not self.waiting and next_arrival is not None and next_arrival > self.step:
+                gap = next_arrival - self.step
+                out.series.add_run(np.full(gap, memory.allocated_bytes(), dtype=np.int64),
+                                   np.full(gap, memory.retained_bytes(), dtype=np.int64),
+                                   np.zeros(gap, dtype=np.int64), 0)
+                self.step += gap
+                self.last_progress = self.step
+            return
+        if self.waiting and not self.stuck:
+            return
+        lens = self.length[slots]
+        left = self.total[self.req[slots]] - lens
+        horizon = first_done = int(left.min())
+        if not self.waiting and next_arrival is not None:
+            horizon = min(horizon, next_arrival - self.step)
         if horizon <= 0:
-            continue
+            return
         allocated, retained = memory.advance(slots, lens, horizon)
         jump = len(allocated)
-        if jump:
-            n_run = len(slots)
-            used = (live_tokens + np.arange(1, jump + 1, dtype=np.int64) * n_run) * bytes_per_token
-            out.series.add_run(allocated, retained, used, n_run)
-            length[slots] += jump
-            live_tokens += jump * n_run
-            step += jump
-            if jump == int(left.min()):  # the last step jumped over is a completion step
-                complete(slots[left == jump], step - 1)
-                stuck = False
-                last_progress = step - 1
-                slots = (req >= 0).nonzero()[0]
-    if progress is not None and finished > reported:
-        progress(finished - reported)
-    if hasattr(memory, "reclaimed_units"):
-        out.reclaimed_bytes = memory.reclaimed_units * memory.unit_bytes
-    return out
+        if not jump:
+            return
+        n_run = len(slots)
+        used = (self.live_tokens + np.arange(1, jump + 1, dtype=np.int64) * n_run) * self.bytes_per_token
+        out.series.add_run(allocated, retained, used, n_run)
+        self.length[slots] += jump
+        self.live_tokens += jump * n_run
+        self.step += jump
+        if jump == first_done:  # the last step jumped over is a completion step
+            self._complete(slots[left == jump], self.step - 1)
