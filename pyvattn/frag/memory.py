@@ -19,7 +19,8 @@ _RECLAIM_JUMP = 256  # steps past the unspent budget one advance looks at when i
 
 class _ReclaimRun:
     """What an advance reclaimed: cumulative units per region after each step (all donors, and
-    finished slots only), and each take from an active slot as (step, row in slots, units before)."""
+    finished slots only), and each take from an active slot as (step, row in slots, units before,
+    units after)."""
 
     def __init__(self, horizon: int):
         self.reclaimed = np.zeros(horizon, dtype=np.int64)
