@@ -326,11 +326,10 @@ class UnitMemory:
             donor = None
             if take:
                 if heap is None:
-                    heap = [(-int(self.units[s]), s) for s in (~self.active & (self.units > 0)).nonzero()[0].tolist()]
-                    heapq.heapify(heap)
+                    heap, beyond = self._donor_heap()
                 if heap:
-                    if take > -heap[0][0]:
-                        return added, taken  # several donors: grow() takes this step
+                    if take > -heap[0][0] or (beyond is not None and heap[0] > beyond):
+                        return added, taken  # several donors, or one outside the heap: grow() takes it
                 else:
                     excess = held - need
                     for row in crossing:
@@ -364,6 +363,18 @@ class UnitMemory:
             alloc.append((total0 - taken + added) * regions * unit_bytes)
             kept.append((finished + mine) * regions * unit_bytes)
         return added, taken
+
+    def _donor_heap(self, size: int = 16):
+        """The finished slots with the most units, as a heap of (-units, slot), the order in which
+        :meth:`_reclaim` takes them, and the best slot left out (same form; None if none): once
+        the heap's top ranks after it, the heap is no longer the true order. A jump takes a few
+        units at most, so the few largest donors are enough."""
+        units = np.where(self.active, 0, self.units)
+        order = np.argsort(-units, kind="stable")  # the most first; the lowest slot among equals
+        heap = [(-int(units[s]), int(s)) for s in order[:size] if units[s] > 0]
+        beyond = (-int(units[order[size]]), int(order[size])) if len(order) > size and units[order[size]] > 0 else None
+        heapq.heapify(heap)
+        return heap, beyond
 
     def _reclaim_run(self, need: np.ndarray, held: np.ndarray, added: np.ndarray, start: int,
                      run: "_ReclaimRun") -> int:

@@ -234,8 +234,9 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
     cmap = plt.get_cmap("tab10")
     groups: list[list[RunResult]] = []  # runs with identical outcomes draw one line, named by all
     for r in results:
-        same = next((g for g in groups if np.array_equal(g[0].completion_step, r.completion_step)
-                     and g[0].steps == r.steps), None)
+        curve = r.completions()
+        same = next((g for g in groups if g[0].steps == r.steps
+                     and all(np.array_equal(a, b) for a, b in zip(g[0].completions(), curve))), None)
         (same.append(r) if same else groups.append([r]))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
     for i, group in enumerate(groups):
@@ -251,9 +252,7 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
         if not r.served:
             label += " (served nothing)"
         ax.plot(x, running, style, color=colour, lw=1.2, label=label)
-        done = np.sort(r.completion_step[r.completion_step >= 0])
-        ax2.plot(np.append(done, r.steps), np.append(np.arange(1, len(done) + 1), len(done)),
-                 style, color=colour, lw=1.2)
+        ax2.plot(*r.completions(), style, color=colour, lw=1.2)
     for a in (ax, ax2):
         a.set_xlim(0, xmax)
         a.set_xlabel("decode step (thousands)")
@@ -274,7 +273,7 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
 
 
 def _simulate_in_worker(exp: Experiment, scheme: Scheme) -> RunResult:
-    return exp.simulate(scheme, progress=_worker_progress)
+    return exp.simulate(scheme, progress=_worker_progress).compact()
 
 
 _progress_queue = None
@@ -308,7 +307,7 @@ def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, prog
                unit="req", unit_scale=True, disable=not progress, smoothing=0.05)
     try:
         if jobs == 1:
-            done = {i: exp.simulate(schemes[i], progress=bar.update) for i in unique}
+            done = {i: exp.simulate(schemes[i], progress=bar.update).compact() for i in unique}
         else:
             # The slowest schemes (deferred reclaim reclaims on most steps; static runs the most
             # steps) go first, so no worker is left with a long one at the end.

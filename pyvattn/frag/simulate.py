@@ -176,13 +176,33 @@ class RunResult:
     reclaimed_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
+    _summary: dict | None = None  # set by compact(), which drops the per-request arrays
+    _curve: tuple | None = None  # ... keeping the completion curve
+
     @property
     def steps(self) -> int:
         return self.series.steps
 
     @property
     def served(self) -> int:
-        return int((self.completion_step >= 0).sum())
+        return self._summary["served"] if self._summary else int((self.completion_step >= 0).sum())
+
+    def completions(self, points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+        """(step, requests completed by then), at most ``points`` points: the completion curve."""
+        if self._summary:
+            return self._curve
+        done = np.sort(self.completion_step[self.completion_step >= 0])
+        pick = np.unique(np.linspace(0, len(done) - 1, min(points, len(done))).astype(np.int64))
+        return np.append(done[pick], self.steps), np.append(pick + 1, len(done))
+
+    def compact(self) -> "RunResult":
+        """This result without its per-request arrays (memory: a million requests' arrays over
+        a dozen schemes are hundreds of MiB): the summary and the completion curve stay."""
+        self._curve = self.completions()
+        self._summary = self.summary()
+        self.completion_step = self.completion_alloc = self.completion_needed = None
+        self.completion_used = self.preempted = None
+        return self
 
     @property
     def rejected_total(self) -> int:
@@ -194,6 +214,8 @@ class RunResult:
         their tokens inside the units their length needs; retained is what no running request
         needs (finished requests' pages under deferred reclaim, a reused slot's pages beyond its
         length), reclaimable at once. Per-request numbers are at completion, over served requests."""
+        if self._summary:
+            return self._summary
         s, done = self.series, self.completion_step >= 0
         alloc, need, used = (self.completion_alloc[done], self.completion_needed[done], self.completion_used[done])
         held = np.maximum(alloc, 1)
