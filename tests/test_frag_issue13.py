@@ -277,3 +277,17 @@ def test_progress_counts_requests(tmp_path):
     exp = Experiment(load_trace("azure-conv", 2000), get_model("llama-3-8b"), 1, 4 << 30, 256)
     exp.simulate(PAGED16, progress=seen.append)
     assert sum(seen) == 2000 and len(seen) > 10  # many small updates, not one per scheme
+
+
+def test_outputs_go_to_the_user_cache_directory_by_default(tmp_path):
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "pyvattn", "frag", "--trace", "azure-conv", "--requests", "50",
+                    "--no-plots", "--jobs", "1"], env=env, capture_output=True, check=True, cwd=tmp_path)
+    assert [p.name for p in (tmp_path / "pyvattn" / "frag").iterdir()] == ["azure-conv-llama-3-8b-tp1.json"]
+
+
+def test_no_plots_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert frag_main(["--trace", "azure-conv", "--requests", "50", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    assert "no plots: matplotlib is not installed" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["azure-conv-llama-3-8b-tp1.json"]
