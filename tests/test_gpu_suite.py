@@ -381,7 +381,9 @@ def test_growth_bench_gives_everything_back_when_a_map_fails(stub, fail_after):
 def test_ctrl_c_during_a_part_takes_its_processes_down(tmp_path, monkeypatch):
     suite = script("gpu_suite")
     marker = tmp_path / "pid"
-    cmd = [sys.executable, "-c", f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"]
+    # written to a temporary name and renamed, so the marker never exists empty
+    cmd = [sys.executable, "-c", f"import os, time\nopen({str(marker)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+           f"os.rename({str(marker)!r} + '.tmp', {str(marker)!r})\ntime.sleep(60)"]
     real_wait = subprocess.Popen.wait
 
     def interrupted_wait(self, timeout=None):

@@ -8,7 +8,8 @@ The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4
   descriptor ``UVM_KVC_QUERY`` and keeping the va_space fd that has the GPU's VA space (never the
   secondary "mm" fd). The fd is CUDA's: the backend never closes it.
 * A reservation is ``mmap(PROT_NONE, MAP_NORESERVE)`` trimmed to 2 MiB alignment (what
-  ``UvmReserveVa`` does), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
+  ``UvmReserveVa`` does) and rounded up to whole 2 MiB (the module keeps the page tables of its
+  ranges in 2 MiB blocks), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
   Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (memo 4.9: the other
   order lets CUDA reuse the VA while UVM still holds the range).
 * A physical page is one ``UVM_KVC_ALLOC`` handle of ``page_size`` (64, 128 or 256 KiB; the
@@ -21,6 +22,10 @@ The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4
   scattered, whichever takes fewer ioctls (batches of at most ``maxBatch`` pages). Maps are
   synchronous: the PTEs are live when the ioctl returns.
 * ``unmap`` synchronizes the device, then ``UVM_KVC_UNMAP`` per contiguous run.
+* Fork: CUDA's fd is inherited by a child, but the module serves only the process that owns
+  it. A backend never issues an ioctl from another process: in a forked child ``close()`` only
+  forgets its books (the parent's pages and ranges stay the parent's), and every other method
+  raises. ``EAGAIN`` (the driver's answer while the system suspends) is retried by the ABI layer.
 
 The VAs are unknown to CUDA: tensors over them are built through DLPack (no pointer query),
 ``cudaMemcpy(..., cudaMemcpyDefault)`` on them would treat them as host pointers, and a GPU access
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections import Counter
 from typing import Sequence
 
@@ -47,6 +53,18 @@ PAGE_SIZES = (64 * KiB, 128 * KiB, 256 * KiB)
 _RESERVE_ALIGN = 2 * MiB
 _OOM = ("NV_ERR_NO_MEMORY", "NV_ERR_INSUFFICIENT_RESOURCES")
 UVM_DEVICE = "/dev/nvidia-uvm"
+
+
+#: Live backends, so that a fork can mark the child's copies as not its own.
+_LIVE: "weakref.WeakSet[UvmBackend]" = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for backend in list(_LIVE):
+        backend._forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
 
 
 def _abi():
@@ -149,6 +167,8 @@ class UvmBackend(Backend):
         self._primary = cuda.PrimaryContext(ordinal)
         self._dev = self._primary.dev
         self._closed = False
+        self._pid = os.getpid()  # the process whose pages these are (see _check_open)
+        self._forked = False
         try:
             self._uuid = gpu_uuid(ordinal)
             self.fd, info = self._find_fd()
@@ -168,14 +188,18 @@ class UvmBackend(Backend):
         self._k = self.page_size // self._unit  # handles per page
         self._facts["supported_page_sizes"] = [s for s in PAGE_SIZES if supported & s]
         self._facts["handles_per_page"] = self._k
-        self._facts["module_quota_bytes"] = int(info.quotaBytes)  # 0: no per-fd cap
+        self._facts["process_limit_bytes"] = int(info.processLimitBytes)  # 0: no per-process cap
+        self._facts["gpu_limit_bytes"] = int(info.gpuLimitBytes)
+        self._facts["max_mappings_per_page"] = int(info.maxMappingsPerPage)
         self._parts: dict[int, list[int]] = {}  # page handle (its first module handle) -> module handles
-        self._reservations: dict[int, int] = {}  # base -> nbytes (one UVM range each)
+        self._reservations: dict[int, int] = {}  # base -> nbytes asked for
+        self._spans: dict[int, int] = {}  # base -> length of its UVM range (whole 2 MiB)
         self._mapped: dict[int, int] = {}  # page va -> page handle
         self._mapped_handles: set[int] = set()
         self._scatter = "UVM_KVC_MAP_SCATTER" in self._uvm.IOCTLS
         #: ioctls made, by name (for tests and benchmarks).
         self.calls: Counter[str] = Counter()
+        _LIVE.add(self)
 
     # --- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -219,10 +243,11 @@ class UvmBackend(Backend):
                                     f"SR-IOV heavy vGPU)")
         if answered:  # prefer naming the fd the backend will use
             fd, info = next(((fd, i) for fd, i in answered if i.fdType == uvm.UVM_KVC_FD_VA_SPACE), answered[0])
-            quota = int(info.quotaBytes)
+            quota = int(info.processLimitBytes)
             return Probe(True, f"patched nvidia-uvm (KVC ABI {uvm.UVM_KVC_ABI_VERSION}) answers on fd "
                                f"{fd}: 64 KiB pages, {int(info.maxBatch)} per ioctl, per-process cap "
-                               + (f"{quota >> 20} MiB" if quota else "none"))
+                               + (f"{quota >> 20} MiB" if quota else "none")
+                               + f", all processes {int(info.gpuLimitBytes) >> 20} MiB")
         return Probe(False, "; ".join(dict.fromkeys(reasons)))
 
     @classmethod
@@ -241,10 +266,10 @@ class UvmBackend(Backend):
         return {**super().describe(), **self._facts}
 
     def bytes_held(self) -> int:
-        """GPU memory the module says this process holds for its pages on this GPU (whole 2 MiB
-        roots, so at least what the pages need), from ``UVM_KVC_QUERY``."""
+        """GPU memory the module says this backend's fd holds for its pages on this GPU (whole
+        2 MiB roots, so at least what the pages need), from ``UVM_KVC_QUERY``."""
         self._check_open()
-        return int(query(self.fd, self._uuid).bytesHeld)
+        return int(query(self.fd, self._uuid).fdBytes)
 
     def _find_fd(self):
         """CUDA's va_space fd that has this GPU's VA space, and its QUERY answer."""
@@ -257,6 +282,8 @@ class UvmBackend(Backend):
                 continue
             if info.fdType != uvm.UVM_KVC_FD_VA_SPACE:
                 seen.append(f"fd {fd}: not a va_space fd (type {int(info.fdType)})")
+            elif not info.callerState & uvm.UVM_KVC_CALLER_OWNS_VA_SPACE:
+                seen.append(f"fd {fd}: belongs to another process (inherited across fork)")
             elif not info.gpuState & uvm.UVM_KVC_GPU_HAS_VA_SPACE:
                 seen.append(f"fd {fd}: {self.device} has no GPU VA space there")
             elif not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
@@ -276,6 +303,13 @@ class UvmBackend(Backend):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this uvm64k backend is closed")
+        if self._in_child():
+            raise RuntimeError(f"this uvm64k backend belongs to process {self._pid}; a forked child "
+                               f"cannot use it (open a new one in the child)")
+
+    def _in_child(self) -> bool:
+        """True in a process forked from the one that made this backend."""
+        return self._forked or os.getpid() != self._pid
 
     def _u64_array(self, values):
         arr = self._uvm.ffi.new("NvU64[]", len(values))
@@ -290,20 +324,22 @@ class UvmBackend(Backend):
         if nbytes <= 0 or nbytes % self.page_size:
             raise ValueError(f"nbytes={nbytes} is not a positive multiple of page_size={self.page_size}")
         self._check_open()
-        span = nbytes + _RESERVE_ALIGN
+        length = -(-nbytes // _RESERVE_ALIGN) * _RESERVE_ALIGN  # the module's ranges: whole 2 MiB
+        span = length + _RESERVE_ALIGN
         raw = libc.mmap(0, span, libc.PROT_NONE,
                         libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
         base = -(-raw // _RESERVE_ALIGN) * _RESERVE_ALIGN
         if base > raw:
             libc.munmap(raw, base - raw)
-        if raw + span > base + nbytes:
-            libc.munmap(base + nbytes, raw + span - base - nbytes)
+        if raw + span > base + length:
+            libc.munmap(base + length, raw + span - base - length)
         try:
-            self._ioctl("UVM_KVC_CREATE_RANGE", base=base, length=nbytes)
+            self._ioctl("UVM_KVC_CREATE_RANGE", base=base, length=length)
         except BaseException:
-            libc.munmap(base, nbytes)
+            libc.munmap(base, length)
             raise
         self._reservations[base] = nbytes
+        self._spans[base] = length
         return base
 
     def unreserve(self, base: int, nbytes: int) -> None:
@@ -311,9 +347,10 @@ class UvmBackend(Backend):
             raise ValueError(f"base={base:#x} nbytes={nbytes} is not a live reservation")
         if any(base <= va < base + nbytes for va in self._mapped):
             raise ValueError(f"reservation {base:#x} still has mapped pages; unmap them first")
-        self._ioctl("UVM_FREE", base=base, length=nbytes)  # UVM lets go of the VA first
-        del self._reservations[base]
-        libc.munmap(base, nbytes)
+        length = self._spans[base]
+        self._ioctl("UVM_FREE", base=base, length=length)  # UVM lets go of the VA first
+        del self._reservations[base], self._spans[base]
+        libc.munmap(base, length)
 
     # --- physical pages ----------------------------------------------------------------------
     def create_pages(self, count: int) -> list[int]:
@@ -424,7 +461,7 @@ class UvmBackend(Backend):
         self._mapped_handles.update(phandles)
 
     def _map_flags(self) -> int:
-        return getattr(self._uvm, "UVM_KVC_MAP_FLAGS_NO_REPLACE", 0)  # never replace by mistake
+        return self._uvm.UVM_KVC_MAP_FLAGS_NO_REPLACE  # never replace by mistake
 
     def _map_runs(self, starts, lengths, ghandles, done) -> None:
         unit = self._unit
@@ -528,8 +565,12 @@ class UvmBackend(Backend):
     def close(self) -> None:
         """Free every range (which drops its maps), every page and every reservation; release the
         primary-context reference. Idempotent; the first error is raised after every step was
-        tried. CUDA's fd stays open: it is CUDA's."""
+        tried. CUDA's fd stays open: it is CUDA's. In a forked child nothing is freed (it is all
+        the parent's): the backend only forgets it, with no ioctl and no CUDA call."""
         if self._closed:
+            return
+        if self._in_child():
+            self._forget()  # the pages, ranges and context are the parent's
             return
         errors: list[Exception] = []
 
@@ -541,15 +582,17 @@ class UvmBackend(Backend):
 
         if self._mapped:
             attempt(self.synchronize)
-        for base, nbytes in list(self._reservations.items()):
-            attempt(self._ioctl, "UVM_FREE", base=base, length=nbytes)
-            attempt(libc.munmap, base, nbytes)
+        for base, length in list(self._spans.items()):
+            attempt(self._ioctl, "UVM_FREE", base=base, length=length)
+            attempt(libc.munmap, base, length)
         attempt(self._free_handles, [g for group in self._parts.values() for g in group])
-        self._reservations.clear()
-        self._parts.clear()
-        self._mapped.clear()
-        self._mapped_handles.clear()
-        self._closed = True
+        self._forget()
         self._primary.release()
         if errors:
             raise errors[0]
+
+    def _forget(self) -> None:
+        """Drop every book and mark the backend closed (what close() leaves behind)."""
+        for books in (self._reservations, self._spans, self._parts, self._mapped, self._mapped_handles):
+            books.clear()
+        self._closed = True
