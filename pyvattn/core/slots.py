@@ -1,0 +1,111 @@
+"""SlotTable: which request slots are in use, how far each was stepped, and what a step asks."""
+
+from __future__ import annotations
+
+import struct
+from typing import Mapping
+
+import numpy as np
+import torch
+
+
+class SlotTable:
+    """The only record of which slots are in use (``active``) and of each one's stepped length
+    (``lengths``: the largest length given to ``step`` since the slot was claimed; 0 when free).
+    Lengths never shrink: the pages under tokens already written must stay.
+
+    ``parse`` is the one validator of ``step()`` input, for every form it takes.
+    """
+
+    def __init__(self, size: int, max_len: int):
+        self.size, self.max_len = size, max_len
+        self.active = np.zeros(size, dtype=bool)
+        self.lengths = np.zeros(size, dtype=np.int64)
+        self._every = np.arange(size, dtype=np.int64)
+        self._packers: dict[int, struct.Struct] = {}
+
+    def claim(self, slot: int) -> None:
+        self.active[slot] = True
+        self.lengths[slot] = 0
+
+    def release(self, slot: int) -> None:
+        self.active[slot] = False
+        self.lengths[slot] = 0
+
+    def record(self, slots: np.ndarray, lens: np.ndarray) -> None:
+        self.lengths[slots] = np.maximum(self.lengths[slots], lens)
+
+    def check_slot(self, slot, name: str = "slot") -> int:
+        if isinstance(slot, (bool, np.bool_)) or not isinstance(slot, (int, np.integer)) \
+                or not 0 <= slot < self.size:
+            raise ValueError(f"{name}={slot!r} is not a slot id in [0, {self.size})")
+        return int(slot)
+
+    def parse(self, seq_lens) -> tuple[np.ndarray, np.ndarray]:
+        """``seq_lens`` ({slot: length}, or a sequence/array/tensor indexed by slot, 0 for free
+        slots) as (slots, lengths) int64 arrays, checked: slot ids of allocated slots, integer
+        lengths in ``[0, max_len]``; ``ValueError`` naming ``seq_lens`` otherwise."""
+        if type(seq_lens) is dict:
+            return self._parse_mapping(seq_lens)
+        if isinstance(seq_lens, Mapping):
+            return self._parse_mapping(dict(seq_lens))
+        if isinstance(seq_lens, torch.Tensor):
+            seq_lens = seq_lens.numpy() if seq_lens.device.type == "cpu" else seq_lens.detach().cpu().numpy()
+        return self._parse_vector(np.asarray(seq_lens))
+
+    def _parse_mapping(self, lens_by_slot: dict) -> tuple[np.ndarray, np.ndarray]:
+        n = len(lens_by_slot)
+        if n == 0:
+            return self._every[:0], self._every[:0]
+        packer = self._packers.get(n)
+        if packer is None:
+            packer = self._packers[n] = struct.Struct(f"{2 * n}q")
+        try:
+            # one C pass over the keys and values that also refuses anything but integers
+            # (struct rejects floats, strings, None; numpy integers pass through __index__)
+            both = np.frombuffer(packer.pack(*lens_by_slot, *lens_by_slot.values()), dtype=np.int64)
+        except struct.error:
+            raise ValueError("seq_lens: slot ids and lengths must be integers") from None
+        slots, lens = both[:n], both[n:]
+        self._check_slots(slots)
+        self._check_lengths(lens)
+        # a bool packs as 0 or 1; only then is it worth looking at the objects themselves
+        if (slots.min() <= 1 and _has_bool_key(lens_by_slot)) or \
+                (lens.min() <= 1 and any(isinstance(v, (bool, np.bool_)) for v in lens_by_slot.values())):
+            raise ValueError("seq_lens: slot ids and lengths must be integers, not bools")
+        return slots, lens
+
+    def _parse_vector(self, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if lens.shape != (self.size,) or lens.dtype.kind not in "iu":
+            raise ValueError(f"seq_lens must be a mapping slot -> length or an integer sequence of length "
+                             f"max_batch_size={self.size}, got shape {lens.shape} dtype {lens.dtype}")
+        lens = lens.astype(np.int64, copy=False)
+        stray = np.flatnonzero((lens != 0) & ~self.active)
+        if len(stray):
+            raise ValueError(f"seq_lens: slots {stray[:4].tolist()} are not allocated (alloc_slot first)")
+        self._check_lengths(lens)
+        return self._every, lens
+
+    # viewed unsigned, a negative number is huge: one comparison checks both bounds
+    def _check_slots(self, slots: np.ndarray) -> None:
+        if (slots.view(np.uint64) >= self.size).any():
+            raise ValueError(f"seq_lens: slot ids must lie in [0, {self.size})")
+        if not self.active[slots].all():
+            bad = slots[~self.active[slots]][:4].tolist()
+            raise ValueError(f"seq_lens: slots {bad} are not allocated (alloc_slot first)")
+
+    def _check_lengths(self, lens: np.ndarray) -> None:
+        if (lens.view(np.uint64) > self.max_len).any():
+            raise ValueError(f"seq_lens: lengths must lie in [0, max_seq_len={self.max_len}]")
+
+
+def _has_bool_key(lens_by_slot: dict) -> bool:
+    """Whether slot 0 or 1 is given as False/True (a bool key equals 0 or 1; keys are distinct, so
+    ``index`` finds the one object that could be a bool)."""
+    keys = None
+    for small in (0, 1):
+        if small in lens_by_slot:
+            keys = list(lens_by_slot) if keys is None else keys
+            if isinstance(keys[keys.index(small)], (bool, np.bool_)):
+                return True
+    return False
