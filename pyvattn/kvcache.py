@@ -47,7 +47,7 @@ class KVCache:
       changed nothing another request can observe, and the same holds when any call under it
       raises, ``KeyboardInterrupt`` included;
     * ``step_async`` runs the same mapping on a background thread; the next call into the cache
-      waits for it and raises its error, if any;
+      waits for it, and the next call from the thread that asked raises its error, if any;
     * any thread may call any method: a lock serializes them (about 0.1 µs per call);
     * ``close()`` (or leaving a ``with`` block) unmaps and releases every page and the reservation.
       Tensors kept from ``k``/``v`` keep the range reserved and inaccessible until they die: using
@@ -267,10 +267,12 @@ class KVCache:
 
     # --- helpers ------------------------------------------------------------------------------
     def _ready(self) -> None:
-        """Raise if closed; wait for ``step_async``'s mapping and raise its error."""
+        """Raise if closed; wait for ``step_async``'s mapping and raise its error (to the thread
+        that asked for it)."""
         if self._closed:
             raise RuntimeError("this KVCache is closed")
-        self._mapper.wait()
+        if not self._mapper.idle:
+            self._mapper.wait()
 
     def _grow_and_record(self, slots: np.ndarray, lens: np.ndarray) -> None:
         self._grow(slots, lens)

@@ -253,6 +253,13 @@ class Backend(abc.ABC):
         _, table, idx = self._locate(vas)
         return table[idx]
 
+    def books(self) -> dict:
+        """A copy of the books, for checks and debugging: ``mapped`` {va: handle}, ``live``
+        (handles created and not released) and ``orphans`` (live handles a failed rollback left
+        behind, released at close)."""
+        mapped = {va: h for h, va in self._where.items()}
+        return {"mapped": mapped, "live": set(self._live), "orphans": set(self._orphans)}
+
     def is_live(self, handles) -> np.ndarray:
         """For each handle: created by this backend and not released."""
         live = self._live

@@ -67,11 +67,18 @@ class SlotTable:
         except struct.error:
             raise ValueError("seq_lens: slot ids and lengths must be integers") from None
         slots, lens = both[:n], both[n:]
-        self._check_slots(slots)
-        self._check_lengths(lens)
-        # a bool packs as 0 or 1; only then is it worth looking at the objects themselves
-        if (slots.min() <= 1 and _has_bool_key(lens_by_slot)) or \
-                (lens.min() <= 1 and any(isinstance(v, (bool, np.bool_)) for v in lens_by_slot.values())):
+        lowest_slot, shortest = slots.min(), lens.min()
+        if lowest_slot < 0 or shortest < 0 or lens.max() > self.max_len:
+            self._check_slots(slots)  # raises, naming what is wrong
+            self._check_lengths(lens)
+        try:
+            if not self.active[slots].all():
+                self._check_slots(slots)
+        except IndexError:
+            self._check_slots(slots)
+        # a bool packs as 0 or 1: only then is it worth looking at the objects themselves
+        if (lowest_slot <= 1 and _has_bool_key(lens_by_slot)) or \
+                (shortest <= 1 and bool in set(map(type, lens_by_slot.values()))):
             raise ValueError("seq_lens: slot ids and lengths must be integers, not bools")
         return slots, lens
 
@@ -100,12 +107,27 @@ class SlotTable:
 
 
 def _has_bool_key(lens_by_slot: dict) -> bool:
-    """Whether slot 0 or 1 is given as False/True (a bool key equals 0 or 1; keys are distinct, so
-    ``index`` finds the one object that could be a bool)."""
-    keys = None
+    """Whether slot 0 or 1 is given as False/True (bools pack as 0/1; numpy bools do not pack)."""
     for small in (0, 1):
-        if small in lens_by_slot:
-            keys = list(lens_by_slot) if keys is None else keys
-            if isinstance(keys[keys.index(small)], (bool, np.bool_)):
-                return True
+        probe = _StoredKey(small)
+        if probe in lens_by_slot and type(probe.stored) is bool:
+            return True
     return False
+
+
+class _StoredKey:
+    """Finds the object a dict holds as the key equal to ``value`` in O(1), with no copy of the
+    keys: looking this probe up (same hash) makes the dict compare its stored key with it, and
+    ``__eq__`` keeps that object."""
+
+    __slots__ = ("value", "stored")
+
+    def __init__(self, value: int):
+        self.value, self.stored = value, None
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __eq__(self, other) -> bool:
+        self.stored = other
+        return other == self.value
