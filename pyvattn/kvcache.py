@@ -280,6 +280,7 @@ class KVCache:
 
     def _grow(self, slots: np.ndarray, lens: np.ndarray) -> None:
         """Map what ``lens`` needs beyond what each slot holds; all or nothing."""
+        self._stats.unmapped(self._slabs.settle())
         need = self._slabs.pages_for(lens)
         keep = np.where(self._slots.active, self._slabs.pages_for(self._slots.lengths), 0)
         keep[slots] = np.maximum(keep[slots], need)

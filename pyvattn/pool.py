@@ -123,6 +123,10 @@ class PagePool:
     def _stock(self, count: int, wanted: np.ndarray | None, make_room: bool) -> None:
         """Create what a request of ``count`` (``wanted`` handles, if placed) lacks, within the
         budget; with ``make_room``, release free pages that are not wanted to stay within it."""
+        orphans = self.backend.adopt_orphans()  # pages a failed rollback left: they exist, use them
+        if orphans:
+            self._free.update(dict.fromkeys(orphans))
+            self.total_pages += len(orphans)
         if wanted is None:
             short = count - len(self._free)
             if short > 0 and self.headroom > 0:

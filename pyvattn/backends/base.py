@@ -260,6 +260,12 @@ class Backend(abc.ABC):
         mapped = {va: h for h, va in self._where.items()}
         return {"mapped": mapped, "live": set(self._live), "orphans": set(self._orphans)}
 
+    def adopt_orphans(self) -> list[int]:
+        """Hand over the pages a failed rollback left created (live, and nobody's): the caller owns
+        them from now on (the pool takes them in the next time it needs pages)."""
+        orphans, self._orphans = list(self._orphans), set()
+        return orphans
+
     def is_live(self, handles) -> np.ndarray:
         """For each handle: created by this backend and not released."""
         live = self._live

@@ -19,9 +19,9 @@ class Slabs:
     pages in every region:
 
     * ``held[s]``: pages ``[0, held[s])`` are mapped in every region;
-    * ``extent[s]``: nothing at or beyond it is mapped. It equals ``held[s]`` unless a failed
-      rollback left pages mapped beyond ``held`` (the backend's books say which): the slot's next
-      ``grow`` adopts those in its way and its next ``shrink`` unmaps them;
+    * ``extent[s]``: nothing at or beyond it is mapped. It equals ``held[s]`` unless a call failed
+      half-way and left pages mapped beyond ``held`` (the backend's books say which); ``settle``
+      unmaps those, and the cache does so before it plans anything;
     * ``capacity[s]``: ``held[s]`` in tokens, kept with it for the step hot path.
 
     ``grow``/``shrink`` set ``extent`` before the backend call and ``held`` after it, and read the
@@ -56,11 +56,10 @@ class Slabs:
         return self.buffer.vas((self._region_first[:, None] + within[None, :]).ravel())
 
     def grow(self, slots: np.ndarray, need: np.ndarray, supply: Callable[[int, np.ndarray], list]) -> int:
-        """Map pages up to ``need[i]`` under ``slots[i]`` in every region, with handles from
-        ``supply(count, vas)``; return how many pages were mapped. All or nothing."""
+        """Map pages up to ``need[i]`` under ``slots[i]`` in every region (call ``settle`` first),
+        with handles from ``supply(count, vas)``; return how many pages were mapped. All or
+        nothing."""
         vas = self.vas(slots, self.held[slots], need)
-        if (self.extent[slots] > self.held[slots]).any():  # adopt pages a failed rollback left
-            vas = vas[self.backend.handles_at(vas) == UNMAPPED]
         handles = supply(len(vas), vas)
         self.extent[slots] = np.maximum(self.extent[slots], need)
         try:
@@ -94,6 +93,11 @@ class Slabs:
         self.pool.give(handles.tolist())
         self.extent[slots] = keep
         return len(vas)
+
+    def settle(self) -> int:
+        """Unmap what a failed call left beyond ``held``; return how many pages that was."""
+        strays = np.flatnonzero(self.extent > self.held)
+        return self.shrink(strays, self.held[strays]) if len(strays) else 0
 
     def mapped(self, slots: np.ndarray) -> np.ndarray:
         """Pages (all regions) each slot really has mapped: ``held`` in every region, plus any

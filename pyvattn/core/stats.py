@@ -26,6 +26,10 @@ class CacheStats:
         self.unmapped_pages_total += pages
         self.reclaimed_pages_total += pages
 
+    def unmapped(self, pages: int) -> None:
+        """Pages unmapped to finish what a failed call left (not a reclaim)."""
+        self.unmapped_pages_total += pages
+
     def report(self, cache) -> dict:
         """Memory and activity of ``cache``. Bytes count K and V of all layers; mapped memory splits
         exactly into ``used_bytes`` (tokens stepped), ``fragmentation_bytes`` (mapped under running
