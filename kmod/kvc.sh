@@ -3,20 +3,47 @@
 # Called by kmod/Makefile (make driver | driver-check | install-driver | uninstall-driver);
 # every knob is an environment variable set there. Never loads or unloads a module except in
 # `install` (root, explicit), and then only nvidia-uvm, only when nothing uses it.
-set -euo pipefail
-
+# What a build or check needs and this machine lacks (NVIDIA's source as Debian packages it,
+# Debian kernel headers, sparse, patch, xz) is fetched into .cache/kvc by kmod/fetch.sh: nothing
+# is installed on the system and /etc/apt is never written, as root or as any user.
 KMOD_DIR=$(cd "$(dirname "$0")" && pwd)
+. "$KMOD_DIR/lib.sh"
+
 ROOT=$(cd "$KMOD_DIR/.." && pwd)
 PATCH_DIR=$ROOT/driver-patch
 CACHE=${KVC_CACHE:-$ROOT/.cache/kvc}
+export KVC_CACHE=$CACHE
 BUILD=${KVC_BUILD:-$ROOT/build/kmod}
 JOBS=${JOBS:-$(nproc)}
 # The suite that carries each supported version as Debian's nvidia-open-kernel-source (contrib).
 declare -A DEBIAN_SUITE=([535.261.03]=bookworm [550.163.01]=trixie)
 DEFAULT_VERSION=535.261.03
 
-say() { echo "kvc: $*" >&2; }
-die() { echo "kvc: error: $*" >&2; exit 1; }
+# --- tools -------------------------------------------------------------------------------------
+
+fetch() { "$KMOD_DIR/fetch.sh" "$@"; }
+
+# use_prefix PREFIX: run programs (and find their libraries) from a set kmod/fetch.sh unpacked.
+use_prefix() {
+    local p=$1 multiarch dir
+    multiarch=$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)
+    PATH=$p/usr/bin:$p/bin:$PATH
+    for dir in "$p/usr/lib/$multiarch" "$p/lib/$multiarch"; do
+        [ ! -d "$dir" ] || LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    done
+    export PATH LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+}
+
+# need_tool COMMAND PACKAGE: COMMAND on PATH; if this machine lacks it, PACKAGE alone is fetched
+# (the tools asked for need nothing beyond libc) and must then run.
+need_tool() {
+    local cmd=$1 pkg=$2 prefix
+    command -v "$cmd" >/dev/null && return 0
+    prefix=$(fetch --name "tool-$pkg" --no-deps "$pkg")
+    use_prefix "$prefix"
+    "$cmd" --version >/dev/null 2>&1 ||
+        die "$cmd (Debian's $pkg, fetched into $prefix) does not run on this machine; install $pkg"
+}
 
 # --- sources ---------------------------------------------------------------------------------
 
@@ -28,52 +55,25 @@ kvc: To build for driver $1 from NVIDIA's published source, fetch it yourself an
 EOF
 }
 
-# Enable contrib through its own sources file (nothing else changes in apt's configuration).
-apt_contrib() {
-    local f=/etc/apt/sources.list.d/pyvattn-contrib.sources
-    if [ ! -f "$f" ]; then
-        [ "$(id -u)" = 0 ] || die "need root to add $f (Debian contrib) for apt-get download"
-        cat > "$f" <<'EOF'
-# Added by pyvattn kmod/driver-check: contrib only (NVIDIA open kernel module sources).
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates trixie
-Components: contrib
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-        APT_UPDATED=
-    fi
-    if [ -z "${APT_UPDATED:-}" ] && ! apt-cache show nvidia-open-kernel-source >/dev/null 2>&1; then
-        apt-get update -qq >&2 || die "apt-get update failed"
-    fi
-    APT_UPDATED=1
-}
-
-# debian_source VERSION -> prints the tree that contains nvidia-uvm/ (cached under $CACHE).
+# debian_source VERSION -> prints the tree that contains nvidia-uvm/, unpacked under $CACHE/src
+# from Debian's nvidia-open-kernel-source of that version.
 debian_source() {
-    local ver=$1 deb tree
+    local ver=$1 tree prefix
     tree=$CACHE/src/$ver/modules/nvidia-open-kernel
-    if [ -f "$tree/nvidia-uvm/uvm.c" ]; then
-        echo "$tree"; return 0
+    mkdir -p "$CACHE/src"
+    exec 8>"$CACHE/src/$ver.lock"
+    flock 8 || die "cannot lock $CACHE/src/$ver.lock"
+    if [ ! -f "$tree/nvidia-uvm/uvm.c" ]; then
+        prefix=$(fetch --name "nvidia-$ver" --suite "${DEBIAN_SUITE[$ver]}" --component contrib --no-deps \
+            "nvidia-open-kernel-source=$ver")
+        need_tool xz xz-utils
+        rm -rf "$CACHE/src/$ver" "$CACHE/src/$ver.part"
+        mkdir -p "$CACHE/src/$ver.part"
+        tar -xJf "$prefix/usr/src/nvidia-open-kernel.tar.xz" -C "$CACHE/src/$ver.part"
+        mv "$CACHE/src/$ver.part" "$CACHE/src/$ver"
+        [ -f "$tree/nvidia-uvm/uvm.c" ] || die "Debian's nvidia-open-kernel-source $ver has no nvidia-uvm/uvm.c ($prefix)"
     fi
-    deb=$(ls "$CACHE"/debs/nvidia-open-kernel-source_"$ver"-*_amd64.deb 2>/dev/null | head -n 1 || true)
-    if [ -z "$deb" ]; then
-        command -v apt-get >/dev/null || return 1
-        apt_contrib
-        local pkgver
-        pkgver=$(apt-cache madison nvidia-open-kernel-source 2>/dev/null | awk -v v="$ver" '$3 ~ "^"v"-" {print $3; exit}')
-        [ -n "$pkgver" ] || return 1
-        mkdir -p "$CACHE/debs"
-        # apt-get download: just the .deb, no dependency from another suite is installed.
-        (cd "$CACHE/debs" && apt-get download -q "nvidia-open-kernel-source=$pkgver" >&2) || return 1
-        deb=$(ls "$CACHE"/debs/nvidia-open-kernel-source_"$ver"-*_amd64.deb | head -n 1)
-    fi
-    rm -rf "$CACHE/x/$ver" "$CACHE/src/$ver"
-    mkdir -p "$CACHE/x/$ver" "$CACHE/src/$ver"
-    dpkg -x "$deb" "$CACHE/x/$ver"
-    tar -xf "$CACHE/x/$ver/usr/src/nvidia-open-kernel.tar.xz" -C "$CACHE/src/$ver"
-    rm -rf "$CACHE/x/$ver"
-    [ -f "$tree/nvidia-uvm/uvm.c" ] || return 1
+    exec 8>&-
     echo "$tree"
 }
 
@@ -87,51 +87,94 @@ source_tree() {
         done
         die "NVIDIA_SRC=$NVIDIA_SRC has no nvidia-uvm/uvm.c (nor kernel-open/nvidia-uvm/uvm.c)"
     fi
-    if [ -n "${DEBIAN_SUITE[$ver]:-}" ] && debian_source "$ver"; then
-        return 0
+    if [ -z "${DEBIAN_SUITE[$ver]:-}" ]; then
+        clone_hint "$ver"
+        die "no source for driver $ver: NVIDIA_SRC is not set, and Debian's archive has only ${!DEBIAN_SUITE[*]}"
     fi
-    say "no source for driver $ver: not in NVIDIA_SRC, and Debian has no nvidia-open-kernel-source $ver"
-    clone_hint "$ver"
-    exit 1
+    debian_source "$ver"
 }
 
 # --- kernel headers ----------------------------------------------------------------------------
 
-# kernel_dirs RELEASE -> sets KOUT (build/output dir) and KSRC (source dir; differs on Debian).
+# kernel_dirs RELEASE [ROOT] -> sets KOUT (build/output dir) and KSRC (source dir; differs on
+# Debian): KERNEL_SRC, else the headers of RELEASE under ROOT (default: this system; or a prefix
+# kmod/fetch.sh unpacked).
 kernel_dirs() {
-    local rel=$1
+    local rel=$1 root=${2:-} inc
     KOUT=${KERNEL_SRC:-}
     if [ -z "$KOUT" ]; then
-        if [ -d "/lib/modules/$rel/build" ]; then KOUT=/lib/modules/$rel/build
-        elif [ -d "/usr/src/linux-headers-$rel" ]; then KOUT=/usr/src/linux-headers-$rel
+        if [ -d "$root/lib/modules/$rel/build" ]; then KOUT=$root/lib/modules/$rel/build
+        elif [ -d "$root/usr/src/linux-headers-$rel" ]; then KOUT=$root/usr/src/linux-headers-$rel
         else return 1
         fi
     fi
     KOUT=$(readlink -f "$KOUT")
     KSRC=$KOUT
-    if [ -d "/lib/modules/$rel/source" ]; then
-        KSRC=$(readlink -f "/lib/modules/$rel/source")
-    elif [ -f "$KOUT/Makefile" ] && grep -q '^include .*/Makefile$' "$KOUT/Makefile"; then
-        KSRC=$(dirname "$(sed -n 's/^include \(.*\)$/\1/p' "$KOUT/Makefile" | head -n 1)")
+    if [ -z "${KERNEL_SRC:-}" ] && [ -d "$root/lib/modules/$rel/source" ]; then
+        KSRC=$(readlink -f "$root/lib/modules/$rel/source")
+    elif [ -f "$KOUT/Makefile" ]; then
+        inc=$(sed -n 's/^include \(.*\)\/Makefile$/\1/p' "$KOUT/Makefile" | sed -n 1p)
+        [ -z "$inc" ] || KSRC=$(cd "$KOUT" && readlink -f "$inc")
     fi
     [ -f "$KOUT/.config" ] || [ -f "$KOUT/include/config/auto.conf" ] || return 1
 }
 
-# Installed Debian headers, newest first (for machines without headers of the running kernel).
-any_kernel_release() {
-    ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sed 's#.*/linux-headers-##' | sort -rV | head -n 1
+# The newest installed Debian headers (for machines without headers of the running kernel).
+installed_debian_release() {
+    local d rels=()
+    for d in /usr/src/linux-headers-*-amd64; do
+        [ ! -f "$d/.config" ] || rels+=("${d#/usr/src/linux-headers-}")
+    done
+    [ ${#rels[@]} = 0 ] || printf '%s\n' "${rels[@]}" | sort -rV | sed -n 1p
+}
+
+# fetched_headers: Debian's current kernel headers for this machine's release, fetched into the
+# cache; sets REL, KOUT and KSRC.
+fetched_headers() {
+    local prefix dirs
+    prefix=$(fetch --name headers linux-headers-amd64)
+    dirs=("$prefix"/usr/src/linux-headers-*-amd64)
+    [ -f "${dirs[0]}/.config" ] || die "the fetched kernel headers in $prefix have no usr/src/linux-headers-*-amd64/.config"
+    REL=${dirs[0]#"$prefix"/usr/src/linux-headers-}
+    # The -amd64 Makefile includes the -common one by its installed path; kbuild runs in KOUT.
+    sed -i 's#^include /usr/src/\(linux-headers-[^/]*\)/Makefile$#include ../\1/Makefile#' "${dirs[0]}/Makefile"
+    use_prefix "$prefix"  # the kbuild tools' libraries (libelf) where the system lacks them
+    kernel_dirs "$REL" "$prefix" || die "the fetched kernel headers $REL in $prefix are incomplete"
+    say "using Debian's kernel headers $REL (fetched into $prefix)"
+}
+
+# check_kernel: the headers to compile against; sets REL, KOUT and KSRC. KERNEL_RELEASE /
+# KERNEL_SRC if given, else the newest installed Debian headers, else Debian's current ones.
+check_kernel() {
+    local cc
+    if [ -n "${KERNEL_SRC:-}" ] || [ -n "${KERNEL_RELEASE:-}" ]; then
+        REL=${KERNEL_RELEASE:-$(basename "$(readlink -f "$KERNEL_SRC")")}
+        REL=${REL#linux-headers-}
+        kernel_dirs "$REL" || die "no kernel headers for $REL (install linux-headers-$REL, or pass KERNEL_SRC=/path)"
+    else
+        REL=$(installed_debian_release)
+        if [ -z "$REL" ]; then
+            fetched_headers
+        else
+            kernel_dirs "$REL" || die "the installed headers /usr/src/linux-headers-$REL are incomplete"
+        fi
+    fi
+    # Debian's headers name the compiler the kernel was built with (gcc-12 for 6.1).
+    cc=$(sed -n 's/^CC = .*[^A-Za-z0-9_.-]\(gcc-[0-9.]*\)$/\1/p' "$KOUT/.kernelvariables" 2>/dev/null | sed -n 1p || true)
+    [ -z "$cc" ] || command -v "$cc" >/dev/null ||
+        die "the kernel headers $REL are built with $cc, which this machine lacks (apt-get install $cc), or pass KERNEL_SRC= headers of your own"
 }
 
 # --- build -------------------------------------------------------------------------------------
 
 installed_driver_version() {
     if [ -r /sys/module/nvidia/version ]; then cat /sys/module/nvidia/version; return; fi
-    command -v modinfo >/dev/null && modinfo -F version nvidia 2>/dev/null | head -n 1 || true
+    if command -v modinfo >/dev/null; then modinfo -F version nvidia 2>/dev/null | sed -n 1p || true; fi
 }
 
 ko_version() {
-    if command -v modinfo >/dev/null; then modinfo -F version "$1" 2>/dev/null; return; fi
-    strings "$1" 2>/dev/null | sed -n 's/^version=//p' | head -n 1
+    if command -v modinfo >/dev/null; then modinfo -F version "$1" 2>/dev/null || true; return; fi
+    strings "$1" 2>/dev/null | sed -n 's/^version=//p' | sed -n 1p || true
 }
 
 # Files whose change means the patched tree must be made again.
@@ -151,11 +194,12 @@ kbuild() {
         KBUILD_MODPOST_WARN=1 -j"$JOBS" "$@"
 }
 
-# build VERSION RELEASE OUTDIR [check] -> prints OUTDIR/tree/nvidia-uvm.ko (or the tree for check)
+# build VERSION RELEASE OUTDIR [check] -> prints OUTDIR/tree/nvidia-uvm.ko (or the tree for check).
+# Compiles against KOUT/KSRC (set by kernel_dirs or check_kernel).
 build() {
     local ver=$1 rel=$2 out=$3 check=${4:-} src tree t0 rc stamp
     src=$(source_tree "$ver")
-    kernel_dirs "$rel" || die "no kernel headers for $rel (install linux-headers-$rel, or pass KERNEL_SRC=/path)"
+    need_tool patch patch  # driver-patch/apply.sh
     tree=$out/tree
     # One build per output directory at a time (CI and a developer may run concurrently).
     mkdir -p "$out"
@@ -167,7 +211,12 @@ build() {
     else
         rm -rf "$tree" "$out/stamp"; mkdir -p "$out"
         cp -a "$src" "$tree"
-        "$PATCH_DIR/apply.sh" "$tree" "$ver" >&2 || { rc=$?; [ $rc = 2 ] && clone_hint "$ver"; exit $rc; }
+        rc=0
+        "$PATCH_DIR/apply.sh" "$tree" "$ver" >&2 || rc=$?
+        if [ $rc != 0 ]; then
+            [ $rc != 2 ] || clone_hint "$ver"
+            die "driver-patch/apply.sh could not patch NVIDIA's $ver source (status $rc; its message is above)"
+        fi
         if [ -n "$check" ]; then
             # -Werror (after NVIDIA's own -Wno-error) and missing-prototype checks on the new files only.
             # NVIDIA's macro sets CFLAGS_ under both names kbuild may look up (with and without the
@@ -181,7 +230,7 @@ build() {
     if [ -n "$check" ]; then
         say "compiling the patched nvidia-uvm objects for driver $ver, kernel $rel ($KOUT)"
         kbuild ${KVC_FULL:+nvidia-uvm.ko} $CHECK_OBJECTS > "$out/build.log" 2>&1 || {
-            grep -E 'error|Error' "$out/build.log" | grep -v '^NV_CONFTEST\|^KBUILD_CFLAGS' | head -n 40 >&2
+            grep -E 'error|Error' "$out/build.log" | grep -v '^NV_CONFTEST\|^KBUILD_CFLAGS' | sed -n 1,40p >&2 || true
             die "build failed for $ver on $rel (log: $out/build.log)"
         }
         if grep -E 'uvm_kvc[a-z_]*\.[ch]:[0-9]+:[0-9]+: warning' "$out/build.log" >&2; then
@@ -205,7 +254,7 @@ build() {
     # nvidia-uvm.ko target is built (nvidia.ko's own files need not compile on these headers);
     # nvidia.ko's symbols are resolved at load time (KBUILD_MODPOST_WARN=1).
     kbuild nvidia-uvm.ko > "$out/build.log" 2>&1 || {
-        grep -E 'error|Error' "$out/build.log" | grep -v '^NV_CONFTEST\|^KBUILD_CFLAGS' | head -n 40 >&2
+        grep -E 'error|Error' "$out/build.log" | grep -v '^NV_CONFTEST\|^KBUILD_CFLAGS' | sed -n 1,40p >&2 || true
         die "build failed for $ver on $rel (log: $out/build.log)"
     }
     [ -f "$tree/nvidia-uvm.ko" ] || die "no nvidia-uvm.ko produced (log: $out/build.log)"
@@ -214,61 +263,49 @@ build() {
 }
 
 cmd_driver() {
-    local ver rel note=
+    local ver note=
     ver=${DRIVER_VERSION:-$(installed_driver_version)}
     if [ -z "$ver" ]; then
         ver=$DEFAULT_VERSION
         note="no NVIDIA driver on this machine: building for $ver from Debian's source, for checking only"
     fi
-    rel=${KERNEL_RELEASE:-$(uname -r)}
-    if [ -z "${KERNEL_SRC:-}" ] && ! kernel_dirs "$rel" 2>/dev/null; then
-        local alt
-        alt=$(any_kernel_release)
-        [ -n "$alt" ] || die "no kernel headers for $rel and none installed (apt-get install linux-headers-$rel)"
-        say "no headers for the running kernel $rel: building against the installed $alt headers instead (the module will not load on this kernel)"
-        rel=$alt
+    REL=${KERNEL_RELEASE:-$(uname -r)}
+    if ! kernel_dirs "$REL"; then
+        [ -z "${KERNEL_SRC:-}${KERNEL_RELEASE:-}" ] ||
+            die "no kernel headers for $REL (install linux-headers-$REL, or pass KERNEL_SRC=/path)"
+        check_kernel
+        say "no headers for the running kernel $(uname -r): building against the $REL headers instead (the module will not load on this kernel)"
     fi
-    [ -n "$note" ] && say "$note"
-    build "$ver" "$rel" "$BUILD/$ver-$rel"
+    [ -z "$note" ] || say "$note"
+    build "$ver" "$REL" "$BUILD/$ver-$REL"
 }
 
 cmd_check() {
-    local t0 rel ver out status=0
+    local t0 ver out rc failed=()
     t0=$(date +%s)
-    command -v sparse >/dev/null || {
-        [ "$(id -u)" = 0 ] || die "sparse is not installed (apt-get install sparse)"
-        apt_contrib; apt-get install -y -qq sparse >&2
-    }
-    rel=${KERNEL_RELEASE:-}
-    if [ -z "$rel" ]; then
-        rel=$(any_kernel_release)
-        if [ -z "$rel" ]; then
-            [ "$(id -u)" = 0 ] || die "no linux headers installed (apt-get install linux-headers-amd64)"
-            apt-get install -y -qq linux-headers-amd64 >&2
-            rel=$(any_kernel_release)
-        fi
-    fi
+    need_tool sparse sparse
+    check_kernel
     # Debian's sources by default; NVIDIA_SRC checks one tree of your own (e.g. a 580 tag).
     local own_src=${NVIDIA_SRC:-}
     if [ -n "$own_src" ] && [ "$(wc -w <<< "${CHECK_VERSIONS:-}")" != 1 ]; then
         die "NVIDIA_SRC=$own_src: also say which version it is, e.g. CHECK_VERSIONS=580.142"
     fi
     for ver in ${CHECK_VERSIONS:-535.261.03 550.163.01}; do
-        out=$BUILD/check-$ver-$rel
-        if ( NVIDIA_SRC=$own_src build "$ver" "$rel" "$out" check >/dev/null ); then
-            say "OK   $ver on $rel: patch applies, patched objects compile, new files -Werror and sparse clean"
+        out=$BUILD/check-$ver-$REL
+        NVIDIA_SRC=$own_src run_step rc build "$ver" "$REL" "$out" check > /dev/null
+        if [ "$rc" = 0 ]; then
+            say "OK   $ver on $REL: patch applies, patched objects compile, new files -Werror and sparse clean"
         else
-            say "FAIL $ver on $rel"; status=1
+            say "FAIL $ver on $REL"; failed+=("$ver")
         fi
     done
     say "driver-check took $(( $(date +%s) - t0 ))s"
-    return $status
+    [ ${#failed[@]} = 0 ] || die "driver-check failed for ${failed[*]} on $REL (the reasons are above)"
 }
 
 case "${1:-}" in
     driver) cmd_driver ;;
     check) cmd_check ;;
-    install) exec "$KMOD_DIR/install.sh" install ;;
-    uninstall) exec "$KMOD_DIR/install.sh" uninstall ;;
+    install|uninstall) error_mark_cleanup; unset KVC_ERROR_MARK; exec "$KMOD_DIR/install.sh" "$1" ;;
     *) die "usage: kvc.sh driver|check|install|uninstall" ;;
 esac

@@ -12,12 +12,34 @@ demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer
     ...     cache.k[0][slot, :100] = 1.0     # [batch, seq, kv_heads, head_dim]
 """
 
-from .backends import backend_names, select as select_backend
-from .buffer import VirtualBuffer
 from .errors import (BackendUnavailable, CudaError, DriverError, OSCallError, OutOfPages,
                      OutOfSlots, PyvattnError, UvmError)
-from .kvcache import KVCache
-from .pool import PagePool
+
+# Imported on first use (PEP 562), so that `python -m pyvattn <command> --help` and the error
+# types load without torch: name -> (module, attribute).
+_LAZY = {
+    "KVCache": (".kvcache", "KVCache"),
+    "VirtualBuffer": (".buffer", "VirtualBuffer"),
+    "PagePool": (".pool", "PagePool"),
+    "backend_names": (".backends", "backend_names"),
+    "select_backend": (".backends", "select"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pyvattn' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pyvattn {info,demo,frag} ...``."""
+"""Command line: ``python -m pyvattn {info,demo,frag,serve} ...``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def main(argv: list[str] | None = None) -> int:
         from .frag.cli import main as frag_main
 
         return frag_main(argv[1:])
+    if argv and argv[0] == "serve":  # its own parser too: `serve --help` imports no torch
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="python -m pyvattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(p_demo)
     sub.add_parser("frag", help="fragmentation comparison on request traces (see `frag --help`)")
+    sub.add_parser("serve", help="a model served by pyvattn's continuous-batching engine (see `serve --help`)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
