@@ -154,8 +154,8 @@ class KVCache:
         cannot all be had. A step that maps nothing only records the lengths (microseconds)."""
         with self._lock:
             self._ready()
-            slots, lens = self._slots.parse(seq_lens)
-            if (lens > self._slabs.capacity[slots]).any():
+            slots, lens, grows = self._slots.parse(seq_lens, self._slabs.capacity)
+            if grows:
                 self._grow(slots, lens)
             self._slots.record(slots, lens)
 
@@ -166,8 +166,8 @@ class KVCache:
         thread hand-off (waking a thread each decode step costs the caller more than it saves)."""
         with self._lock:
             self._ready()
-            slots, lens = self._slots.parse(seq_lens)
-            if (lens > self._slabs.capacity[slots]).any():
+            slots, lens, grows = self._slots.parse(seq_lens, self._slabs.capacity)
+            if grows:
                 self._mapper.submit(self._grow_and_record, slots.copy(), lens.copy())
             else:
                 self._slots.record(slots, lens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Mapping
 
@@ -14,26 +15,34 @@ class SlotTable:
     (``lengths``: the largest length given to ``step`` since the slot was claimed; 0 when free).
     Lengths never shrink: the pages under tokens already written must stay.
 
-    ``parse`` is the one validator of ``step()`` input, for every form it takes.
+    ``parse`` is the one validator of ``step()`` input, for every form it takes; input indexed by
+    slot comes back with ``slots`` = ``every`` (all slots, in order), which ``record`` takes as
+    "no gather needed".
     """
 
     def __init__(self, size: int, max_len: int):
         self.size, self.max_len = size, max_len
         self.active = np.zeros(size, dtype=bool)
         self.lengths = np.zeros(size, dtype=np.int64)
-        self._every = np.arange(size, dtype=np.int64)
+        self.every = np.arange(size, dtype=np.int64)
+        self._limit = np.zeros(size, dtype=np.uint64)  # the longest length each slot may be given
         self._packers: dict[int, struct.Struct] = {}
 
     def claim(self, slot: int) -> None:
         self.active[slot] = True
         self.lengths[slot] = 0
+        self._limit[slot] = self.max_len
 
     def release(self, slot: int) -> None:
         self.active[slot] = False
         self.lengths[slot] = 0
+        self._limit[slot] = 0
 
     def record(self, slots: np.ndarray, lens: np.ndarray) -> None:
-        self.lengths[slots] = np.maximum(self.lengths[slots], lens)
+        if slots is self.every:
+            np.maximum(self.lengths, lens, out=self.lengths)
+        else:
+            self.lengths[slots] = np.maximum(self.lengths[slots], lens)
 
     def check_slot(self, slot, name: str = "slot") -> int:
         if isinstance(slot, (bool, np.bool_)) or not isinstance(slot, (int, np.integer)) \
@@ -41,57 +50,75 @@ class SlotTable:
             raise ValueError(f"{name}={slot!r} is not a slot id in [0, {self.size})")
         return int(slot)
 
-    def parse(self, seq_lens) -> tuple[np.ndarray, np.ndarray]:
+    def parse(self, seq_lens, capacity: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         """``seq_lens`` ({slot: length}, or a sequence/array/tensor indexed by slot, 0 for free
         slots) as (slots, lengths) int64 arrays, checked: slot ids of allocated slots, integer
-        lengths in ``[0, max_len]``; ``ValueError`` naming ``seq_lens`` otherwise."""
+        lengths in ``[0, max_len]`` (``ValueError`` naming ``seq_lens`` otherwise); and whether any
+        length exceeds its slot's ``capacity`` (tokens it holds pages for: never above
+        ``max_len``, so only such a step needs the upper bound checked)."""
         if type(seq_lens) is dict:
-            return self._parse_mapping(seq_lens)
+            return self._parse_mapping(seq_lens, capacity)
         if isinstance(seq_lens, Mapping):
-            return self._parse_mapping(dict(seq_lens))
+            return self._parse_mapping(dict(seq_lens), capacity)
         if isinstance(seq_lens, torch.Tensor):
             seq_lens = seq_lens.numpy() if seq_lens.device.type == "cpu" else seq_lens.detach().cpu().numpy()
-        return self._parse_vector(np.asarray(seq_lens))
+        return self._parse_vector(np.asarray(seq_lens), capacity)
 
-    def _parse_mapping(self, lens_by_slot: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _parse_mapping(self, lens_by_slot: dict, capacity: np.ndarray):
         n = len(lens_by_slot)
         if n == 0:
-            return self._every[:0], self._every[:0]
+            return self.every[:0], self.every[:0], False
         packer = self._packers.get(n)
         if packer is None:
-            packer = self._packers[n] = struct.Struct(f"{2 * n}q")
+            packer = self._packers[n] = struct.Struct(f"<{n}Q{n}I")
         try:
-            # one C pass over the keys and values that also refuses anything but integers
-            # (struct rejects floats, strings, None; numpy integers pass through __index__)
-            both = np.frombuffer(packer.pack(*lens_by_slot, *lens_by_slot.values()), dtype=np.int64)
+            # one C pass over the lengths (u64) and slot ids (u32) that refuses anything but
+            # integers >= 0 (floats, strings, None, negatives); numpy integers pass (__index__)
+            packed = packer.pack(*lens_by_slot.values(), *lens_by_slot)
         except struct.error:
-            raise ValueError("seq_lens: slot ids and lengths must be integers") from None
-        slots, lens = both[:n], both[n:]
-        lowest_slot, shortest = slots.min(), lens.min()
-        if lowest_slot < 0 or shortest < 0 or lens.max() > self.max_len:
-            self._check_slots(slots)  # raises, naming what is wrong
-            self._check_lengths(lens)
+            self._diagnose(lens_by_slot)
+        lens = np.frombuffer(packed, dtype=np.int64, count=n)  # >= 2**63 reads negative: refused below
+        slots = np.frombuffer(packed, dtype=np.uint32, offset=8 * n).astype(np.intp)
         try:
             if not self.active[slots].all():
-                self._check_slots(slots)
+                self._check_slots(slots)  # raises, naming what is wrong
         except IndexError:
             self._check_slots(slots)
         # a bool packs as 0 or 1: only then is it worth looking at the objects themselves
-        if (lowest_slot <= 1 and _has_bool_key(lens_by_slot)) or \
+        shortest = lens.min()
+        if shortest < 0:
+            self._check_lengths(lens)
+        if ((0 in lens_by_slot or 1 in lens_by_slot) and _has_bool_key(lens_by_slot)) or \
                 (shortest <= 1 and bool in set(map(type, lens_by_slot.values()))):
             raise ValueError("seq_lens: slot ids and lengths must be integers, not bools")
-        return slots, lens
+        grows = bool((lens > capacity[slots]).any())
+        if grows:
+            self._check_lengths(lens)
+        return slots, lens, grows
 
-    def _parse_vector(self, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _parse_vector(self, lens: np.ndarray, capacity: np.ndarray):
         if lens.shape != (self.size,) or lens.dtype.kind not in "iu":
             raise ValueError(f"seq_lens must be a mapping slot -> length or an integer sequence of length "
                              f"max_batch_size={self.size}, got shape {lens.shape} dtype {lens.dtype}")
         lens = lens.astype(np.int64, copy=False)
-        stray = np.flatnonzero((lens != 0) & ~self.active)
-        if len(stray):
-            raise ValueError(f"seq_lens: slots {stray[:4].tolist()} are not allocated (alloc_slot first)")
+        # free slots' limit is 0 and, viewed unsigned, a negative length is huge: one comparison
+        if (lens.view(np.uint64) > self._limit).any():
+            stray = np.flatnonzero((lens != 0) & ~self.active)
+            if len(stray):
+                raise ValueError(f"seq_lens: slots {stray[:4].tolist()} are not allocated (alloc_slot first)")
+            self._check_lengths(lens)
+        return self.every, lens, bool((lens > capacity).any())
+
+    def _diagnose(self, lens_by_slot: dict) -> None:
+        """Raise the ValueError that says what is wrong with input the fast pack refused."""
+        try:
+            slots = np.array([operator.index(k) for k in lens_by_slot], dtype=np.int64)
+            lens = np.array([operator.index(v) for v in lens_by_slot.values()], dtype=np.int64)
+        except (TypeError, OverflowError):
+            raise ValueError("seq_lens: slot ids and lengths must be integers") from None
+        self._check_slots(slots)
         self._check_lengths(lens)
-        return self._every, lens
+        raise ValueError("seq_lens: slot ids and lengths must be integers")
 
     # viewed unsigned, a negative number is huge: one comparison checks both bounds
     def _check_slots(self, slots: np.ndarray) -> None:
