@@ -20,6 +20,7 @@ from . import backends
 from .backends.base import undo_one
 from .buffer import VirtualBuffer
 from .core.mapper import BackgroundMapper
+from .core.layout import Layout
 from .core.reclaim import Reclaim
 from .core.slabs import Slabs
 from .core.slots import SlotTable
@@ -39,10 +40,11 @@ class KVCache:
 
     Guarantees:
 
-    * **what is safe**: tokens ``[0, mapped_tokens(slot))`` of an allocated slot, that is its
-      stepped length rounded up to whole pages, are mapped and stay mapped, unaliased, until
-      ``free_slot``, whatever other slots do. Pages a slot holds beyond that (left by a longer
-      request that used the slot before) may be reclaimed by any step: step before writing there;
+    * **what is safe**: Tokens ``[0, mapped_tokens(slot))`` of an allocated slot, its stepped
+      length rounded up to whole pages, are safe to write and read until ``free_slot(slot)``;
+      pages the slot holds beyond them may be reclaimed by any step. (They are mapped and stay
+      mapped, unaliased, whatever other slots do; pages beyond them are left by a longer request
+      that used the slot before.)
     * ``step`` either maps everything asked for or raises (``OutOfPages``, ``ValueError``) having
       changed nothing another request can observe, and the same holds when any call under it
       raises, ``KeyboardInterrupt`` included;
@@ -62,51 +64,34 @@ class KVCache:
                  device: str | torch.device = "cpu", page_size: int | str = "auto",
                  backend: str = "auto", memory_budget: int | str | None = None,
                  deferred_reclaim: bool = True):
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
-        self.max_seq_len = _positive_int(max_seq_len, "max_seq_len")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype")
         if not isinstance(deferred_reclaim, (bool, np.bool_)):
             raise ValueError(f"deferred_reclaim={deferred_reclaim!r} must be True or False")
-        self.dtype, self.deferred_reclaim = dtype, bool(deferred_reclaim)
+        self.deferred_reclaim = bool(deferred_reclaim)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device={device!r} is not a device: {exc}") from None
         self.selection = backends.select(backend, self.device)
-        cls = self.selection.cls
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.token_bytes = self.num_kv_heads * self.head_dim * itemsize
-        self.page_size = _page_size(cls, self.device, page_size, self.max_seq_len * self.token_bytes)
-        self.pages_per_slot = -(-self.max_seq_len * self.token_bytes // self.page_size)
-        self.slot_bytes = self.pages_per_slot * self.page_size  # a slab starts on a page boundary
-        self.num_regions = 2 * self.num_layers  # K and V of every layer
-        budget_pages = None
-        if memory_budget is not None:
-            budget = parse_size(memory_budget, "memory_budget")
-            if budget < 0:
-                raise ValueError(f"memory_budget={memory_budget!r} must be >= 0")
-            budget_pages = budget // self.page_size
+        layout = Layout.of(self.selection.cls, self.device, num_layers, num_kv_heads, head_dim,
+                           max_batch_size, max_seq_len, dtype, page_size, memory_budget)
+        self.__dict__.update(layout.as_dict())  # num_layers, ..., page_size, token_bytes, slot_bytes
 
         self._lock = threading.Lock()
         self._closed = True  # until everything below exists
-        self.backend = cls(self.device, self.page_size)
+        self.backend = self.selection.cls(self.device, self.page_size)
         try:
-            self._check_mapping_room()
-            self.buffer = _reserve(self)
-            self.pool = PagePool(self.backend, budget_pages, grow_pages=self.num_regions * 4)
+            layout.check_mapping_room(self.backend, self.selection.name)
+            try:
+                self.buffer = VirtualBuffer(self.backend, layout.reservation_bytes)
+            except (DriverError, OutOfPages) as exc:
+                raise layout.reservation_error(exc) from exc
+            self.pool = PagePool(self.backend, self.budget_pages, grow_pages=self.num_regions * 4)
             self._slots = SlotTable(self.max_batch_size, self.max_seq_len)
             self._slabs = Slabs(self.buffer, self.pool, self.num_regions, self.max_batch_size,
                                 self.pages_per_slot, self.token_bytes, self.max_seq_len)
             self._stats = CacheStats()
             self._mapper = BackgroundMapper()
-            shape = (self.max_batch_size, self.max_seq_len, self.num_kv_heads, self.head_dim)
-            strides = (self.slot_bytes // itemsize, self.num_kv_heads * self.head_dim, self.head_dim, 1)
-            region = self.max_batch_size * self.slot_bytes
-            views = [self.buffer.view(r * region, shape, dtype, strides) for r in range(self.num_regions)]
+            views = [layout.region_view(self.buffer, r) for r in range(self.num_regions)]
         except BaseException as exc:
             raise undo_one(exc, self._release_everything)
         self.k: list[torch.Tensor] = views[0::2]
@@ -182,7 +167,7 @@ class KVCache:
             if size < 0:
                 raise ValueError(f"nbytes={nbytes!r} must not be negative")
             want = -(-size // self.page_size) - self.pool.total_pages
-            return self.pool.reserve(size, self._next_vas(want) if want > 0 else None)
+            return self.pool.reserve(size, self._slabs.next_pages(want) if want > 0 else None)
 
     def trim(self) -> int:
         """Reclaim every page of every free slot and release all free pool pages to the device;
@@ -202,9 +187,10 @@ class KVCache:
             return int(self._slots.lengths[self._slots.check_slot(slot)])
 
     def mapped_tokens(self, slot: int) -> int:
-        """Tokens of ``slot`` that are safe to write and read until ``free_slot``: its stepped length
-        rounded up to whole pages (0 for a free slot). Pages the slot holds beyond that may be
-        reclaimed by any step (``slot_mapped_bytes`` counts them)."""
+        """Tokens ``[0, mapped_tokens(slot))`` of an allocated slot, its stepped length rounded up
+        to whole pages, are safe to write and read until ``free_slot(slot)``; pages the slot holds
+        beyond them may be reclaimed by any step. Returns that number (0 for a free slot);
+        ``slot_mapped_bytes`` counts everything mapped under the slot."""
         with self._lock:
             self._ready()
             slot = self._slots.check_slot(slot)
@@ -318,56 +304,3 @@ class KVCache:
         slots = np.array([s for s, _ in plan], dtype=np.int64)
         pages = np.array([p for _, p in plan], dtype=np.int64)
         self._stats.reclaimed(self._slabs.shrink(slots, np.maximum(self._slabs.extent[slots] - pages, 0)))
-
-    def _next_vas(self, count: int) -> np.ndarray:
-        """VAs of the ``count`` pages growth will want first: the next page of slot 0 in every
-        region, of slot 1, ..., then the page after, and so on (a step grows all regions)."""
-        out, page, found = [], int(self._slabs.extent.min()), 0
-        every = np.arange(self.max_batch_size)
-        while found < count and page < self.pages_per_slot:
-            slots = every[self._slabs.extent <= page]
-            one = np.full(len(slots), page)
-            out.append(self._slabs.vas(slots, one, one + 1).reshape(self.num_regions, -1).T.ravel())
-            found += len(out[-1])
-            page += 1
-        return np.concatenate(out)[:count] if out else np.zeros(0, np.int64)
-
-    def _check_mapping_room(self) -> None:
-        room = self.backend.mapping_room()
-        worst = 2 * self.num_regions * self.max_batch_size + 2  # pages + filler, per slab
-        if room is not None and worst > room:
-            raise ValueError(
-                f"max_batch_size={self.max_batch_size} x num_layers={self.num_layers} (K and V) can need "
-                f"{worst} memory mappings on the {self.selection.name} backend (two per slot per region), "
-                f"and this process has {room} left under vm.max_map_count: lower max_batch_size or "
-                f"num_layers, or raise the limit (sysctl vm.max_map_count)")
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return int(value)
-
-
-def _page_size(cls, device: torch.device, page_size, slab_data_bytes: int) -> int:
-    """The page size asked for, checked: a backend granule multiple, no bigger than a slab needs."""
-    size = cls.default_page_size(device) if page_size == "auto" else parse_size(page_size, "page_size")
-    cls.check_page_size(device, size)
-    gran = cls.granularity(device)
-    most = max(gran, -(-slab_data_bytes // gran) * gran)
-    if page_size != "auto" and size > most:
-        raise ValueError(f"page_size={page_size!r} is larger than one slot's K or V of one layer needs "
-                         f"({most} bytes: max_seq_len x bytes per token, in {gran}-byte granules)")
-    return size
-
-
-def _reserve(cache: KVCache) -> VirtualBuffer:
-    """The cache's one reservation; a refusal names the arguments that sized it."""
-    nbytes = cache.num_regions * cache.max_batch_size * cache.slot_bytes
-    try:
-        return VirtualBuffer(cache.backend, nbytes)
-    except (DriverError, OutOfPages) as exc:
-        raise ValueError(
-            f"reserving {nbytes} bytes of address space (max_batch_size={cache.max_batch_size} x "
-            f"max_seq_len={cache.max_seq_len} x num_layers={cache.num_layers} x 2 x "
-            f"{cache.token_bytes} bytes per token) failed: {exc}") from exc

@@ -504,3 +504,22 @@ def test_ctrl_c_inside_a_driver_loop_leaves_the_books_equal_to_reality(monkeypat
         check_cache(cache)
     finally:
         cache.close()
+
+
+def test_the_contract_is_stated_the_same_way_in_the_docstring_the_readme_and_mapped_tokens():
+    import re
+    from pathlib import Path
+
+    from pyvattn import KVCache
+
+    sentence = ("Tokens [0, mapped_tokens(slot)) of an allocated slot, its stepped length rounded up to "
+                "whole pages, are safe to write and read until free_slot(slot); pages the slot holds "
+                "beyond them may be reclaimed by any step.")
+
+    def plain(text: str) -> str:
+        return re.sub(r"\s+", " ", text.replace("`", ""))
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for where, text in (("README.md", readme), ("KVCache", KVCache.__doc__),
+                        ("KVCache.mapped_tokens", KVCache.mapped_tokens.__doc__)):
+        assert sentence in plain(text), where

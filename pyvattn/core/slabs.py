@@ -94,6 +94,19 @@ class Slabs:
         self.extent[slots] = keep
         return len(vas)
 
+    def next_pages(self, count: int) -> np.ndarray:
+        """VAs of the ``count`` pages growth will want first: the next page of slot 0 in every
+        region, of slot 1, ..., then the page after, and so on (a step grows all regions)."""
+        out, page, found = [], int(self.extent.min()), 0
+        every = np.arange(self.slots)
+        while found < count and page < self.pages_per_slot:
+            slots = every[self.extent <= page]
+            one = np.full(len(slots), page)
+            out.append(self.vas(slots, one, one + 1).reshape(self.regions, -1).T.ravel())
+            found += len(out[-1])
+            page += 1
+        return np.concatenate(out)[:count] if out else np.zeros(0, np.int64)
+
     def settle(self) -> int:
         """Unmap what a failed call left beyond ``held``; return how many pages that was."""
         strays = np.flatnonzero(self.extent > self.held)
