@@ -10,6 +10,17 @@ import numpy as np
 from pyvattn.backends.base import UNMAPPED
 
 
+def kv_memfds() -> int:
+    """How many pyvattn memfds this process has open."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "pyvattn-kv" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
 def memfd_mappings(fd: int) -> dict[int, tuple[int, str]]:
     """{page-aligned VA: (memfd offset, permissions)} for every 4 KiB page of ``fd`` mapped in this
     process, from /proc/self/maps."""

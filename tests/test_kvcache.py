@@ -313,6 +313,18 @@ def test_step_async_with_nothing_to_map_records_lengths_without_a_thread(make_ca
     check(cache, s, 1, 300)
 
 
+def _device_of(cache, pages: int) -> None:
+    """Make the host backend's page creation refuse beyond ``pages`` pages, as a full GPU does."""
+    create = cache.backend.create_pages
+
+    def create_on_a_small_device(count, at=None):
+        if cache.pool.total_pages + count > pages:
+            raise OutOfPages("device full", needed=count)
+        return create(count, at)
+
+    cache.backend.create_pages = create_on_a_small_device
+
+
 def test_device_exhaustion_under_the_budget_reclaims_finished_slots(backend_device):
     """The budget allows more pages than the device can create: step() must then reclaim a
     finished slot's pages rather than fail (and must not lose the active slot's data)."""
@@ -323,14 +335,7 @@ def test_device_exhaustion_under_the_budget_reclaims_finished_slots(backend_devi
     P = 4096
     cache = KVCache(1, 1, 64, 4, 1024, torch.float32, device="cpu", page_size=P, backend="host",
                     memory_budget=10 * P)
-    create = cache.backend.create_pages
-
-    def create_on_an_8_page_device(count, at=None):
-        if cache.pool.total_pages + count > 8:
-            raise OutOfPages("device full", needed=count)
-        return create(count, at)
-
-    cache.backend.create_pages = create_on_an_8_page_device
+    _device_of(cache, pages=8)
     try:
         a, b = cache.alloc_slot(), cache.alloc_slot()
         cache.step({a: 64, b: 0})  # 4 pages of 16 tokens in each of K and V: the device is full
@@ -348,18 +353,10 @@ def test_cache_dropped_during_step_async_returns_its_memory():
     """Dropped without close() while the mapper thread runs, the cache is finalised on that
     thread; its memory must still go back (no self-join, no leak)."""
     import gc
-    import os
     import time
-    from pyvattn import KVCache
 
-    def kv_memfds() -> int:
-        n = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                n += "pyvattn" in os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                pass
-        return n
+    from books import kv_memfds
+    from pyvattn import KVCache
 
     before = kv_memfds()
     cache = KVCache(8, 8, 128, 8, 1024, torch.float16, device="cpu", page_size="64KiB", backend="host")
@@ -408,14 +405,7 @@ def test_a_step_the_device_refuses_reclaims_nothing():
     P = 4096
     cache = KVCache(1, 1, 64, 4, 1024, torch.float32, device="cpu", page_size=P, backend="host",
                     memory_budget=24 * P)
-    create = cache.backend.create_pages
-
-    def device_with_16_pages(count, at=None):
-        if cache.pool.total_pages + count > 16:
-            raise OutOfPages("device full", needed=count)
-        return create(count, at)
-
-    cache.backend.create_pages = device_with_16_pages
+    _device_of(cache, pages=16)
     try:
         a, b = cache.alloc_slot(), cache.alloc_slot()
         cache.step({a: 64, b: 64})  # 4 pages x 2 regions each: the device is full

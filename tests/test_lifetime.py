@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from books import vmas_in
+from books import kv_memfds, vmas_in
 from pyvattn import KVCache
 from pyvattn.backends.base import graveyard
 
@@ -26,16 +26,6 @@ ARGS = dict(num_layers=1, num_kv_heads=1, head_dim=64, max_batch_size=2, max_seq
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=120, cwd=os.path.dirname(__file__))
-
-
-def _memfds() -> int:
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += "pyvattn-kv" in os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-    return n
 
 
 def test_a_tensor_kept_after_close_faults_instead_of_writing_into_the_next_cache():
@@ -132,13 +122,13 @@ def test_a_failure_during_construction_leaks_nothing(monkeypatch, where, error):
 
     target = (VirtualBuffer, "view") if where == "view" else (kv, where)
     monkeypatch.setattr(*target, fail)
-    fds, maps = _memfds(), _reservations()
+    fds, maps = kv_memfds(), _reservations()
     for _ in range(3):
         with pytest.raises(error):
             KVCache(**ARGS)
     gc.collect()
     graveyard.sweep()
-    assert _memfds() == fds and _reservations() == maps
+    assert kv_memfds() == fds and _reservations() == maps
 
 
 def _reservations() -> int:
@@ -153,14 +143,14 @@ def _reservations() -> int:
 
 
 def test_a_dropped_cache_warns_and_returns_everything():
-    fds = _memfds()
+    fds = kv_memfds()
     cache = KVCache(**ARGS)
     slot = cache.alloc_slot()
     cache.step({slot: 100})
     with pytest.warns(ResourceWarning, match="unclosed KVCache"):
         del cache
         gc.collect()
-    assert _memfds() == fds
+    assert kv_memfds() == fds
 
 
 def test_a_failing_close_in_del_is_reported_not_swallowed(monkeypatch):

@@ -356,14 +356,8 @@ class Backend(abc.ABC):
         bad = [h for h in handles if h not in self._live or h in self._where]
         if bad or len(set(handles)) != len(handles):
             raise ValueError(f"handles {bad[:4] or 'given twice'} are not live, unmapped pages of this backend")
-        if not handles:
-            return
-        done: list[int] = []
-        try:
-            self._release(handles, done)
-        finally:
-            self._live.difference_update(done)
-            self._orphans.difference_update(done)
+        if handles:
+            self._release_all(handles)
 
     # --- mapping -----------------------------------------------------------------------------
     def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
@@ -450,6 +444,7 @@ class Backend(abc.ABC):
             self.unreserve(base, nbytes)
 
     def _release_all(self, handles: list[int]) -> None:
+        """Release ``handles`` (checked); the books follow what was released, whatever happens."""
         done: list[int] = []
         try:
             self._release(handles, done)
