@@ -251,7 +251,7 @@ class KVCache:
                 f"head_dim={self.head_dim}, batch={self.max_batch_size}, seq={self.max_seq_len}, "
                 f"dtype={self.dtype}, backend={self.selection.name}, page_size={self.page_size})")
 
-    # --- helpers ------------------------------------------------------------------------------
+    # --- helpers: they run with the lock held, or on the mapper while every caller waits ------
     def _ready(self) -> None:
         """Raise if closed; wait for ``step_async``'s mapping and raise its error (to the thread
         that asked for it)."""

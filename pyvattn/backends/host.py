@@ -145,7 +145,7 @@ class HostBackend(Backend):
         for va, offset, n in zip(firsts, batch.handles[batch.starts].tolist(), lengths):
             if raw(va, n * P, prot, flags, fd, offset) == libc.MAP_FAILED:
                 libc.check("mmap", -1)
-            undo.push(self._unmap_pages, [va + k * P for k in range(n)])
+            undo.push(self._unmap_pages, list(range(va, va + n * P, P)))
 
     def _unmap(self, batch: Runs, done: list[tuple[int, int]]) -> None:
         for va, n in batch.spans():

@@ -1,6 +1,6 @@
 """uvm64k backend: 64 KiB GPU pages from the pyvattn-patched nvidia-uvm module.
 
-The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4) adds ioctls on
+The patch (driver-patch/, described in docs/driver.md) adds ioctls on
 ``/dev/nvidia-uvm``; this backend speaks them through :mod:`pyvattn._ffi.uvm`:
 
 * It uses **CUDA's own** UVM file descriptor: mappings must land in the GPU VA space CUDA
@@ -9,7 +9,7 @@ The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4
   secondary "mm" fd). The fd is CUDA's: the backend never closes it.
 * A reservation is ``mmap(PROT_NONE, MAP_NORESERVE)`` trimmed to 2 MiB alignment (what
   ``UvmReserveVa`` does), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
-  Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (memo 4.9: the other
+  Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (the other
   order lets CUDA reuse the VA while UVM still holds the range).
 * A physical page is one ``UVM_KVC_ALLOC`` handle of ``page_size`` (64, 128 or 256 KiB; the
   module maps the bigger ones as consecutive 64K PTEs, there being no 128K/256K PTE). Where a
@@ -277,7 +277,7 @@ class UvmBackend(Backend):
         return base
 
     def _unreserve(self, base: int, nbytes: int) -> None:
-        self._ioctl("UVM_FREE", base=base, length=nbytes)  # UVM lets go of the VA first (memo 4.9)
+        self._ioctl("UVM_FREE", base=base, length=nbytes)  # UVM lets go of the VA first
         libc.munmap(base, nbytes)
 
     def _create(self, count: int, at, undo: Undo) -> list[int]:
