@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .backends.base import UNMAPPED, Backend, undo_one
+from .backends.base import Backend, undo_one
 
 
 class VirtualBuffer:
@@ -80,8 +80,10 @@ class VirtualBuffer:
     def close(self) -> list[int]:
         """Unmap everything and give back the reservation; return the handles that were mapped.
         Views still alive keep the range reserved, inaccessible, until they die."""
-        pages = np.flatnonzero(self.handles(np.arange(self.num_pages)) != UNMAPPED)
-        handles = self.unmap(pages) if len(pages) else []
+        vas = self.backend.mapped_vas(self.base)
+        handles = self.backend.handles_at(vas).tolist() if len(vas) else []
+        if handles:
+            self.backend.unmap(vas)
         self.close_views()
         self.backend.unreserve(self.base, self.nbytes)
         return handles

@@ -245,6 +245,10 @@ class Backend(abc.ABC):
         """Pages mapped in the reservation at ``base``."""
         return self._counts.get(base, 0)
 
+    def mapped_vas(self, base: int) -> np.ndarray:
+        """The VAs of every page mapped in the reservation at ``base``."""
+        return base + np.flatnonzero(self._tables[base] != UNMAPPED) * self.page_size
+
     def handles_at(self, vas) -> np.ndarray:
         """The handle mapped at each of ``vas`` (``-1`` where none); VAs in one reservation."""
         vas = _int64(vas, "vas")
@@ -425,10 +429,9 @@ class Backend(abc.ABC):
         self._closed = True
         cleanup = Undo()
         for base, table in list(self._tables.items()):
-            pages = np.flatnonzero(table != UNMAPPED)
-            if len(pages):
-                cleanup.attempt(self._unmap_batch, base, table, runs(base + pages * self.page_size,
-                                                                    self.page_size))
+            vas = self.mapped_vas(base)
+            if len(vas):
+                cleanup.attempt(self._unmap_batch, base, table, runs(vas, self.page_size))
             cleanup.attempt(self._close_reservation, base, len(table) * self.page_size)
         idle = [h for h in self._live if h not in self._where]
         if idle:
