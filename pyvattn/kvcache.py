@@ -8,9 +8,11 @@ unmodified attention kernel reads the cache with no block table.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
+import weakref
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -50,7 +52,8 @@ class KVCache:
       raises, ``KeyboardInterrupt`` included;
     * ``step_async`` runs the same mapping on a background thread; the next call into the cache
       waits for it, and the next call from the thread that asked raises its error, if any;
-    * any thread may call any method: a lock serializes them (about 0.1 µs per call);
+    * any thread may call any method: a lock serializes them (about 0.15 µs per call); a forked
+      child cannot use a cache it inherited (and releases nothing of it: the memory is shared);
     * ``close()`` (or leaving a ``with`` block) unmaps and releases every page and the reservation.
       Tensors kept from ``k``/``v`` keep the range reserved and inaccessible until they die: using
       one faults, it never reaches another cache's memory.
@@ -78,6 +81,7 @@ class KVCache:
 
         self._lock = threading.Lock()
         self._closed = True  # until everything below exists
+        self._forked = False
         self.backend = self.selection.cls(self.device, self.page_size)
         try:
             layout.check_mapping_room(self.backend, self.selection.name)
@@ -97,6 +101,7 @@ class KVCache:
         self.k: list[torch.Tensor] = views[0::2]
         self.v: list[torch.Tensor] = views[1::2]
         self._closed = False
+        _caches.add(self)
 
     # --- request slots -----------------------------------------------------------------------
     def alloc_slot(self, seq_len: int = 0) -> int:
@@ -174,6 +179,7 @@ class KVCache:
         returns the number of pages released."""
         with self._lock:
             self._ready()
+            self._stats.unmapped(self._slabs.settle())
             free = np.flatnonzero(~self._slots.active & (self._slabs.extent > 0))
             self._reclaim([(s, int(self._slabs.extent[s])) for s in free.tolist()])
             return self.pool.trim(0)
@@ -256,7 +262,9 @@ class KVCache:
         """Raise if closed; wait for ``step_async``'s mapping and raise its error (to the thread
         that asked for it)."""
         if self._closed:
-            raise RuntimeError("this KVCache is closed")
+            raise RuntimeError("this KVCache belongs to the parent process: a forked child must not "
+                               "use it (its pages are shared with the parent)" if self._forked
+                               else "this KVCache is closed")
         if not self._mapper.idle:
             self._mapper.wait()
 
@@ -304,3 +312,18 @@ class KVCache:
         slots = np.array([s for s, _ in plan], dtype=np.int64)
         pages = np.array([p for _, p in plan], dtype=np.int64)
         self._stats.reclaimed(self._slabs.shrink(slots, np.maximum(self._slabs.extent[slots] - pages, 0)))
+
+
+_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """After ``fork()``, in the child: an inherited cache is unusable (its memory is the parent's),
+    and nothing of it is released there; a lock held by a thread that did not survive the fork is
+    replaced."""
+    for cache in list(_caches):
+        cache._lock = threading.Lock()
+        cache._forked = cache._closed = True
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

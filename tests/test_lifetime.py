@@ -166,3 +166,37 @@ def test_a_failing_close_in_del_is_reported_not_swallowed(monkeypatch):
         gc.collect()
     assert any("injected close failure" in str(w.message) for w in record)
     type(backend).close(backend)
+
+
+def test_a_forked_child_cannot_use_the_cache_and_takes_nothing_from_the_parent():
+    """The child shares the memfd with the parent: had it used the cache, or released its pages
+    when its copy was collected (punching holes in the shared file), the parent's KV data would be
+    gone."""
+    from kvdata import check, write
+
+    cache = KVCache(2, 1, 64, 4, 256, torch.float32, device="cpu", page_size=4096, backend="host")
+    try:
+        slot = cache.alloc_slot()
+        cache.step({slot: 100})
+        write(cache, slot, 5, 0, 100)
+        blocks = cache.backend.allocated_bytes()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            code = 0
+            try:
+                cache.step({slot: 200})
+                code = 1
+            except RuntimeError as exc:
+                code = 0 if "forked child" in str(exc) else 2
+            del cache
+            gc.collect()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert cache.backend.allocated_bytes() == blocks
+        check(cache, slot, 5, 100)
+        cache.step({slot: 200})  # the parent goes on
+        write(cache, slot, 5, 100, 200)
+        check(cache, slot, 5, 200)
+    finally:
+        cache.close()

@@ -28,8 +28,10 @@ before the next statement is outside what any Python code can account for.
 from __future__ import annotations
 
 import abc
+import os
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
@@ -199,6 +201,8 @@ class Backend(abc.ABC):
         self._sealed: dict[int, tuple[int, list[Watch]]] = {}  # given back while viewed: base -> (nbytes, watches)
         self._closed = False
         self._shut = False
+        self._forked = False  # set in a forked child: the pages and fds are the parent's
+        _backends.add(self)
 
     # --- discovery -------------------------------------------------------------------------
     @classmethod
@@ -425,7 +429,7 @@ class Backend(abc.ABC):
         """Unmap, release and give back everything (reservations still viewed stay sealed until
         their views die). Idempotent; every step is tried, the first error is raised."""
         if self._closed:
-            return
+            return  # a forked child's copy lands here too: the parent owns the memory
         self._closed = True
         cleanup = Undo()
         for base, table in list(self._tables.items()):
@@ -479,6 +483,9 @@ class Backend(abc.ABC):
         return self._closed
 
     def _check_open(self) -> None:
+        if self._forked:
+            raise RuntimeError(f"this {self.name} backend belongs to the parent process: a forked child "
+                               f"must not use it (its pages are shared with the parent)")
         if self._closed:
             raise RuntimeError(f"this {self.name} backend is closed")
 
@@ -609,6 +616,21 @@ class _Graveyard:
 
 
 graveyard = _Graveyard()
+_backends: weakref.WeakSet[Backend] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """After ``fork()``, in the child: the backends it inherited share their memory (a memfd, a
+    UVM fd) with the parent. Releasing or unmapping anything there would take it from the parent,
+    so the child's copies are closed without a driver call."""
+    for backend in list(_backends):
+        backend._forked = backend._closed = backend._shut = True
+        backend._sealed.clear()
+    graveyard._backends.clear()
+    graveyard._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _int64(values, name: str) -> np.ndarray:
