@@ -352,8 +352,7 @@ class Backend(abc.ABC):
             kept = undo.rollback(exc)  # created, and releasing them again failed: still real
             self._live.update(kept)
             self._orphans.update(kept)
-            raise self._out_of_pages(exc, f"creating {count} pages of {self.page_size} bytes", count) \
-                or undo.error_for(exc)
+            raise self._typed(undo, exc, f"creating {count} pages of {self.page_size} bytes", count)
         self._live.update(handles)
         return handles
 
@@ -394,7 +393,7 @@ class Backend(abc.ABC):
             if len(still):
                 self._book(base, table, (still - base) // self.page_size,
                            batch.handles[np.searchsorted(batch.vas, still)])
-            raise self._out_of_pages(exc, f"mapping {len(vas)} pages", len(vas)) or undo.error_for(exc)
+            raise self._typed(undo, exc, f"mapping {len(vas)} pages", len(vas))
         self._book(base, table, (batch.vas - base) // self.page_size, batch.handles)
 
     def unmap(self, vas: Sequence[int]) -> None:
@@ -515,17 +514,17 @@ class Backend(abc.ABC):
         table[pages] = UNMAPPED
         self._counts[base] -= len(pages)
 
-    def _out_of_pages(self, exc: BaseException, what: str, needed: int) -> OutOfPages | None:
-        """``exc`` as ``OutOfPages`` if it says the device or OS ran out of memory, else None."""
-        if isinstance(exc, OutOfPages):
-            return None
-        if isinstance(exc, DriverError) and self._out_of_memory(exc):
-            oop = OutOfPages(f"{what}: {exc}", needed=needed)
-            oop.__cause__ = exc
+    def _typed(self, undo: Undo, exc: BaseException, what: str, needed: int) -> BaseException:
+        """What a failed create or map raises after its rollback: a Ctrl-C that came during the
+        clean-up; else ``OutOfPages`` if ``exc`` says the device or OS ran out of memory; else
+        ``exc``."""
+        err = undo.error_for(exc)
+        if err is exc and isinstance(exc, DriverError) and self._out_of_memory(exc):
+            err = OutOfPages(f"{what}: {exc}", needed=needed)
+            err.__cause__ = exc
             if getattr(exc, "cleanup_error", None) is not None:
-                note_cleanup_failure(oop, "taking back what this call did", exc.cleanup_error)
-            return oop
-        return None
+                note_cleanup_failure(err, "taking back what this call did", exc.cleanup_error)
+        return err
 
     # --- what each backend implements -------------------------------------------------------
     @abc.abstractmethod
