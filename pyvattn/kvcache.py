@@ -21,8 +21,8 @@ import torch
 from . import backends
 from .backends.base import undo_one
 from .buffer import VirtualBuffer
-from .core.mapper import BackgroundMapper
 from .core.layout import Layout
+from .core.mapper import BackgroundMapper
 from .core.reclaim import Reclaim
 from .core.slabs import Slabs
 from .core.slots import SlotTable
