@@ -7,7 +7,7 @@ TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 
-.PHONY: all demo test pytest info bench venv driver driver-check install-driver uninstall-driver clean
+.PHONY: all demo test pytest info bench venv driver driver-check driver-harness install-driver uninstall-driver clean
 
 all: test
 
@@ -27,8 +27,9 @@ demo: $(STAMP)
 info: $(STAMP)
 	$(PY) -m pyvattn info
 
-## Tests: the Python suite, then the kernel patch compiled against Debian's driver sources.
-test: pytest driver-check
+## Tests: the Python suite, the kernel patch compiled against Debian's driver sources, and the
+## patch's own code run in user space against a model GPU (ASan/UBSan; HARNESS_OPS=N for more).
+test: pytest driver-check driver-harness
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q
@@ -39,6 +40,10 @@ bench: $(STAMP)
 driver driver-check install-driver uninstall-driver:
 	$(MAKE) -C kmod $@
 
+driver-harness:
+	$(MAKE) --no-print-directory -C driver-patch/harness run
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 	-$(MAKE) -C kmod clean
+	-$(MAKE) -C driver-patch/harness clean

@@ -42,7 +42,7 @@ patch -p1 --dry-run --batch --forward -s -d "$tree" < "$here/$dir/uvm-kvc-hooks.
 }
 patch -p1 --batch --forward -s -d "$tree" < "$here/$dir/uvm-kvc-hooks.patch"
 find "$tree/nvidia-uvm" -name '*.orig' -delete
-cp "$here/src/uvm_kvc.c" "$here/src/uvm_kvc.h" "$here/src/uvm_kvc_test.c" \
+cp "$here"/src/uvm_kvc*.c "$here"/src/uvm_kvc*.h \
    "$here/include/uvm_kvc_ioctl.h" "$here/$dir/uvm_kvc_compat.h" "$tree/nvidia-uvm/"
 echo "$version $dir" > "$tree/nvidia-uvm/.uvm-kvc-applied"
 echo "apply.sh: patched $tree for $version ($dir)"

@@ -185,7 +185,8 @@ patch_stamp() {
 }
 
 # The objects the patch adds or changes (driver-check compiles these; `make driver` links all).
-CHECK_OBJECTS="nvidia-uvm/uvm_kvc.o nvidia-uvm/uvm_kvc_test.o nvidia-uvm/uvm.o nvidia-uvm/uvm_test.o
+KVC_OBJECTS="nvidia-uvm/uvm_kvc.o nvidia-uvm/uvm_kvc_pool.o nvidia-uvm/uvm_kvc_map.o nvidia-uvm/uvm_kvc_test.o"
+CHECK_OBJECTS="$KVC_OBJECTS nvidia-uvm/uvm.o nvidia-uvm/uvm_test.o
     nvidia-uvm/uvm_va_space.o nvidia-uvm/uvm_map_external.o nvidia-uvm/uvm_lock.o nvidia-uvm/uvm_va_range.o"
 
 kbuild() {
@@ -221,7 +222,7 @@ build() {
             # -Werror (after NVIDIA's own -Wno-error) and missing-prototype checks on the new files only.
             # NVIDIA's macro sets CFLAGS_ under both names kbuild may look up (with and without the
             # nvidia-uvm/ prefix); a bare CFLAGS_uvm_kvc.o is silently ignored for M= builds on 6.x.
-            printf '\n$(call ASSIGN_PER_OBJ_CFLAGS, nvidia-uvm/uvm_kvc.o nvidia-uvm/uvm_kvc_test.o, -Werror -Wmissing-prototypes)\n' \
+            printf '\n$(call ASSIGN_PER_OBJ_CFLAGS, %s, -Werror -Wmissing-prototypes)\n' "$KVC_OBJECTS" \
                 >> "$tree/nvidia-uvm/nvidia-uvm.Kbuild"
         fi
         echo "$stamp" > "$out/stamp"
@@ -238,14 +239,14 @@ build() {
         fi
         say "compiled in $(( $(date +%s) - t0 ))s"
         local sparse_log=$out/sparse.log
-        touch "$tree/nvidia-uvm/uvm_kvc.c" "$tree/nvidia-uvm/uvm_kvc_test.c"
-        kbuild C=1 CHECK=sparse nvidia-uvm/uvm_kvc.o nvidia-uvm/uvm_kvc_test.o > "$sparse_log" 2>&1 ||
+        touch "$tree"/nvidia-uvm/uvm_kvc*.c
+        kbuild C=1 CHECK=sparse $KVC_OBJECTS > "$sparse_log" 2>&1 ||
             die "sparse pass failed to build (log: $sparse_log)"
         if grep -E 'uvm_kvc[a-z_]*\.[ch]:[0-9]+:[0-9]+: (warning|error)' "$sparse_log" >&2; then
             die "sparse reported the lines above for driver $ver"
         fi
         grep -q 'CHECK .*uvm_kvc\.c' "$sparse_log" || die "sparse did not run on uvm_kvc.c (log: $sparse_log)"
-        say "sparse: no warnings in uvm_kvc.c, uvm_kvc_test.c"
+        say "sparse: no warnings in uvm_kvc.c, uvm_kvc_pool.c, uvm_kvc_map.c, uvm_kvc_test.c"
         echo "$tree"
         return 0
     fi

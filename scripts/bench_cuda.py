@@ -3,31 +3,36 @@
 
 Sections (all in one run, side by side, so ratios compare like with like):
 
-1. driver calls at the device granularity: cuMemCreate, cuMemMap, cuMemSetAccess (one page, and
-   one call over a run of pages), cuMemUnmap, cuMemRelease -- host wall time per call, median;
-2. growing one request by one page in every layer's K and V (2 x layers maps): one batched
-   ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per region;
-3. a decode loop through ``KVCache``, eagerly and (on a GPU) replayed from CUDA graphs captured
+1. growing one request by one page in every layer's K and V (2 x layers maps), on any backend:
+   one batched ``backend.map`` vs one ``map`` per page, plus the batched call with 4 pages per
+   region (scripts/bench_growth.py takes cuda-vmm's growth apart; scripts/bench_vmm.py times each
+   driver call, p50/p99 from 1-8 threads);
+2. a decode loop through ``KVCache``, eagerly and (on a GPU) replayed from CUDA graphs captured
    before the cache grows (write each new token's K/V, decode attention in every
    layer, synchronize like a sampler would): a fully pre-mapped cache vs ``step()`` every
    iteration vs ``step_async()`` mapping the next iteration's pages during this one's compute
    (the three interleaved in rounds of 16 steps, so drift over the run falls on all alike; the
-   comparison is the median over rounds of each round's mean step, quartiles printed);
-4. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
+   comparison is the median over rounds of each round's mean step, quartiles printed).
+   Every step is also taken apart, to find where the slow ones come from: host time in
+   ``step()`` (a map, or the join waiting for ``step_async``'s map still running), host time
+   launching the step's GPU work (a driver call that blocks launches), the GPU's own time for that
+   work (a map running beside it that slows the GPU), and whether a map ran during it; a slow step
+   with none of these is the machine. p50, p99 and max per mode, and the causes of the slowest 1%;
+3. decode attention on pyvattn tensors vs the same shapes in ordinary ``torch.empty`` memory.
 
 GPU times come from torch.cuda.Event pairs after warmup; the statistic is the median. Saves JSON
 (default benchmarks/results/bench_cuda.json). Goals printed with the results: one-page growth of a
-32-layer model under 1 ms; step_async within 3% of pre-mapped; attention within 2% of torch memory.
+32-layer model under 1 ms; step_async within 3% of pre-mapped (median over rounds) and its p99
+step within 2% of pre-mapped's; attention within 2% of torch memory.
 
     python scripts/bench_cuda.py [--layers 32] [--batch 32] [--steps 1024] [--out PATH]
+    python scripts/bench_cuda.py --only decode,graphs          # sections: growth,decode,graphs,attention
     python scripts/bench_cuda.py --device cpu --backend host --steps 40   # smoke run, no GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -36,96 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import benchlib
+from benchlib import Clock
 from pyvattn import KVCache, attention, backends
 
 MiB = 1 << 20
+SECTIONS = ("growth", "decode", "graphs", "attention")
 
 
-# --- timing -------------------------------------------------------------------------------------
-class Clock:
-    """Elapsed milliseconds of a region: CUDA events on a GPU (GPU idle gaps included, so host
-    stalls count), perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def stop(self, start) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return (time.perf_counter() - start) * 1e3
-
-
-def host_us(fn, n: int) -> float:
-    """Median microseconds of ``fn(i)`` over ``i in range(n)``, each call timed on its own."""
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
-# --- 1. driver calls ----------------------------------------------------------------------------
-def bench_driver_calls(device: torch.device, n: int) -> dict:
-    from pyvattn._ffi import cuda
-    from pyvattn.backends.cuda_vmm import CudaVmmBackend
-
-    gran = CudaVmmBackend.granularity(device)
-    be = CudaVmmBackend(device, gran)
-    lib = cuda.lib()
-    base = be.reserve(n * gran)
-    out = cuda.ffi.new("CUmemGenericAllocationHandle *")
-    handles = []
-    vas = [base + i * gran for i in range(n)]
-
-    def create(i):
-        cuda.check("cuMemCreate", lib.cuMemCreate(out, gran, be._prop, 0))
-        handles.append(out[0])
-
-    def mem_map(i):
-        cuda.check("cuMemMap", lib.cuMemMap(vas[i], gran, 0, handles[i], 0))
-
-    def set_access(i):
-        cuda.check("cuMemSetAccess", lib.cuMemSetAccess(vas[i], gran, be._access, 1))
-
-    def unmap(i):
-        cuda.check("cuMemUnmap", lib.cuMemUnmap(vas[i], gran))
-
-    def release(i):
-        cuda.check("cuMemRelease", lib.cuMemRelease(handles[i]))
-
-    with be._context():
-        r = {"granularity": gran, "calls": n, "cuMemCreate_us": host_us(create, n),
-             "cuMemMap_us": host_us(mem_map, n), "cuMemSetAccess_1page_us": host_us(set_access, n)}
-        # A run of pages in one call, on fresh mappings (access set again on pages that already
-        # have it is a cheap no-op in the driver, which would flatter the run).
-        for i in range(n):
-            unmap(i)
-        for i in range(n):
-            mem_map(i)
-        run = 16
-        r["cuMemSetAccess_run_of_16_pages_us"] = host_us(
-            lambda i: cuda.check("cuMemSetAccess", lib.cuMemSetAccess(vas[i * run], run * gran, be._access, 1)),
-            n // run)
-        r["cuMemSetAccess_again_on_1page_us"] = host_us(set_access, n)  # access already set
-        r["cuMemUnmap_us"] = host_us(unmap, n)
-        r["cuMemRelease_us"] = host_us(release, n)
-    be.unreserve(base, n * gran)
-    be.close()
-    return r
-
-
-# --- 2. one-page growth of every layer ----------------------------------------------------------
+# --- 1. one-page growth of every layer ----------------------------------------------------------
 def bench_growth(device: torch.device, backend: str, layers: int, repeat: int) -> dict:
     sel = backends.select(backend, device)
     P = sel.cls.default_page_size(device)
@@ -164,7 +88,7 @@ def bench_growth(device: torch.device, backend: str, layers: int, repeat: int) -
     return res
 
 
-# --- 3. decode loop through KVCache ------------------------------------------------------------
+# --- 2. decode loop through KVCache ------------------------------------------------------------
 MODEL = dict(kv_heads=8, q_heads=32, head_dim=128)  # Llama-3-8B-like attention shapes
 
 
@@ -180,6 +104,99 @@ def _start_lengths(cache: KVCache, batch: int, steps: int) -> list[int]:
     return [tpp + (tpp - 1 - (b * spread) // max(1, batch - 1) % tpp) for b in range(batch)]
 
 
+class StepClock:
+    """The parts of one decode step: host time in ``step()``, in launching the step's GPU work and
+    in ``step_async()``; the GPU's time for that work (events around the launch, on its stream);
+    the whole step from before ``step()`` to the synchronize after it, as a sampler would see it."""
+
+    PARTS = ("total_ms", "step_ms", "launch_ms", "submit_ms", "gpu_ms")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.log: dict[str, list] = {k: [] for k in (*self.PARTS, "map_in_step", "async_map", "round")}
+
+    def _event(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    @staticmethod
+    def _ms(a, b) -> float:
+        return a.elapsed_time(b) if not isinstance(a, float) else (b - a) * 1e3
+
+    def step(self, do_step, do_launch, do_submit) -> dict:
+        """Run one step's three phases and return their times (the end synchronizes)."""
+        e0 = self._event()
+        h0 = time.perf_counter()
+        do_step()
+        h1 = time.perf_counter()
+        g0 = self._event()
+        do_launch()
+        g1 = self._event()
+        h2 = time.perf_counter()
+        do_submit()
+        h3 = time.perf_counter()
+        e1 = self._event()
+        if self.cuda:
+            e1.synchronize()
+        return {"total_ms": self._ms(e0, e1), "step_ms": (h1 - h0) * 1e3, "launch_ms": (h2 - h1) * 1e3,
+                "submit_ms": (h3 - h2) * 1e3, "gpu_ms": self._ms(g0, g1)}
+
+    def record(self, times: dict, map_in_step: bool, async_map: bool, round_no: int) -> None:
+        for k, v in times.items():
+            self.log[k].append(v)
+        self.log["map_in_step"].append(map_in_step)
+        self.log["async_map"].append(async_map)
+        self.log["round"].append(round_no)
+
+
+def crossing(lens: np.ndarray, token_bytes: int, page_size: int) -> bool:
+    """Whether growing every request from ``lens`` to ``lens + 1`` tokens needs a new page."""
+    pages = lambda n: -(-n * token_bytes // page_size)  # noqa: E731
+    return bool((pages(lens + 1) > pages(lens)).any())
+
+
+def tail_causes(log: dict, slow_fraction: float = 0.01) -> dict:
+    """Why the slowest steps (the top ``slow_fraction``, at least one) were slow.
+
+    Each slow step gets every cause that holds: ``map in step()`` (a synchronous map),
+    ``join wait`` (``step()`` waited > 0.5 ms with nothing to map itself: ``step_async``'s map
+    from the previous step was still running), ``launch blocked`` (launching took > 1 ms over its
+    median), ``GPU slower`` (the GPU's time for the step's work > 1.2x its median), ``map beside
+    the GPU work`` (a ``step_async`` map was issued while this step's work ran); ``machine`` when
+    none holds. Also the GPU time of steps with and without a map beside them (does a map slow
+    the GPU?)."""
+    total = np.asarray(log["total_ms"])
+    n = len(total)
+    if n == 0:
+        return {}
+    order = np.argsort(total)[::-1][:max(1, int(round(n * slow_fraction)))]
+    step, launch, gpu = (np.asarray(log[k]) for k in ("step_ms", "launch_ms", "gpu_ms"))
+    mapped, beside = np.asarray(log["map_in_step"]), np.asarray(log["async_map"])
+    after_async = np.concatenate(([False], beside[:-1]))
+    launch_p50, gpu_p50 = np.median(launch), np.median(gpu)
+    causes: dict[str, int] = {}
+    slow = []
+    for i in order.tolist():
+        why = [c for c, hit in (("map in step()", mapped[i]),
+                                ("join wait", after_async[i] and not mapped[i] and step[i] > 0.5),
+                                ("launch blocked", launch[i] > launch_p50 + 1.0),
+                                ("GPU slower", gpu[i] > 1.2 * gpu_p50),
+                                ("map beside the GPU work", beside[i])) if hit] or ["machine"]
+        for c in why:
+            causes[c] = causes.get(c, 0) + 1
+        slow.append({"index": i, "total_ms": float(total[i]), "step_ms": float(step[i]),
+                     "launch_ms": float(launch[i]), "gpu_ms": float(gpu[i]), "causes": why})
+    gpu_beside = gpu[beside] if beside.any() else np.array([])
+    gpu_alone = gpu[~beside]
+    return {"slow_steps": len(order), "threshold_ms": float(total[order[-1]]), "causes": causes, "slowest": slow[:10],
+            "gpu_ms_p50_with_map_beside": float(np.median(gpu_beside)) if len(gpu_beside) else None,
+            "gpu_ms_p50_without": float(np.median(gpu_alone)) if len(gpu_alone) else None,
+            "steps_with_map_beside": int(beside.sum()), "steps_mapping_in_step": int(mapped.sum())}
+
+
 def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     """The three modes run interleaved, a slice of steps each in turn, so clock and thermal drift
     over the run fall on all of them alike.
@@ -189,7 +206,6 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     the host is then idle while the GPU works, which is when ``step_async`` can overlap mapping.
     The graph is captured before the cache grows and stays valid while pages are mapped under its
     fixed addresses: that is the point of contiguous virtual KV memory."""
-    clock = Clock(device)
     gen = torch.Generator(device=device).manual_seed(0)
     modes = ("premapped", "step", "step_async")
     runs = {}
@@ -206,7 +222,7 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
                 cache.v[layer][s, :n].normal_(generator=gen)
         slot_t = torch.tensor(slots, dtype=torch.int32, device=device)
         runs[mode] = dict(cache=cache, slots=slots, slot_t=slot_t, slot_l=slot_t.long(),
-                          lens=np.array(lens0, dtype=np.int64), round_ms={}, it=0,
+                          lens=np.array(lens0, dtype=np.int64), clock=StepClock(device), it=0,
                           map_s0=cache.stats()["map_seconds"],
                           pos=torch.zeros(args.batch, dtype=torch.int64, device=device),
                           seqlens=torch.ones(args.batch, dtype=torch.int32, device=device))
@@ -241,19 +257,27 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
         r = runs[mode]
         cache, slots = r["cache"], r["slots"]
         nxt = r["lens"] + 1
-        t = clock.start()
-        cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
-        r["pos"].copy_(torch.from_numpy(nxt - 1), non_blocking=True)
-        r["seqlens"].copy_(torch.from_numpy(nxt.astype(np.int32)), non_blocking=True)
-        if graphs:
-            r["graph"].replay()
-        else:
-            forward(r)
-        if mode == "step_async":
-            cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
-        ms = clock.stop(t)  # synchronizes, like sampling the next token would
+        tb, P = cache.token_bytes, cache.page_size
+
+        def do_step():
+            cache.step(dict(zip(slots, nxt.tolist())))  # joins step_async's work; maps if still needed
+            r["pos"].copy_(torch.from_numpy(nxt - 1), non_blocking=True)
+            r["seqlens"].copy_(torch.from_numpy(nxt.astype(np.int32)), non_blocking=True)
+
+        def do_launch():
+            if graphs:
+                r["graph"].replay()
+            else:
+                forward(r)
+
+        def do_submit():
+            if mode == "step_async":
+                cache.step_async(dict(zip(slots, (nxt + 1).tolist())))
+
+        times = r["clock"].step(do_step, do_launch, do_submit)  # synchronizes, like sampling would
         if r["it"] >= args.warmup:
-            r["round_ms"].setdefault(round_no, []).append(ms)
+            r["clock"].record(times, map_in_step=mode == "step" and crossing(r["lens"], tb, P),
+                              async_map=mode == "step_async" and crossing(nxt, tb, P), round_no=round_no)
         r["it"] += 1
         r["lens"] = nxt
 
@@ -263,23 +287,34 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
             for _ in range(args.steps * (round_no + 1) // rounds - args.steps * round_no // rounds):
                 one_step(mode, round_no)
     results = {"interleaved_rounds": rounds, "cuda_graphs": graphs}
+    round_means = {}
     for mode in modes:
         r = runs[mode]
         s = r["cache"].stats()
-        times = [ms for k in sorted(r["round_ms"]) for ms in r["round_ms"][k]]
-        results[mode] = {"median_step_ms": statistics.median(times), "mean_step_ms": statistics.fmean(times),
-                         "max_step_ms": max(times), "map_calls": s["map_calls"],
-                         "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"]}
+        log = r["clock"].log
+        times = log["total_ms"]
+        by_round: dict[int, list[float]] = {}
+        for k, ms in zip(log["round"], times):
+            by_round.setdefault(k, []).append(ms)
+        round_means[mode] = {k: statistics.fmean(v) for k, v in by_round.items()}
+        total = benchlib.summary(times)
+        results[mode] = {"median_step_ms": total["p50"], "mean_step_ms": total["mean"], "p99_step_ms": total["p99"],
+                         "max_step_ms": total["max"], "map_calls": s["map_calls"],
+                         "map_seconds": s["map_seconds"] - r["map_s0"], "mapped_pages_total": s["mapped_pages_total"],
+                         "parts_ms": {k: benchlib.summary(log[k]) for k in StepClock.PARTS},
+                         "tail": tail_causes(log),
+                         "steps": {k: [round(x, 3) for x in log[k]] for k in StepClock.PARTS}}
         r["cache"].close()
     base = results["premapped"]["mean_step_ms"]
     # Per round, each mode's mean step over the same stretch of the run (a map step included,
     # about one per round); the median over rounds keeps one host hiccup (tens of ms on a shared
     # VM) from deciding the comparison, and the quartiles show the spread.
-    pre = runs["premapped"]["round_ms"]
+    pre = round_means["premapped"]
     for mode in ("step", "step_async"):
         results[mode]["mean_vs_premapped"] = results[mode]["mean_step_ms"] / base
-        rm = runs[mode]["round_ms"]
-        ratios = [statistics.fmean(rm[k]) / statistics.fmean(pre[k]) for k in sorted(rm) if k in pre]
+        results[mode]["p99_vs_premapped"] = results[mode]["p99_step_ms"] / results["premapped"]["p99_step_ms"]
+        rm = round_means[mode]
+        ratios = [rm[k] / pre[k] for k in sorted(rm) if k in pre]
         q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
         results[mode].update(round_median_vs_premapped=float(q2), round_q1_vs_premapped=float(q1),
                              round_q3_vs_premapped=float(q3))
@@ -287,7 +322,41 @@ def bench_decode_loop(args, device: torch.device, graphs: bool = False) -> dict:
     return results
 
 
-# --- 4. attention on pyvattn memory vs torch memory --------------------------------------------
+def render_decode(dl: dict, args) -> str:
+    lines = [f"\ndecode loop{' from CUDA graphs' if dl['cuda_graphs'] else ''}: {args.layers} layers, batch "
+             f"{args.batch}, {args.steps} steps, attention via {dl['attention_impl']}"]
+    head = ["mode", "p50 ms", "p99 ms", "max ms", "mean ms", "mean vs pre", "p99 vs pre",
+            "per-round vs pre: median [q1, q3]", "map calls"]
+    rows = []
+    for mode in ("premapped", "step", "step_async"):
+        r = dl[mode]
+        rounds = (f"{r['round_median_vs_premapped']:.3f}x [{r['round_q1_vs_premapped']:.3f}, "
+                  f"{r['round_q3_vs_premapped']:.3f}]") if "round_median_vs_premapped" in r else "-"
+        rows.append([mode, f"{r['median_step_ms']:.3f}", f"{r['p99_step_ms']:.3f}", f"{r['max_step_ms']:.3f}",
+                     f"{r['mean_step_ms']:.3f}", f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-",
+                     f"{r['p99_vs_premapped']:.3f}x" if "p99_vs_premapped" in r else "-", rounds, r["map_calls"]])
+    lines.append(benchlib.table(head, rows))
+    head = ["mode", "slow steps (>= ms)", "causes of the slowest 1%", "GPU ms p50: map beside / none",
+            "step() p50 / max ms", "launch p50 / max ms"]
+    rows = []
+    for mode in ("premapped", "step", "step_async"):
+        t, parts = dl[mode]["tail"], dl[mode]["parts_ms"]
+        beside = t["gpu_ms_p50_with_map_beside"]
+        rows.append([mode, f"{t['slow_steps']} (>= {t['threshold_ms']:.2f})",
+                     ", ".join(f"{c} {n}" for c, n in sorted(t["causes"].items(), key=lambda kv: -kv[1])),
+                     f"{beside:.3f} / {t['gpu_ms_p50_without']:.3f}" if beside is not None else
+                     f"- / {t['gpu_ms_p50_without']:.3f}",
+                     f"{parts['step_ms']['p50']:.3f} / {parts['step_ms']['max']:.3f}",
+                     f"{parts['launch_ms']['p50']:.3f} / {parts['launch_ms']['max']:.3f}"])
+    lines.append(benchlib.table(head, rows))
+    ok = dl["step_async"]["round_median_vs_premapped"] <= 1.03
+    ok99 = dl["step_async"]["p99_vs_premapped"] <= 1.02
+    lines.append(f"  step_async within 3% of premapped (median over {dl['interleaved_rounds']} interleaved rounds): "
+                 f"{'met' if ok else 'NOT met'}; p99 within 2%: {'met' if ok99 else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# --- 3. attention on pyvattn memory vs torch memory --------------------------------------------
 def bench_attention(args, device: torch.device) -> dict:
     clock = Clock(device)
     cache = _cache(args, device, layers=1)  # one layer's K and V: the same shapes as torch.empty's
@@ -325,23 +394,38 @@ def bench_attention(args, device: torch.device) -> dict:
 
 
 # --- main ---------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def sections_arg(value: str) -> list[str]:
+    """argparse type: a comma-separated subset of ``SECTIONS``."""
+    out = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in out if x not in SECTIONS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"{value!r}: sections are {','.join(SECTIONS)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", type=benchlib.device_arg, default="cuda")
     ap.add_argument("--backend", default="cuda-vmm", help="cuda-vmm, uvm64k, auto (host with --device cpu)")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-seq", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=1024, help="decode-loop iterations per mode")
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--attn-len", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--calls", type=int, default=256, help="driver calls timed per kind")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    ap.add_argument("--layers", type=benchlib.positive_int, default=32)
+    ap.add_argument("--batch", type=benchlib.positive_int, default=32)
+    ap.add_argument("--max-seq", type=benchlib.positive_int, default=8192)
+    ap.add_argument("--steps", type=benchlib.positive_int, default=1024, help="decode-loop iterations per mode")
+    ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=8)
+    ap.add_argument("--attn-len", type=benchlib.positive_int, default=4096)
+    ap.add_argument("--repeat", type=benchlib.positive_int, default=15)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="float32 for CPU smoke runs (the flash paths are fp16/bf16)")
+    ap.add_argument("--only", type=sections_arg, default=list(SECTIONS),
+                    help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs needs a GPU)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_cuda.json)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device)
+    device = args.device
 
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -354,60 +438,35 @@ def main(argv=None) -> int:
     if probe is not None and not probe.available:
         print(f"bench_cuda.py: backend {args.backend} cannot run on {device}: {probe.reason}", file=sys.stderr)
         return 2
-    out_path = Path(args.out or f"benchmarks/results/bench_cuda{'' if device.type == 'cuda' else '_smoke_cpu'}.json")
+    out_path = Path(args.out) if args.out else benchlib.default_out("bench_cuda", device)
 
-    result = {"machine": {"platform": platform.platform(), "python": sys.version.split()[0],
-                          "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                          "flash_attn": attention.flash_available()},
+    result = {"machine": {**benchlib.machine_facts(device), "flash_attn": attention.flash_available()},
               "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.backend == "cuda-vmm":
-        result["driver_calls"] = bench_driver_calls(device, args.calls)
-        d = result["driver_calls"]
-        print(f"\ncuda-vmm driver calls at granularity {d['granularity'] // 1024} KiB "
-              f"(host wall time, median of {d['calls']})")
-        for key in ("cuMemCreate_us", "cuMemMap_us", "cuMemSetAccess_1page_us",
-                    "cuMemSetAccess_run_of_16_pages_us", "cuMemSetAccess_again_on_1page_us", "cuMemUnmap_us",
-                    "cuMemRelease_us"):
-            print(f"  {key[:-3]:<36} {d[key]:>9.1f} us")
+    if "growth" in args.only:
+        g = result["growth"] = bench_growth(device, args.backend, args.layers, args.repeat)
+        print(f"\ngrow one request by one page in all {args.layers} layers' K and V "
+              f"({g['maps_per_growth']} maps, {g['backend']}, {g['page_size'] // 1024} KiB pages)")
+        print(f"  one batched map():            {g['batched_ms']:8.3f} ms  (goal < 1 ms: "
+              f"{'met' if g['batched_ms'] < 1 else 'NOT met'})")
+        print(f"  one map() per page:           {g['per_page_calls_ms']:8.3f} ms")
+        print(f"  batched, 4 pages per region:  {g['batched_4_pages_per_region_ms']:8.3f} ms "
+              f"({g['batched_4_pages_per_region_ms'] / 4:.3f} ms per page-of-growth)")
 
-    g = result["growth"] = bench_growth(device, args.backend, args.layers, args.repeat)
-    print(f"\ngrow one request by one page in all {args.layers} layers' K and V "
-          f"({g['maps_per_growth']} maps, {g['backend']}, {g['page_size'] // 1024} KiB pages)")
-    print(f"  one batched map():            {g['batched_ms']:8.3f} ms  (goal < 1 ms: "
-          f"{'met' if g['batched_ms'] < 1 else 'NOT met'})")
-    print(f"  one map() per page:           {g['per_page_calls_ms']:8.3f} ms")
-    print(f"  batched, 4 pages per region:  {g['batched_4_pages_per_region_ms']:8.3f} ms "
-          f"({g['batched_4_pages_per_region_ms'] / 4:.3f} ms per page-of-growth)")
-
-    for key, graphs in (("decode_loop", False), ("decode_loop_cuda_graphs", True)):
-        if graphs and device.type != "cuda":
+    for key, section, graphs in (("decode_loop", "decode", False), ("decode_loop_cuda_graphs", "graphs", True)):
+        if section not in args.only or (graphs and device.type != "cuda"):
             continue
         dl = result[key] = bench_decode_loop(args, device, graphs=graphs)
-        print(f"\ndecode loop{' from CUDA graphs' if graphs else ''}: {args.layers} layers, batch {args.batch}, "
-              f"{args.steps} steps, attention via {dl['attention_impl']}")
-        print(f"  {'mode':<12} {'median':>10} {'mean':>10} {'max':>10} {'mean vs pre':>12} "
-              f"{'per-round vs pre: median [q1, q3]':>34} {'map calls':>10}")
-        for mode in ("premapped", "step", "step_async"):
-            r = dl[mode]
-            ratio = f"{r['mean_vs_premapped']:.3f}x" if "mean_vs_premapped" in r else "-"
-            rounds = (f"{r['round_median_vs_premapped']:.3f}x [{r['round_q1_vs_premapped']:.3f}, "
-                      f"{r['round_q3_vs_premapped']:.3f}]") if "round_median_vs_premapped" in r else "-"
-            print(f"  {mode:<12} {r['median_step_ms']:>7.3f} ms {r['mean_step_ms']:>7.3f} ms "
-                  f"{r['max_step_ms']:>7.3f} ms {ratio:>12} {rounds:>34} {r['map_calls']:>10}")
-        ok = dl["step_async"]["round_median_vs_premapped"] <= 1.03
-        print(f"  step_async within 3% of premapped (median over {dl['interleaved_rounds']} interleaved "
-              f"rounds): {'met' if ok else 'NOT met'}")
+        print(render_decode(dl, args), flush=True)
 
-    a = result["attention"] = bench_attention(args, device)
-    print(f"\ndecode attention, batch {a['batch']}, {a['seq_len']} tokens, {a['impl']}: "
-          f"pyvattn {a['pyvattn_ms']:.4f} ms vs torch.empty {a['torch_empty_ms']:.4f} ms = "
-          f"{a['ratio']:.3f}x (goal within 2%: {'met' if a['ratio'] <= 1.02 else 'NOT met'}); "
-          f"outputs identical: {a['identical_outputs']}")
+    if "attention" in args.only:
+        a = result["attention"] = bench_attention(args, device)
+        print(f"\ndecode attention, batch {a['batch']}, {a['seq_len']} tokens, {a['impl']}: "
+              f"pyvattn {a['pyvattn_ms']:.4f} ms vs torch.empty {a['torch_empty_ms']:.4f} ms = "
+              f"{a['ratio']:.3f}x (goal within 2%: {'met' if a['ratio'] <= 1.02 else 'NOT met'}); "
+              f"outputs identical: {a['identical_outputs']}")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nsaved {out_path}")
+    print()
+    benchlib.save_json(out_path, result)
     return 0
 
 

@@ -118,6 +118,7 @@ class Uvm:
         return -(-raw // (2 * MiB)) * (2 * MiB)
 
     def range(self, nbytes: int) -> int:
+        nbytes = -(-nbytes // (2 * MiB)) * (2 * MiB)  # KVC ranges are whole 2 MiB blocks
         base = self.prot_none(nbytes)
         self.ok("UVM_KVC_CREATE_RANGE", base=base, length=nbytes)
         self.ranges[base] = nbytes
@@ -239,20 +240,50 @@ def _(u: Uvm, check: Check):
     check("supportedPageSizes", hex(p.supportedPageSizes), hex(u.abi.UVM_KVC_SUPPORTED_PAGE_SIZES))
 
 
-@case("query: per-GPU limits: the quota, and bytes held growing by whole 2 MiB roots")
+@case("query: limits and usage: caps, and bytes held growing by whole 2 MiB roots")
 def _(u: Uvm, check: Check):
-    quota = _module_param("uvm_kvc_max_mb_per_va_space")
     p = u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid)
-    if quota is not None:
-        check("quotaBytes is the module parameter", int(p.quotaBytes), quota << 20)
-    before = int(p.bytesHeld)
+    for param, field in (("uvm_kvc_max_mb_per_process", "processLimitBytes"),
+                         ("uvm_kvc_max_meta_mb_per_process", "metaLimitBytes")):
+        value = _module_param(param)
+        if value is not None:
+            check(f"{field} is the module parameter {param}", int(getattr(p, field)), value << 20)
+    check.true("gpuLimitBytes is set (uvm_kvc_max_gpu_percent of the GPU)", int(p.gpuLimitBytes) > 0)
+    check("maxMappingsPerPage", int(p.maxMappingsPerPage), u.abi.UVM_KVC_MAX_MAPPINGS_PER_PAGE)
+    check.true("this process owns its va_space", p.callerState & u.abi.UVM_KVC_CALLER_OWNS_VA_SPACE)
+    before, proc_before, gpu_before = int(p.fdBytes), int(p.processBytes), int(p.gpuBytes)
     hs = u.alloc(33)  # 33 x 64 KiB: at least one more 2 MiB root
-    after = int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).bytesHeld)
-    check.true(f"bytesHeld grew by whole roots ({before} -> {after})",
+    q = u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid)
+    after = int(q.fdBytes)
+    check.true(f"fdBytes grew by whole roots ({before} -> {after})",
                after > before and (after - before) % (2 * MiB) == 0 and after - before <= 4 * MiB)
+    check("processBytes grew as much", int(q.processBytes) - proc_before, after - before)
+    check.true("gpuBytes grew at least as much", int(q.gpuBytes) - gpu_before >= after - before)
+    check.true("metaBytes counts the bookkeeping", int(q.metaBytes) > 0)
     u.free(hs)
-    check("bytesHeld back after FREE", int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).bytesHeld), before)
-    check("no GPU: bytesHeld 0", int(u.ok("UVM_KVC_QUERY", gpuUuid=WRONG_UUID).bytesHeld), 0)
+    check("fdBytes back after FREE", int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).fdBytes), before)
+    check("no GPU: fdBytes 0", int(u.ok("UVM_KVC_QUERY", gpuUuid=WRONG_UUID).fdBytes), 0)
+    usage = _read_param_text("uvm_kvc_usage")
+    if usage is not None:
+        check.true("uvm_kvc_usage lists this process", f"pid {os.getpid()} " in usage)
+
+
+def _read_param_text(name: str) -> str | None:
+    try:
+        with open(f"/sys/module/nvidia_uvm/parameters/{name}") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _write_param(name: str, value: str) -> bool:
+    """Set a module parameter (root only); False where that is not possible."""
+    try:
+        with open(f"/sys/module/nvidia_uvm/parameters/{name}", "w") as f:
+            f.write(value)
+        return True
+    except OSError:
+        return False
 
 
 def _module_param(name: str) -> int | None:
@@ -373,7 +404,7 @@ class Skip(Exception):
     """A case that cannot run on this machine (reason in the message)."""
 
 
-@case("kernel self-test UVM_KVC_TEST_SANITY (needs uvm_enable_builtin_tests=1)")
+@case("kernel self-test UVM_KVC_TEST_SANITY: PTE readback, forced non-zero roots, id reuse (needs uvm_enable_builtin_tests=1)")
 def _(u: Uvm, check: Check):
     base = u.prot_none(4 * MiB)
     status, _ = u.call("UVM_KVC_TEST_SANITY", gpuUuid=u.uuid, base=base, length=4 * MiB,
@@ -407,6 +438,25 @@ def _(u: Uvm, check: Check):
     check("stale handle after reuse", u.call("UVM_KVC_FREE", count=1, handlesPtr=u.u64s([b]))[0],
           "NV_ERR_INVALID_OBJECT_HANDLE")
     u.free(reused)
+
+
+@case("generation: a slot freed and allocated again keeps its id; the old handle is refused")
+def _(u: Uvm, check: Check):
+    keep = u.alloc(31)  # most of a root: the next pages come from it, its id stays
+    (old,) = u.alloc(1)
+    u.free([old])
+    (new,) = u.alloc(1)
+    reused = (new & 0xFFFFFFFF) == (old & 0xFFFFFFFF)
+    check.true(f"id reused ({'yes' if reused else 'no: another partial root served it'}), new generation",
+               new != old)
+    base = u.range(2 * MiB)
+    check("MAP with the old handle", u.map(base, [old]), "NV_ERR_INVALID_OBJECT_HANDLE")
+    check("FREE with the old handle", u.call("UVM_KVC_FREE", count=1, handlesPtr=u.u64s([old]))[0],
+          "NV_ERR_INVALID_OBJECT_HANDLE")
+    check("the new handle maps", u.map(base, [new]), "NV_OK")
+    u.unmap(base, K64)
+    u.free(keep + [new])
+    u.drop_range(base)
 
 
 @case("free: bad inputs")
@@ -450,13 +500,16 @@ def _(u: Uvm, check: Check):
           "NV_ERR_INVALID_ADDRESS")
     check("misaligned length", u.call("UVM_KVC_CREATE_RANGE", base=base, length=K64 + 4096)[0],
           "NV_ERR_INVALID_ADDRESS")
+    check("64K-aligned but not whole 2 MiB", u.call("UVM_KVC_CREATE_RANGE", base=base, length=K64)[0],
+          "NV_ERR_INVALID_ADDRESS")
     check("zero length", u.call("UVM_KVC_CREATE_RANGE", base=base, length=0)[0], "NV_ERR_INVALID_ADDRESS")
     check("base + length overflows", u.call("UVM_KVC_CREATE_RANGE", base=(1 << 64) - K64, length=2 * K64)[0],
           "NV_ERR_INVALID_ADDRESS")
     check("valid", u.call("UVM_KVC_CREATE_RANGE", **valid)[0], "NV_OK")
     u.ranges[base] = 2 * MiB
-    check("overlapping", u.call("UVM_KVC_CREATE_RANGE", base=base + MiB, length=2 * MiB)[0],
+    check("overlapping", u.call("UVM_KVC_CREATE_RANGE", base=base, length=4 * MiB)[0],
           "NV_ERR_UVM_ADDRESS_IN_USE")
+
     t = torch.empty(8 * MiB, dtype=torch.uint8, device=u.device)
     inside = -(-t.data_ptr() // (2 * MiB)) * (2 * MiB)
     # Whether UVM knows cudaMalloc's VA at all is closed CUDA behaviour (memo 4.10): if this
@@ -744,6 +797,158 @@ def _(u: Uvm, check: Check):
     u.drop_range(base)
 
 
+@case("fork: a child holding the fd is refused every KVC ioctl; the parent is untouched")
+def _(u: Uvm, check: Check):
+    base = u.range(2 * MiB)
+    hs = u.alloc(2)
+    u.map(base, hs)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # raw ioctls only: CUDA itself does not survive fork
+        answers = {"alloc": u.call("UVM_KVC_ALLOC", gpuUuid=u.uuid, pageSize=K64, count=1,
+                                   handlesPtr=u.u64s([0]))[0],
+                   "free": u.call("UVM_KVC_FREE", count=2, handlesPtr=u.u64s(hs))[0],
+                   "unmap": u.unmap(base, 2 * K64),
+                   "owner": int(u.call("UVM_KVC_QUERY", gpuUuid=u.uuid)[1].callerState)}
+        os.write(w, json.dumps(answers).encode())
+        os._exit(0)
+    os.close(w)
+    answers = json.loads(os.read(r, 4096) or b"{}")
+    os.close(r)
+    os.waitpid(pid, 0)
+    for name in ("alloc", "free", "unmap"):
+        check(f"child {name}", answers.get(name), "NV_ERR_ILLEGAL_ACTION")
+    check("child is told it does not own the va_space", answers.get("owner", 1) & u.abi.UVM_KVC_CALLER_OWNS_VA_SPACE, 0)
+    check("parent's pages still mapped", u.map(base, hs[:1], flags=u.flag("UVM_KVC_MAP_FLAGS_NO_REPLACE")),
+          "NV_ERR_UVM_ADDRESS_IN_USE")
+    u.unmap(base, 2 * K64)
+    u.free(hs)
+    u.drop_range(base)
+
+
+@case("cross-process: pages a process filled and left are zero for the next process")
+def _(u: Uvm, check: Check):
+    mib = 256
+    proc = _child(u, "fill", str(mib))
+    out, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    if not check("child filled its pages and exited", out.strip().splitlines()[-1:] or [err[-200:]], ["filled"]):
+        return
+    n = mib * MiB // K64 + 64
+    base = u.range(n * K64)
+    hs = []
+    for i in range(0, n, u.max_batch):
+        hs += u.alloc(min(u.max_batch, n - i))
+        u.map(base + i * K64, hs[i:])
+    v = u.view(base, n * K64)
+    check(f"{n} fresh pages (the child's memory among them, likely) read as zeros", int(v.count_nonzero().item()), 0)
+    del v
+    u.unmap(base, n * K64)
+    u.free(hs)
+    u.drop_range(base)
+
+
+def child_fill(u: Uvm, mib: int) -> None:
+    n = mib * MiB // K64
+    base = u.range(n * K64)
+    for i in range(0, n, u.max_batch):
+        part = u.alloc(min(u.max_batch, n - i))
+        u.map(base + i * K64, part)
+    u.view(base, n * K64).fill_(0x5A5A5A5A)
+    torch.cuda.synchronize(u.device)
+    print("filled", flush=True)
+    os._exit(0)  # no cleanup: the driver reclaims, and must zero before anyone else sees it
+
+
+@case("kill -9 with a MAP in flight, 20 times: all GPU memory comes back")
+def _(u: Uvm, check: Check):
+    import random
+
+    baseline = _free_bytes(u)
+    rng = random.Random(1234)
+    for i in range(20):
+        proc = _child(u, "churn")
+        if proc.stdout.readline().strip() != "churning":
+            proc.kill()
+            check(f"kill {i}: child started", proc.communicate(timeout=CHILD_TIMEOUT)[1][-300:], "churning")
+            return
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=CHILD_TIMEOUT)
+    after = _wait_back(u, baseline, slack=8 * MiB)
+    check.true(f"free memory back to baseline after 20 kills ({(baseline - after) / MiB:.1f} MiB short)",
+               after >= baseline - 8 * MiB)
+
+
+def child_churn(u: Uvm) -> None:
+    n = min(u.max_batch, 4096)
+    base = u.range(2 * n * K64)
+    hs = u.alloc(n)
+    entries = u.entries([(base + 2 * i * K64, h) for i, h in enumerate(hs)])
+    print("churning", flush=True)
+    while True:  # until killed, mostly inside MAP_SCATTER and UNMAP
+        u.call("UVM_KVC_MAP_SCATTER", gpuUuid=u.uuid, count=n, entriesPtr=entries)
+        u.unmap(base, 2 * n * K64)
+
+
+@case("limits: per-process cap (root sets it), EVICT refused unless allowed, running out is a clean error")
+def _(u: Uvm, check: Check):
+    out = u.u64s([0] * u.max_batch)
+    if _read_param_text("uvm_kvc_allow_evict") not in (None, "Y\n"):
+        check("EVICT without uvm_kvc_allow_evict", u.call(
+            "UVM_KVC_ALLOC", flags=u.flag("UVM_KVC_ALLOC_FLAGS_EVICT"), gpuUuid=u.uuid, pageSize=K64, count=1,
+            handlesPtr=out)[0], "NV_ERR_INSUFFICIENT_PERMISSIONS")
+    held = int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).processBytes)
+    old = _read_param_text("uvm_kvc_max_mb_per_process")
+    if old is not None and _write_param("uvm_kvc_max_mb_per_process", str((held >> 20) + 64)):
+        try:
+            hs = u.alloc(1024)  # 64 MiB: exactly the room left
+            check("one more page past the per-process cap", u.call(
+                "UVM_KVC_ALLOC", gpuUuid=u.uuid, pageSize=K64, count=1, handlesPtr=out)[0],
+                "NV_ERR_INSUFFICIENT_RESOURCES")
+            u.free(hs)
+        finally:
+            _write_param("uvm_kvc_max_mb_per_process", old.strip())
+    else:
+        check("per-process cap: not root here, not checked", "skipped", "skipped")
+    # Out of memory (the GPU-wide cap or vidmem itself): a clean error, nothing kept.
+    before = int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).fdBytes)
+    hs, status = [], "NV_OK"
+    limit = int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).gpuLimitBytes) // K64 + u.max_batch
+    while status == "NV_OK" and len(hs) < limit:
+        status, p = u.call("UVM_KVC_ALLOC", gpuUuid=u.uuid, pageSize=K64, count=u.max_batch, handlesPtr=out)
+        if status == "NV_OK":
+            hs += list(u.abi.ffi.cast("NvU64 *", out)[0:u.max_batch])
+    check.true(f"allocating until it fails ends in a clean error ({status} after {len(hs) * K64 >> 20} MiB)",
+               status in ("NV_ERR_NO_MEMORY", "NV_ERR_INSUFFICIENT_RESOURCES"))
+    for i in range(0, len(hs), u.max_batch):
+        u.free(hs[i:i + u.max_batch])
+    check("everything given back", int(u.ok("UVM_KVC_QUERY", gpuUuid=u.uuid).fdBytes), before)
+
+
+@case("map_scatter: a decode step, one page for each of maxBatch regions in 64 ranges, in one call")
+def _(u: Uvm, check: Check):
+    n = u.max_batch
+    per_range = -(-n // 64)
+    bases = [u.range(per_range * 2 * MiB) for _ in range(64)]
+    hs = []
+    for i in range(0, n, u.max_batch):
+        hs += u.alloc(min(u.max_batch, n - i))
+    vas = [bases[i % 64] + (i // 64) * 2 * MiB + 5 * K64 for i in range(n)]
+    t0 = time.perf_counter()
+    status, p = u.call("UVM_KVC_MAP_SCATTER", gpuUuid=u.uuid, count=n, entriesPtr=u.entries(list(zip(vas, hs))),
+                       flags=u.flag("UVM_KVC_MAP_FLAGS_NO_REPLACE"))
+    ms = (time.perf_counter() - t0) * 1e3
+    check(f"one MAP_SCATTER of {n} pages ({ms:.1f} ms)", status, "NV_OK")
+    for i in (0, n // 2, n - 1):
+        u.view(vas[i], K64).fill_(i + 1)
+    torch.cuda.synchronize(u.device)
+    check.true("pages hold their own data", all(int((u.view(vas[i], K64) == i + 1).all().item()) for i in (0, n // 2, n - 1)))
+    for b in bases:
+        u.drop_range(b)  # UVM_FREE clears every PTE of the range
+    for i in range(0, n, u.max_batch):
+        u.free(hs[i:i + u.max_batch])
+
+
 def child_fault(u: Uvm) -> None:
     base = u.range(2 * MiB)
     hs = u.alloc(1)
@@ -820,6 +1025,8 @@ def main(argv=None) -> int:
     ap.add_argument("--child-hold", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-foreign", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-fault", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-fill", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-churn", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -842,6 +1049,12 @@ def main(argv=None) -> int:
         return 0
     if args.child_fault:
         child_fault(u)
+        return 0
+    if args.child_fill:
+        child_fill(u, args.child_fill)
+        return 0
+    if args.child_churn:
+        child_churn(u)
         return 0
 
     results = []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cudastub import ACCESS, GRAN, MAP, SYNC, UNMAP, stub, stub_library  # noqa: F401 (fixtures)
 from pyvattn import BackendUnavailable
 from pyvattn._ffi import cuda
 from pyvattn._ffi.dlpack import device_tensor
@@ -74,7 +75,7 @@ def test_every_needed_function_is_declared():
              "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRelease_v2", "cuCtxGetCurrent",
              "cuCtxSetCurrent", "cuCtxSynchronize", "cuMemGetAllocationGranularity",
              "cuMemAddressReserve", "cuMemAddressFree", "cuMemCreate", "cuMemRelease", "cuMemMap",
-             "cuMemUnmap", "cuMemSetAccess", "cuMemGetInfo_v2", "cuGetErrorName", "cuGetErrorString"]
+             "cuMemUnmap", "cuMemSetAccess", "cuMemGetAccess", "cuMemGetInfo_v2", "cuGetErrorName", "cuGetErrorString"]
     for name in names:
         with pytest.raises(AttributeError, match="not found in library"):
             getattr(libc, name)
@@ -104,6 +105,19 @@ def test_check_raises_cuda_error_with_the_status_name():
 def test_missing_library_is_backend_unavailable():
     with pytest.raises(BackendUnavailable, match="libcuda-does-not-exist"):
         cuda.open_library(["libcuda-does-not-exist.so.1"])
+
+
+def test_use_library_loads_a_given_driver_once(stub_library, monkeypatch):
+    monkeypatch.setattr(cuda, "_lib", None)
+    monkeypatch.setattr(cuda, "_lib_path", None)
+    monkeypatch.setattr(cuda, "_init_status", None)
+    with pytest.raises(BackendUnavailable, match="no-such-libcuda"):
+        cuda.use_library("/nonexistent/no-such-libcuda.so")
+    cuda.use_library(str(stub_library))
+    cuda.use_library(str(stub_library))  # the same library again: nothing to do
+    assert cuda.device_name(cuda.device_get(0)) == "Stub GPU"
+    with pytest.raises(RuntimeError, match="already loaded"):
+        cuda.use_library("libcuda.so.1")
 
 
 @pytest.mark.skipif(_libcuda_loads(), reason="libcuda is installed here")
@@ -167,203 +181,9 @@ def test_device_tensor_headers_are_freed_by_torch():
     assert grown_kib < 2048  # a leaked ~100-byte header each would be ~5 MiB
 
 
-# --- the backend's call sequences, against a stub driver ------------------------------------------
-# No GPU here, so the Python side of the cuda-vmm backend is driven against a small C stand-in for
-# libcuda (compiled at test time). It keeps the state a driver would (reservations, handles,
-# mappings, access, the current context per thread) and rejects what the real API rejects, so
-# these tests check *what the backend asks of the driver*: argument values, call counts and order,
-# roll-back on failure, context handling on other threads. They prove nothing about the real driver:
-# tests/test_cuda_vmm.py does that on a GPU.
-STUB_C = r"""
-/* A strict stand-in for the libcuda VMM subset: driver-like state to check call sequences, and
-   host memory behind "device" pages (a memfd), so mapped ranges can be read and written. */
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <unistd.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/mman.h>
-
-#define GRAN (2u << 20)
-#define MAXN 4096
-typedef int CUresult;
-typedef struct { int type; int id; } Loc;
-typedef struct { int type; int handleTypes; Loc location; void *win32; unsigned char flags[8]; } Prop;
-typedef struct { Loc location; int flags; } Access;
-
-static int ctx_obj, ctx_refs, initialized;
-static __thread void *current;
-static struct { uint64_t base, size; } res[MAXN];
-static struct { uint64_t size; int alive; } handles[MAXN];
-static struct { uint64_t va, size, h; int access; } maps[MAXN];
-static int nres, nhandles, nmaps, memfd = -1;
-static long limit_pages = 1 << 30, used_pages;
-int stub_calls[16];   /* 0 map, 1 setaccess, 2 unmap, 3 create, 4 release, 5 sync, 6 reserve, 7 free */
-int stub_fail_map_after = -1, stub_fail_access = 0, stub_fail_unmap_after = -1;
-uint64_t stub_last_sync_before_unmap;  /* stub_calls[5] when the last unmap ran */
-
-void stub_set_limit(long pages) { limit_pages = pages; }
-int stub_live_handles(void) { int n = 0; for (int i = 0; i < nhandles; i++) n += handles[i].alive; return n; }
-int stub_live_mappings(void) { int n = 0; for (int i = 0; i < nmaps; i++) n += maps[i].size != 0; return n; }
-int stub_accessible_mappings(void) { int n = 0; for (int i = 0; i < nmaps; i++) n += maps[i].size && maps[i].access; return n; }
-int stub_live_reservations(void) { int n = 0; for (int i = 0; i < nres; i++) n += res[i].size != 0; return n; }
-int stub_ctx_refs(void) { return ctx_refs; }
-
-static int good_prop(const Prop *p) { return p && p->type == 1 && p->handleTypes == 0 && p->location.type == 1 && p->location.id == 0; }
-
-CUresult cuInit(unsigned flags) { if (flags) return 1; initialized = 1; return 0; }
-CUresult cuDriverGetVersion(int *v) { *v = 12040; return 0; }
-CUresult cuGetErrorName(CUresult e, const char **s) {
-    switch (e) {
-    case 0: *s = "CUDA_SUCCESS"; return 0;
-    case 1: *s = "CUDA_ERROR_INVALID_VALUE"; return 0;
-    case 2: *s = "CUDA_ERROR_OUT_OF_MEMORY"; return 0;
-    case 201: *s = "CUDA_ERROR_INVALID_CONTEXT"; return 0;
-    case 205: *s = "CUDA_ERROR_MAP_FAILED"; return 0;
-    default: *s = 0; return 1;
-    }
-}
-CUresult cuGetErrorString(CUresult e, const char **s) { *s = "stub driver error"; return 0; }
-CUresult cuDeviceGetCount(int *n) { if (!initialized) return 3; *n = 1; return 0; }
-CUresult cuDeviceGet(int *d, int ord) { if (!initialized) return 3; if (ord != 0) return 101; *d = 0; return 0; }
-CUresult cuDeviceGetName(char *name, int len, int dev) { strncpy(name, "Stub GPU", len); return 0; }
-CUresult cuDeviceGetAttribute(int *v, int attr, int dev) { *v = attr == 102; return 0; }
-CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { *ctx = &ctx_obj; ctx_refs++; return 0; }
-CUresult cuDevicePrimaryCtxRelease_v2(int dev) { if (ctx_refs <= 0) return 201; ctx_refs--; return 0; }
-CUresult cuCtxGetCurrent(void **ctx) { if (!initialized) return 3; *ctx = current; return 0; }
-CUresult cuCtxSetCurrent(void *ctx) { current = ctx; return 0; }
-CUresult cuCtxSynchronize(void) { if (!current) return 201; stub_calls[5]++; return 0; }
-CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
-    if (!current) return 201; *total = (size_t)limit_pages * GRAN; *free = (size_t)(limit_pages - used_pages) * GRAN; return 0;
-}
-CUresult cuMemGetAllocationGranularity(size_t *g, const Prop *p, int opt) { if (!good_prop(p) || opt) return 1; *g = GRAN; return 0; }
-CUresult cuMemAddressReserve(uint64_t *ptr, size_t size, size_t align, uint64_t addr, unsigned long long flags) {
-    if (!size || size % GRAN || !align || align % GRAN || (align & (align - 1)) || addr || flags || nres == MAXN) return 1;
-    char *raw = mmap(0, size + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (raw == MAP_FAILED) return 2;
-    uint64_t base = ((uint64_t)raw + align - 1) / align * align;
-    res[nres].base = base; res[nres].size = size; nres++; stub_calls[6]++;
-    *ptr = base; return 0;
-}
-CUresult cuMemAddressFree(uint64_t ptr, size_t size) {
-    for (int i = 0; i < nres; i++) if (res[i].size && res[i].base == ptr) {
-        if (res[i].size != size) return 1;
-        for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va >= ptr && maps[j].va < ptr + size) return 1;
-        munmap((void *)ptr, size); res[i].size = 0; stub_calls[7]++; return 0;
-    }
-    return 1;
-}
-CUresult cuMemCreate(uint64_t *h, size_t size, const Prop *p, unsigned long long flags) {
-    if (!good_prop(p) || flags || !size || size % GRAN || nhandles == MAXN) return 1;
-    stub_calls[3]++;
-    if (used_pages + (long)(size / GRAN) > limit_pages) return 2;
-    if (memfd < 0) memfd = memfd_create("stub-cuda", MFD_CLOEXEC);
-    if (memfd < 0 || ftruncate(memfd, (off_t)(nhandles + 1) * GRAN)) return 2;
-    if (size != GRAN) return 801;  /* one granule per handle keeps the stub's memfd layout simple */
-    used_pages += size / GRAN;
-    handles[nhandles].size = size; handles[nhandles].alive = 1;
-    *h = 1000 + nhandles++; return 0;
-}
-static int handle_index(uint64_t h) { long i = (long)h - 1000; return (i >= 0 && i < nhandles && handles[i].alive) ? (int)i : -1; }
-CUresult cuMemRelease(uint64_t h) {
-    int i = handle_index(h); if (i < 0) return 400;
-    handles[i].alive = 0; used_pages -= handles[i].size / GRAN; stub_calls[4]++;
-    fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)i * GRAN, GRAN);
-    return 0;
-}
-CUresult cuMemMap(uint64_t va, size_t size, size_t offset, uint64_t h, unsigned long long flags) {
-    int i = handle_index(h);
-    if (!current) return 201;
-    if (i < 0 || offset || flags || size != handles[i].size || va % GRAN || nmaps == MAXN) return 1;
-    int inside = 0;
-    for (int r = 0; r < nres; r++) inside |= res[r].size && va >= res[r].base && va + size <= res[r].base + res[r].size;
-    if (!inside) return 1;
-    for (int j = 0; j < nmaps; j++) if (maps[j].size && va < maps[j].va + maps[j].size && maps[j].va < va + size) return 208;
-    if (stub_fail_map_after == 0) return 205;
-    if (stub_fail_map_after > 0) stub_fail_map_after--;
-    if (mmap((void *)va, size, PROT_NONE, MAP_SHARED | MAP_FIXED, memfd, (off_t)i * GRAN) == MAP_FAILED) return 2;
-    maps[nmaps].va = va; maps[nmaps].size = size; maps[nmaps].h = h; maps[nmaps].access = 0; nmaps++;
-    stub_calls[0]++; return 0;
-}
-CUresult cuMemSetAccess(uint64_t va, size_t size, const Access *d, size_t count) {
-    if (!current) return 201;
-    if (count != 1 || d->location.type != 1 || d->location.id != 0 || d->flags != 3 || !size || size % GRAN) return 1;
-    stub_calls[1]++;
-    if (stub_fail_access) return 2;
-    for (uint64_t a = va; a < va + size; a += GRAN) {  /* every granule must be mapped */
-        int found = 0;
-        for (int j = 0; j < nmaps; j++) if (maps[j].size && a >= maps[j].va && a < maps[j].va + maps[j].size) found = 1;
-        if (!found) return 1;
-    }
-    for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va >= va && maps[j].va < va + size) maps[j].access = 1;
-    mprotect((void *)va, size, PROT_READ | PROT_WRITE);
-    return 0;
-}
-CUresult cuMemUnmap(uint64_t va, size_t size) {
-    if (!current) return 201;
-    if (stub_fail_unmap_after == 0) return 999;  /* CUDA_ERROR_UNKNOWN */
-    if (stub_fail_unmap_after > 0) stub_fail_unmap_after--;
-    for (int j = 0; j < nmaps; j++) if (maps[j].size && maps[j].va == va) {
-        if (maps[j].size != size) return 1;
-        maps[j].size = 0; stub_calls[2]++; stub_last_sync_before_unmap = stub_calls[5];
-        mmap((void *)va, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-        return 0;
-    }
-    return 1;
-}
-"""
-STUB_CDEF = """
-    extern int stub_calls[16];
-    extern int stub_fail_map_after, stub_fail_access, stub_fail_unmap_after;
-    extern uint64_t stub_last_sync_before_unmap;
-    void stub_set_limit(long pages);
-    int stub_live_handles(void);
-    int stub_live_mappings(void);
-    int stub_accessible_mappings(void);
-    int stub_live_reservations(void);
-    int stub_ctx_refs(void);
-"""
-MAP, ACCESS, UNMAP, CREATE, RELEASE, SYNC = range(6)
-GRAN = 2 << 20
-
-
-@pytest.fixture(scope="module")
-def stub_source(tmp_path_factory):
-    import shutil
-    import subprocess
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build the stub driver")
-    d = tmp_path_factory.mktemp("stubcuda")
-    (d / "stub.c").write_text(STUB_C)
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "libcuda-stub.so"), str(d / "stub.c")],
-                   check=True, capture_output=True)
-    return d / "libcuda-stub.so"
-
-
-@pytest.fixture
-def stub(stub_source, tmp_path, monkeypatch):
-    """A fresh stub driver (a copy of the library has its own globals) installed as libcuda."""
-    return _install_stub(stub_source, tmp_path / "libcuda.so.1", monkeypatch)
-
-
-def _install_stub(stub_source, path, monkeypatch):
-    import shutil
-
-    from cffi import FFI
-
-    from pyvattn.backends.cuda_vmm import CudaVmmBackend
-
-    shutil.copy(stub_source, path)
-    monkeypatch.setattr(cuda, "_lib", cuda.ffi.dlopen(str(path)))
-    monkeypatch.setattr(cuda, "_init_status", None)
-    monkeypatch.setattr(CudaVmmBackend, "_granularity", {})
-    ffi = FFI()
-    ffi.cdef(STUB_CDEF)
-    return ffi.dlopen(str(path))
-
+# --- the backend's call sequences, against the stub driver (tests/cudastub.py) ---------------------
+# They check *what the backend asks of the driver*: argument values, call counts and order, roll-back
+# on failure, context handling on other threads. tests/test_cuda_vmm.py checks the real driver on a GPU.
 
 def _backend():
     from pyvattn.backends.cuda_vmm import CudaVmmBackend
@@ -578,12 +398,13 @@ class _CountedDriver:
 
 
 @pytest.mark.parametrize("failure", ["KeyboardInterrupt", "driver status"])
-def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_source, tmp_path,
+def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_library, tmp_path,
                                                                           monkeypatch, failure):
     """tests/test_exception_safety.py's sweep on cuda-vmm: the workload (growth, step_async,
     reclaim under a budget, reserve, trim, frees) with one driver call failing, at each index in
     turn; after each: the books against the stub driver's own state, and everything released at
     close. A fresh stub each run (the stub never reuses its table entries)."""
+    from cudastub import install
     from faults import sweep
 
     from pyvattn import KVCache
@@ -593,13 +414,13 @@ def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_
     state = {}
 
     def fresh(at):
-        state["stub"] = _install_stub(stub_source, tmp_path / f"libcuda-{at}.so.1", monkeypatch)
+        state["stub"] = install(stub_library, tmp_path / f"libcuda-{at}.so.1", monkeypatch)
 
     def make():  # 8 x 4096 fp32 = 128 KiB per token: 16 tokens per 2 MiB page, as the workload wants
         return KVCache(2, 8, 4096, max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cuda",
                        backend="cuda-vmm", memory_budget=48 * GRAN)
 
-    def install(mp, cache, injector):
+    def count_driver_calls(mp, cache, injector):
         mp.setattr(cuda, "_lib", _CountedDriver(cuda._lib, injector))
 
     def reality(cache):
@@ -614,5 +435,5 @@ def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_
 
     fail = None if failure == "KeyboardInterrupt" else \
         (lambda name, fn, args: 2 if name in ("cuMemCreate", "cuMemMap", "cuMemSetAccess") else 999)
-    assert sweep(make, install, error=KeyboardInterrupt(), fail=fail, data=False, reality=reality,
-                 after_close=closed, before_each=fresh) > 50
+    assert sweep(make, count_driver_calls, error=KeyboardInterrupt(), fail=fail, data=False,
+                 reality=reality, after_close=closed, before_each=fresh) > 50

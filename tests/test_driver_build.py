@@ -48,7 +48,8 @@ def test_header_compiles_in_user_space(flags):
 def test_hooks_patch_touches_only_expected_files():
     allowed = {"nvidia-uvm/nvidia-uvm-sources.Kbuild", "nvidia-uvm/uvm.c", "nvidia-uvm/uvm_test.c",
                "nvidia-uvm/uvm_lock.c", "nvidia-uvm/uvm_lock.h", "nvidia-uvm/uvm_map_external.c",
-               "nvidia-uvm/uvm_va_range.h", "nvidia-uvm/uvm_va_space.c", "nvidia-uvm/uvm_va_space.h"}
+               "nvidia-uvm/uvm_va_range.c", "nvidia-uvm/uvm_va_range.h", "nvidia-uvm/uvm_va_space.c",
+               "nvidia-uvm/uvm_va_space.h"}
     for _, d in _series():
         text = (PATCH / d / "uvm-kvc-hooks.patch").read_text()
         files = {line.split()[1][2:] for line in text.splitlines() if line.startswith("+++ ")}

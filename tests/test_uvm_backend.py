@@ -24,7 +24,7 @@ import torch
 
 from pyvattn import OutOfPages, backends
 from pyvattn._ffi import cuda, libc
-from pyvattn.errors import BackendUnavailable, UvmError
+from pyvattn.errors import BackendUnavailable, OSCallError, UvmError
 
 K64 = 64 << 10
 MiB = 1 << 20
@@ -72,6 +72,8 @@ NvU32 stub_max_batch = 8;
 NvU64 stub_page_sizes = UVM_KVC_SUPPORTED_PAGE_SIZES;
 long stub_limit = 1 << 20;            /* 64K pages the "GPU" can hold */
 NvU64 stub_quota_bytes;               /* what QUERY reports as the module parameter's cap */
+int stub_foreign;                     /* answer as to a process that does not own the va_space */
+int stub_eagain;                      /* the next N calls fail with EAGAIN (system suspending) */
 int stub_calls[64];                   /* by request - 1536; [63] counts UVM_FREE */
 int stub_fail_request = -1, stub_fail_after;   /* fail that request after N successes */
 NV_STATUS stub_fail_status;
@@ -165,9 +167,13 @@ static NV_STATUS query(int fd, UVM_KVC_QUERY_PARAMS *p) {
     if (p->version != stub_abi_version) return ST(NOT_SUPPORTED);  /* no reserved field: outputs */
     if (p->flags) return ST(INVALID_FLAGS);
     if (p->pad0) return ST(INVALID_ARGUMENT);
-    p->quotaBytes = stub_quota_bytes;
-    p->bytesHeld = fd == stub_va_fd && !memcmp(p->gpuUuid.uuid, stub_uuid, 16)  /* whole 2 MiB roots */
+    p->processLimitBytes = stub_quota_bytes;
+    p->gpuLimitBytes = (NvU64)stub_limit * K64;
+    p->maxMappingsPerPage = UVM_KVC_MAX_MAPPINGS_PER_PAGE;
+    p->callerState = fd == stub_va_fd && !stub_foreign ? UVM_KVC_CALLER_OWNS_VA_SPACE : 0;
+    p->fdBytes = fd == stub_va_fd && !memcmp(p->gpuUuid.uuid, stub_uuid, 16)  /* whole 2 MiB roots */
         ? (NvU64)((used * 65536 + (2 << 20) - 1) / (2 << 20)) * (2 << 20) : 0;
+    p->processBytes = p->fdBytes;
     p->magic = stub_magic;
     p->supportedPageSizes = stub_page_sizes;
     p->maxBatch = stub_max_batch;
@@ -233,7 +239,8 @@ static NV_STATUS free_handles(UVM_KVC_FREE_PARAMS *p) {
 
 static NV_STATUS create_range(UVM_KVC_CREATE_RANGE_PARAMS *p) {
     COMMON(p, 0);
-    if (!p->length || p->base % K64 || p->length % K64 || p->base + p->length < p->base) return ST(INVALID_ADDRESS);
+    if (!p->length || p->base % (2 << 20) || p->length % (2 << 20) || p->base + p->length < p->base)
+        return ST(INVALID_ADDRESS);   /* KVC ranges are whole 2 MiB blocks */
     for (int i = 0; i < nr; i++)
         if (r[i].len && p->base < r[i].base + r[i].len && r[i].base < p->base + p->length) return ST(UVM_ADDRESS_IN_USE);
     int i = 0;
@@ -305,6 +312,7 @@ static NV_STATUS uvm_free(STUB_UVM_FREE_PARAMS *p) {
 int stub_ioctl(int fd, unsigned long request, void *arg) {
     NV_STATUS s;
     if (fd != stub_va_fd && fd != stub_mm_fd) { errno = ENOTTY; return -1; }
+    if (stub_eagain > 0) { stub_eagain--; errno = EAGAIN; return -1; }
     if (request == 34) { stub_calls[63]++; s = uvm_free(arg); ((STUB_UVM_FREE_PARAMS *)arg)->rmStatus = s; return 0; }
     if (stub_stock || request < UVM_KVC_QUERY || request > UVM_KVC_UNMAP) { errno = EINVAL; return -1; }
     stub_calls[request - 1536]++;
@@ -319,7 +327,7 @@ int stub_ioctl(int fd, unsigned long request, void *arg) {
     default: status = &((UVM_KVC_UNMAP_PARAMS *)arg)->rmStatus; break;
     }
     if ((int)request == stub_fail_request && stub_fail_after-- == 0) { *status = stub_fail_status; return 0; }
-    if (request != UVM_KVC_QUERY && fd != stub_va_fd) { *status = ST(ILLEGAL_ACTION); return 0; }
+    if (request != UVM_KVC_QUERY && (fd != stub_va_fd || stub_foreign)) { *status = ST(ILLEGAL_ACTION); return 0; }
     switch (request) {
     case UVM_KVC_QUERY: s = query(fd, arg); break;
     case UVM_KVC_ALLOC: s = alloc(arg); break;
@@ -363,6 +371,7 @@ STUB_CDEF = """
     extern uint64_t stub_magic, stub_page_sizes;
     extern long stub_limit;
     extern int stub_calls[64];
+    extern int stub_foreign, stub_eagain;
     extern int stub_fail_request, stub_fail_after;
     extern uint32_t stub_fail_status;
     extern int stub_syncs, stub_syncs_at_last_unmap, stub_freed_unreserved;
@@ -436,7 +445,7 @@ def test_stub_probe_answers_and_explains(stub, monkeypatch):
 
     p = UvmBackend.probe(torch.device("cuda"))
     assert p.available and f"fd {stub.stub_va_fd}" in p.reason and "8 per ioctl" in p.reason
-    assert "per-process cap none" in p.reason
+    assert "per-process cap none" in p.reason and "all processes" in p.reason
     stub.stub_quota_bytes = 3 << 30
     assert "per-process cap 3072 MiB" in UvmBackend.probe(torch.device("cuda")).reason
     stub.stub_quota_bytes = 0
@@ -450,7 +459,7 @@ def test_stub_probe_answers_and_explains(stub, monkeypatch):
     stub.stub_abi_version = 99
     p = UvmBackend.probe(torch.device("cuda"))
     assert not p.available and "ABI version" in p.reason
-    stub.stub_abi_version = 1
+    stub.stub_abi_version = 2  # UVM_KVC_ABI_VERSION
     stub.stub_magic = 0x1234
     p = UvmBackend.probe(torch.device("cuda"))
     assert not p.available and "magic" in p.reason
@@ -468,7 +477,7 @@ def test_stub_uses_the_va_space_fd_never_the_mm_fd(stub, monkeypatch):
     assert b.fd == stub.stub_va_fd and stub.stub_ctx_refs() == 1
     info = b.describe()
     assert info["backend"] == "uvm64k" and info["max_batch"] == 8 and info["granularity"] == K64
-    assert info["page_sizes"] == [K64, 2 * K64, 4 * K64] and info["abi_version"] == 1
+    assert info["page_sizes"] == [K64, 2 * K64, 4 * K64] and info["abi_version"] == 2
     b.close()
     assert stub.stub_ctx_refs() == 0
     monkeypatch.setattr(uvm_backend, "uvm_fds", lambda: [stub.stub_mm_fd])
@@ -480,7 +489,7 @@ def test_stub_uses_the_va_space_fd_never_the_mm_fd(stub, monkeypatch):
 # --- ranges and pages ----------------------------------------------------------------------------
 def test_stub_bytes_held_comes_from_query(stub):
     b = _backend()
-    assert b.bytes_held() == 0 and b.describe()["module_quota_bytes"] == 0
+    assert b.bytes_held() == 0 and b.describe()["process_limit_bytes"] == 0
     pages = b.create_pages(33)  # 33 x 64 KiB: two 2 MiB roots
     assert b.bytes_held() == 4 << 20
     b.release_pages(pages)
@@ -723,6 +732,122 @@ def test_stub_close_frees_everything_and_is_idempotent(stub):
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.reserve(4 * K64)
+
+
+def test_stub_reserve_rounds_the_range_to_whole_2mib_blocks(stub):
+    """The module's ranges are whole 2 MiB blocks: a 3-page reservation is a 2 MiB range, and
+    pages map only inside what was asked for."""
+    b = _backend()
+    base = b.reserve(3 * K64)
+    pages = b.create_pages(3)
+    b.map([base + i * K64 for i in range(3)], pages)
+    with pytest.raises(ValueError, match="inside a reservation"):
+        b.map([base + 3 * K64], b.create_pages(1))
+    b.unmap([base + i * K64 for i in range(3)])
+    b.unreserve(base, 3 * K64)
+    assert stub.stub_live_ranges() == 0 and stub.stub_freed_unreserved == 0
+    b.close()
+
+
+def _in_forked_child(fn) -> dict:
+    """Run fn() in a forked child; return the dict it returns (through a pipe)."""
+    import json
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, no destructors
+        os.close(r)
+        try:
+            out = fn()
+        except BaseException as exc:  # reported to the parent
+            out = {"error": repr(exc)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def test_stub_forked_child_close_touches_nothing_of_the_parent(stub):
+    """M3: CUDA's UVM fd is inherited across fork. A child that collects a cache must issue no
+    ioctl and no CUDA call: the ranges, pages and mappings stay the parent's."""
+    b = _backend()
+    base = b.reserve(8 * K64)
+    pages = b.create_pages(4)
+    b.map([base + i * K64 for i in range(4)], pages)
+    _fill(base, 4 * K64, 7)
+
+    def child():
+        before = list(stub.stub_calls)
+        refs = stub.stub_ctx_refs()
+        b.close()  # what KVCache.__del__ in a child ends up doing
+        errors = []
+        for call in (lambda: b.create_pages(1), lambda: b.map([base], pages[:1]), lambda: b.unmap([base])):
+            try:
+                call()
+            except (RuntimeError, ValueError) as exc:  # closed, or its books are gone
+                errors.append(str(exc))
+        return {"calls": [a - c for a, c in zip(stub.stub_calls, before)],
+                "ctx_refs": stub.stub_ctx_refs() - refs, "closed": b._closed, "errors": errors}
+
+    out = _in_forked_child(child)
+    assert out.get("error") is None, out
+    assert not any(out["calls"]) and out["ctx_refs"] == 0 and out["closed"], out
+    assert len(out["errors"]) == 3  # closed in the child: nothing more is attempted
+
+    def child_uses():
+        try:
+            b.create_pages(1)
+        except RuntimeError as exc:
+            return {"raised": str(exc), "calls": stub.stub_calls[ALLOC]}
+        return {"raised": None}
+
+    calls = stub.stub_calls[ALLOC]
+    out = _in_forked_child(child_uses)
+    assert "forked child" in (out["raised"] or "") and out["calls"] == calls, out
+    # The parent is untouched: its pages are still mapped and hold their data.
+    assert (stub.stub_live_maps(), stub.stub_live_handles(), stub.stub_live_ranges()) == (4, 4, 1)
+    assert (_read(base, 4 * K64) == 7).all()
+    b.close()
+    assert (stub.stub_live_maps(), stub.stub_live_handles(), stub.stub_live_ranges()) == (0, 0, 0)
+
+
+def test_stub_fd_of_another_process_is_not_used(stub):
+    """An fd the module says the caller does not own (inherited across fork) is skipped with that
+    reason; the backend does not start on it."""
+    stub.stub_foreign = 1
+    with pytest.raises(BackendUnavailable, match="another process"):
+        _backend()
+    stub.stub_foreign = 0
+    assert stub.stub_ctx_refs() == 0
+
+
+def test_stub_eagain_is_retried(stub):
+    """UVM answers EAGAIN while the system suspends (before doing anything): the call is retried
+    and succeeds, and a call that keeps getting EAGAIN fails with it after the retry window."""
+    from pyvattn._ffi import uvm
+
+    b = _backend()
+    stub.stub_eagain = 5
+    pages = b.create_pages(2)
+    assert len(pages) == 2 and stub.stub_eagain == 0 and stub.stub_live_handles() == 2
+    old = uvm.EAGAIN_RETRY_SECONDS
+    uvm.EAGAIN_RETRY_SECONDS = 0.05
+    try:
+        stub.stub_eagain = 1 << 30
+        with pytest.raises(OSCallError) as info:
+            b.create_pages(1)
+        assert info.value.status == "EAGAIN"
+    finally:
+        uvm.EAGAIN_RETRY_SECONDS = old
+        stub.stub_eagain = 0
+    assert stub.stub_live_handles() == 2
+    b.close()
 
 
 def test_stub_kvcache_workload_through_the_uvm64k_backend(stub, monkeypatch):

@@ -1,7 +1,8 @@
 /*
  * uvm_kvc_ioctl.h: the user/kernel ABI of the nvidia-uvm "KV cache" (KVC) ioctls:
  * fd-owned 64 KiB GPU pages (128/256 KiB as 2/4 consecutive 64 KiB pages) mapped into
- * external VA ranges created by the feature itself. ABI version 1.
+ * external VA ranges created by the feature itself. ABI version 2 (version 1 was never loaded
+ * anywhere; it is refused like any other mismatch).
  *
  * The same file is used by the kernel patch (driver-patch/src/uvm_kvc.c), by user space
  * (pyvattn/_ffi/uvm.py parses the ABI block below; a byte-identical copy ships in the Python
@@ -67,7 +68,7 @@ typedef struct { NvU8 uuid[16]; } NvProcessorUuid;
 /* Request numbers: 1536 + i, clear of UVM's regular (1..80), test (200..511) and temporary
  * (2047 downwards) numbers, and <= 2047 for the Windows CTL_CODE form. */
 #define UVM_KVC_IOCTL_BASE(i) UVM_IOCTL_BASE(1536 + (i))
-#define UVM_KVC_ABI_VERSION 1
+#define UVM_KVC_ABI_VERSION 2
 /* "UVMKVC01" read as a little-endian NvU64 */
 #define UVM_KVC_MAGIC 0x313043564B4D5655ULL
 
@@ -77,8 +78,11 @@ typedef struct { NvU8 uuid[16]; } NvProcessorUuid;
 #define UVM_KVC_PAGE_SIZE_128K (1u << 17)
 #define UVM_KVC_PAGE_SIZE_256K (1u << 18)
 #define UVM_KVC_SUPPORTED_PAGE_SIZES (UVM_KVC_PAGE_SIZE_64K | UVM_KVC_PAGE_SIZE_128K | UVM_KVC_PAGE_SIZE_256K)
-/* Most items (handles or scatter entries) in one ALLOC/FREE/MAP/MAP_SCATTER call. */
-#define UVM_KVC_MAX_BATCH 4096
+/* Most items (handles or scatter entries) in one ALLOC/FREE/MAP/MAP_SCATTER call: a decode step
+ * of 256 requests x 64 regions growing by one page each is one MAP_SCATTER. */
+#define UVM_KVC_MAX_BATCH 16384
+/* Most VAs one page may be mapped at, at the same time (a bound on kernel metadata per page). */
+#define UVM_KVC_MAX_MAPPINGS_PER_PAGE 16
 
 /* QUERY fdType */
 #define UVM_KVC_FD_UNINITIALIZED 0
@@ -90,6 +94,13 @@ typedef struct { NvU8 uuid[16]; } NvProcessorUuid;
 #define UVM_KVC_GPU_REGISTERED (1 << 0)
 #define UVM_KVC_GPU_HAS_VA_SPACE (1 << 1)
 #define UVM_KVC_GPU_SUPPORTED (1 << 2)
+
+/* QUERY callerState bits */
+#define UVM_KVC_CALLER_OWNS_VA_SPACE (1 << 0)   /* the caller's process owns this va_space: the other
+                                                   KVC ioctls are allowed (a forked child is refused) */
+
+/* QUERY limitFlags bits */
+#define UVM_KVC_LIMIT_EVICT_ALLOWED (1 << 0)    /* uvm_kvc_allow_evict: ALLOC may pass FLAGS_EVICT */
 
 /* flags */
 #define UVM_KVC_ALLOC_FLAGS_EVICT (1 << 0)
@@ -103,6 +114,7 @@ typedef struct { NvU8 uuid[16]; } NvProcessorUuid;
 #define UVM_KVC_STATUS_NV_ERR_ILLEGAL_ACTION 0x00000016
 #define UVM_KVC_STATUS_NV_ERR_IN_USE 0x00000017
 #define UVM_KVC_STATUS_NV_ERR_INSUFFICIENT_RESOURCES 0x0000001A
+#define UVM_KVC_STATUS_NV_ERR_INSUFFICIENT_PERMISSIONS 0x0000001B
 #define UVM_KVC_STATUS_NV_ERR_INVALID_ADDRESS 0x0000001E
 #define UVM_KVC_STATUS_NV_ERR_INVALID_ARGUMENT 0x0000001F
 #define UVM_KVC_STATUS_NV_ERR_INVALID_DEVICE 0x00000026
@@ -114,7 +126,8 @@ typedef struct { NvU8 uuid[16]; } NvProcessorUuid;
 #define UVM_KVC_STATUS_NV_ERR_OUT_OF_RANGE 0x0000005B
 #define UVM_KVC_STATUS_NV_ERR_UVM_ADDRESS_IN_USE 0x00000068
 
-/* Feature probe, fd discovery and per-GPU limits; works on any UVM fd (no init check). 80 bytes. */
+/* Feature probe, fd discovery, limits and usage; works on any UVM fd (no init check). Byte counts
+ * are whole 2 MiB roots on gpuUuid (0 without a GPU). Limits of 0 mean "none". 128 bytes. */
 #define UVM_KVC_QUERY UVM_KVC_IOCTL_BASE(0)
 typedef struct {
     NvU32 version;
@@ -125,12 +138,17 @@ typedef struct {
     NvU32 maxBatch;                        /* out */
     NvU32 fdType;                          /* out: UVM_KVC_FD_* */
     NvU32 gpuState;                        /* out: UVM_KVC_GPU_* for gpuUuid */
-    NvU32 pad1;
-    NvU64 quotaBytes UVM_KVC_ALIGN8;       /* out: the most GPU memory this fd may hold for KVC
-                                              pages on one GPU (uvm_kvc_max_mb_per_va_space);
-                                              0: no cap but the GPU's memory */
-    NvU64 bytesHeld UVM_KVC_ALIGN8;        /* out: what this fd holds on gpuUuid (whole 2 MiB
-                                              roots; 0 without a GPU or on another fd type) */
+    NvU32 callerState;                     /* out: UVM_KVC_CALLER_* */
+    NvU32 maxMappingsPerPage;              /* out: UVM_KVC_MAX_MAPPINGS_PER_PAGE */
+    NvU32 limitFlags;                      /* out: UVM_KVC_LIMIT_* */
+    NvU64 fdBytes UVM_KVC_ALIGN8;          /* out: what this fd holds */
+    NvU64 processBytes UVM_KVC_ALIGN8;     /* out: what the fd's process holds, all its fds */
+    NvU64 processLimitBytes UVM_KVC_ALIGN8; /* out: uvm_kvc_max_mb_per_process */
+    NvU64 gpuBytes UVM_KVC_ALIGN8;         /* out: what all processes hold */
+    NvU64 gpuLimitBytes UVM_KVC_ALIGN8;    /* out: uvm_kvc_max_gpu_percent of the GPU's memory */
+    NvU64 metaBytes UVM_KVC_ALIGN8;        /* out: kernel memory the fd's process uses for KVC
+                                              bookkeeping (all GPUs) */
+    NvU64 metaLimitBytes UVM_KVC_ALIGN8;   /* out: uvm_kvc_max_meta_mb_per_process */
     NV_STATUS rmStatus;
     NvU32 pad0;
 } UVM_KVC_QUERY_PARAMS;
@@ -138,9 +156,11 @@ typedef struct {
 /* Allocate `count` pages of `pageSize` on gpuUuid; handles written to handlesPtr
  * (NvU64[count]). All or nothing. Memory new to this fd is always zeroed (no data of another
  * process is ever handed out); a slot this fd freed earlier and now gets again holds its own
- * old data unless FLAGS_ZERO asks for it to be re-zeroed too. The module parameter
- * uvm_kvc_max_mb_per_va_space caps what one fd holds per GPU (default 0: no cap beyond the
- * GPU's memory). 72 bytes. */
+ * old data unless FLAGS_ZERO asks for it to be re-zeroed too. Limits (QUERY reports them): the
+ * process's cap per GPU (uvm_kvc_max_mb_per_process), all processes' cap per GPU
+ * (uvm_kvc_max_gpu_percent) and the process's bookkeeping cap (uvm_kvc_max_meta_mb_per_process)
+ * give NV_ERR_INSUFFICIENT_RESOURCES; FLAGS_EVICT without uvm_kvc_allow_evict gives
+ * NV_ERR_INSUFFICIENT_PERMISSIONS. 72 bytes. */
 #define UVM_KVC_ALLOC UVM_KVC_IOCTL_BASE(1)
 typedef struct {
     NvU32 version;
@@ -169,8 +189,9 @@ typedef struct {
     NvU32 pad0;
 } UVM_KVC_FREE_PARAMS;
 
-/* Create a KVC-owned external range [base, base+length) (64K aligned) over a PROT_NONE
- * reservation. Destroy it with the stock UVM_FREE. 40 bytes. */
+/* Create a KVC-owned external range [base, base+length) (64K aligned, at most 2^52 bytes) over
+ * a PROT_NONE reservation. Destroy it with the stock UVM_FREE. Stock UVM_MAP_EXTERNAL_*, and
+ * UVM_UNMAP_EXTERNAL refuse KVC ranges (NV_ERR_INVALID_ADDRESS). 40 bytes. */
 #define UVM_KVC_CREATE_RANGE UVM_KVC_IOCTL_BASE(3)
 typedef struct {
     NvU32 version;
@@ -183,11 +204,10 @@ typedef struct {
 } UVM_KVC_CREATE_RANGE_PARAMS;
 
 /* Map handles[i] back to back from base (each takes its own page size of VA). Synchronous:
- * PTEs written and TLB invalidated on return. Replaces KVC mappings there unless NO_REPLACE.
- * With NO_REPLACE the call is all or nothing (provided no other thread of the process maps the
- * same VA without NO_REPLACE meanwhile: a failed call's rollback unmaps its VA ranges whoever
- * mapped them last). Without it, a failure removes what the call mapped but not what it had
- * already replaced (that VA is left unmapped, as UvmMapExternal leaves it). 72 bytes. */
+ * PTEs written and TLB invalidated on return. Replaces what is mapped there unless NO_REPLACE
+ * (then NV_ERR_UVM_ADDRESS_IN_USE). All or nothing: every check and every allocation comes
+ * before the first PTE is written, all PTEs of the call are written by one batch of pushes with
+ * one TLB invalidate and one wait. 72 bytes. */
 #define UVM_KVC_MAP UVM_KVC_IOCTL_BASE(4)
 typedef struct {
     NvU32 version;
@@ -208,8 +228,8 @@ typedef struct {
     NvU64 handle UVM_KVC_ALIGN8;
 } UVM_KVC_SCATTER_ENTRY;
 
-/* Map independent pages in one call (all in KVC ranges, no two entries overlapping).
- * All or nothing, synchronous. 64 bytes. */
+/* Map independent pages in one call (all in KVC ranges of one GPU, no two entries overlapping).
+ * All or nothing, synchronous, one batch of pushes, one TLB invalidate, one wait. 64 bytes. */
 #define UVM_KVC_MAP_SCATTER UVM_KVC_IOCTL_BASE(5)
 typedef struct {
     NvU32 version;
@@ -223,7 +243,8 @@ typedef struct {
     NvU32 pad0;
 } UVM_KVC_MAP_SCATTER_PARAMS;
 
-/* Unmap [base, base+length) of a KVC range on gpuUuid (64K aligned). 56 bytes. */
+/* Unmap [base, base+length) of a KVC range on gpuUuid (64K aligned): one push of PTE clears,
+ * one TLB invalidate, one wait; a page's memory is released only after that wait. 56 bytes. */
 #define UVM_KVC_UNMAP UVM_KVC_IOCTL_BASE(6)
 typedef struct {
     NvU32 version;
@@ -237,10 +258,10 @@ typedef struct {
 } UVM_KVC_UNMAP_PARAMS;
 
 /* Kernel self-test; routed through uvm_test_ioctl(), so it only exists when nvidia-uvm is loaded
- * with uvm_enable_builtin_tests=1. [base, base+length) is a PROT_NONE reservation (>= 2 MiB,
- * 2 MiB aligned) the test may turn into a KVC range; gpuUuid must be registered with a GPU VA
- * space on this fd. iterations: 0 means 1, at most 1000. injectFailAfter: must be 0 (reserved
- * for fault injection). 64 bytes. */
+ * with uvm_enable_builtin_tests=1. [base, base+length) is a PROT_NONE reservation (whole 2 MiB,
+ * 2 MiB aligned) the test turns into a KVC range and leaves; gpuUuid must be registered with a
+ * GPU VA space on this fd. iterations: 0 means 1, at most 1000. injectFailAfter: must be 0
+ * (fault injection is what `make driver-harness` does, at every fallible call). 64 bytes. */
 #define UVM_KVC_TEST_SANITY UVM_KVC_IOCTL_BASE(15)
 typedef struct {
     NvU32 version;
@@ -258,11 +279,11 @@ typedef struct {
 
 /* Pinned sizes and offsets: identical on every ABI (-m32, -m64) and in the kernel. */
 UVM_KVC_STATIC_ASSERT(sizeof(NvProcessorUuid) == 16, "NvProcessorUuid is 16 bytes");
-UVM_KVC_STATIC_ASSERT(sizeof(UVM_KVC_QUERY_PARAMS) == 80, "UVM_KVC_QUERY_PARAMS size");
+UVM_KVC_STATIC_ASSERT(sizeof(UVM_KVC_QUERY_PARAMS) == 128, "UVM_KVC_QUERY_PARAMS size");
 UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, magic) == 24, "QUERY.magic");
-UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, quotaBytes) == 56, "QUERY.quotaBytes");
-UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, bytesHeld) == 64, "QUERY.bytesHeld");
-UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, rmStatus) == 72, "QUERY.rmStatus");
+UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, fdBytes) == 64, "QUERY.fdBytes");
+UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, metaLimitBytes) == 112, "QUERY.metaLimitBytes");
+UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_QUERY_PARAMS, rmStatus) == 120, "QUERY.rmStatus");
 UVM_KVC_STATIC_ASSERT(sizeof(UVM_KVC_ALLOC_PARAMS) == 72, "UVM_KVC_ALLOC_PARAMS size");
 UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_ALLOC_PARAMS, pageSize) == 24, "ALLOC.pageSize");
 UVM_KVC_STATIC_ASSERT(offsetof(UVM_KVC_ALLOC_PARAMS, rmStatus) == 64, "ALLOC.rmStatus");

@@ -85,6 +85,7 @@ ffi.cdef(
                       unsigned long long flags);
     CUresult cuMemUnmap(CUdeviceptr ptr, size_t size);
     CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count);
+    CUresult cuMemGetAccess(unsigned long long *flags, const CUmemLocation *location, CUdeviceptr ptr);
     """
 )
 
@@ -134,6 +135,7 @@ ERROR_NAMES = {
 LIBRARY_NAMES = ("libcuda.so.1", "libcuda.so")
 
 _lib = None
+_lib_path: str | None = None  # set by use_library
 _init_status: int | None = None
 _lock = threading.Lock()
 
@@ -148,6 +150,24 @@ def open_library(names=LIBRARY_NAMES):
             errors.append(str(exc).split("  Additionally")[0].split(": ", 1)[-1].rstrip("."))
     raise BackendUnavailable("cannot load the CUDA driver library (is the NVIDIA driver installed?): "
                              + "; ".join(errors))
+
+
+def use_library(path: str) -> None:
+    """Take the driver API from the library at ``path`` instead of ``libcuda.so.1``: a driver
+    library outside the loader's search path, or a stand-in (the benchmarks' CPU checks). Call it
+    before anything else uses the driver; asking for another library once one is loaded raises
+    ``RuntimeError`` (live handles and contexts belong to the first)."""
+    global _lib, _lib_path, _init_status
+    with _lock:
+        if _lib is not None:
+            if _lib_path == str(path):
+                return
+            raise RuntimeError(f"the CUDA driver library is already loaded; cannot switch to {path}")
+        try:
+            _lib = ffi.dlopen(str(path))
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot load the CUDA driver library {path}: {exc}") from None
+        _lib_path, _init_status = str(path), None
 
 
 def lib():

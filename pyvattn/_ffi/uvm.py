@@ -25,6 +25,7 @@ import errno as _errno
 import operator
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,17 +198,16 @@ globals().update(STOCK_IOCTLS)
 NV_OK = STATUS["NV_OK"]
 
 
-def _scatter_entry() -> tuple[str | None, tuple[int, int]]:
-    """The MAP_SCATTER entry struct (two NvU64: a VA and a handle) and the column of each."""
-    for name in ABI.structs:
-        fields = ffi.typeof(name).fields
-        if name.endswith("_PARAMS") or len(fields) != 2 or ffi.sizeof(name) != 16:
-            continue
-        names = [f.lower() for f, _ in fields]
-        if any("handle" in f for f in names):
-            handle_col = next(i for i, f in enumerate(names) if "handle" in f)
-            return name, (1 - handle_col, handle_col)
-    return None, (0, 1)
+def _scatter_entry() -> tuple[str, tuple[int, int]]:
+    """The MAP_SCATTER entry struct and the column of its ``va`` and ``handle`` fields, by the
+    header's own names; a header without them is not one this package can speak."""
+    name = "UVM_KVC_SCATTER_ENTRY"
+    if name not in ABI.structs:
+        raise HeaderError(f"the ABI header has no {name}")
+    fields = [f for f, _ in ffi.typeof(name).fields]
+    if sorted(fields) != ["handle", "va"] or ffi.sizeof(name) != 16:
+        raise HeaderError(f"{name} is not {{NvU64 va; NvU64 handle;}}: {fields}")
+    return name, (fields.index("va"), fields.index("handle"))
 
 
 #: The struct MAP_SCATTER reads an array of, and which NvU64 column is the VA, which the handle.
@@ -241,15 +241,39 @@ def params(request: str, **fields):
     return p
 
 
+#: How long a call keeps retrying EAGAIN (UVM's ioctl entry answers it while the system suspends or
+#: resumes: its power-management lock is taken with a trylock, before anything else happens).
+EAGAIN_RETRY_SECONDS = 30.0
+
+
+def _syscall(fd: int, request: int, p) -> int:
+    """The ioctl itself: 0, or the errno. EAGAIN is retried (with a growing pause, for at most
+    ``EAGAIN_RETRY_SECONDS``): the driver did nothing, the call is simply early."""
+    deadline, pause = None, 0.001
+    while True:
+        if _libc.ioctl(fd, request, ffi.cast("void *", p)) != -1:
+            return 0
+        err = ffi.errno
+        if err != _errno.EAGAIN:
+            return err
+        now = time.monotonic()
+        deadline = deadline or now + EAGAIN_RETRY_SECONDS
+        if now >= deadline:
+            return err
+        time.sleep(min(pause, deadline - now))
+        pause = min(pause * 2, 0.1)
+
+
 def ioctl(fd: int, request: int, p, call: str | None = None):
     """Issue ioctl ``request`` on ``fd`` with the params struct pointer ``p``; return ``p``.
 
     Raises ``OSCallError`` when the syscall fails (a stock driver answers unknown requests with
-    EINVAL or ENOSYS) and ``UvmError`` when the driver set ``rmStatus`` to anything but NV_OK.
+    EINVAL or ENOSYS; EAGAIN is retried first, see ``_syscall``) and ``UvmError`` when the driver
+    set ``rmStatus`` to anything but NV_OK.
     """
     call = call or _REQUEST_NAMES.get(request, f"ioctl {request}")
-    if _libc.ioctl(fd, request, ffi.cast("void *", p)) == -1:
-        err = ffi.errno
+    err = _syscall(fd, request, p)
+    if err:
         raise OSCallError(call, _errno.errorcode.get(err, f"E{err}"), err, os.strerror(err))
     status = p.rmStatus
     if status != NV_OK:
@@ -259,6 +283,5 @@ def ioctl(fd: int, request: int, p, call: str | None = None):
 
 def raw_ioctl(fd: int, request: int, p) -> tuple[int, int]:
     """The bare call for tests that expect failures: ``(errno or 0, rmStatus)``."""
-    if _libc.ioctl(fd, request, ffi.cast("void *", p)) == -1:
-        return ffi.errno, 0
-    return 0, p.rmStatus
+    err = _syscall(fd, request, p)
+    return (err, 0) if err else (0, p.rmStatus)

@@ -201,6 +201,7 @@ class Backend(abc.ABC):
         self._sealed: dict[int, tuple[int, list[Watch]]] = {}  # given back while viewed: base -> (nbytes, watches)
         self._closed = False
         self._shut = False
+        self._pid = os.getpid()  # the process whose pages these are
         self._forked = False  # set in a forked child: the pages and fds are the parent's
         _backends.add(self)
 
@@ -430,6 +431,9 @@ class Backend(abc.ABC):
         if self._closed:
             return  # a forked child's copy lands here too: the parent owns the memory
         self._closed = True
+        if os.getpid() != self._pid:  # forked by a path that skipped the at-fork hooks
+            self._forked = self._shut = True
+            return
         cleanup = Undo()
         for base, table in list(self._tables.items()):
             vas = self.mapped_vas(base)
@@ -482,7 +486,7 @@ class Backend(abc.ABC):
         return self._closed
 
     def _check_open(self) -> None:
-        if self._forked:
+        if self._forked or os.getpid() != self._pid:
             raise RuntimeError(f"this {self.name} backend belongs to the parent process: a forked child "
                                f"must not use it (its pages are shared with the parent)")
         if self._closed:

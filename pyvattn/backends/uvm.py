@@ -8,7 +8,8 @@ The patch (driver-patch/, described in docs/driver.md) adds ioctls on
   descriptor ``UVM_KVC_QUERY`` and keeping the va_space fd that has the GPU's VA space (never the
   secondary "mm" fd). The fd is CUDA's: the backend never closes it.
 * A reservation is ``mmap(PROT_NONE, MAP_NORESERVE)`` trimmed to 2 MiB alignment (what
-  ``UvmReserveVa`` does), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
+  ``UvmReserveVa`` does) and rounded up to whole 2 MiB (the module keeps the page tables of its
+  ranges in 2 MiB blocks), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
   Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (the other
   order lets CUDA reuse the VA while UVM still holds the range).
 * A physical page is one ``UVM_KVC_ALLOC`` handle of ``page_size`` (64, 128 or 256 KiB; the
@@ -21,6 +22,11 @@ The patch (driver-patch/, described in docs/driver.md) adds ioctls on
   scattered, whichever takes fewer ioctls (batches of at most ``maxBatch`` pages). Maps are
   synchronous: the PTEs are live when the ioctl returns.
 * ``unmap`` synchronizes the device, then ``UVM_KVC_UNMAP`` per contiguous run.
+* Fork: CUDA's fd is inherited by a child, but the module serves only the process that owns
+  it. A backend never issues an ioctl from another process: in a forked child ``close()`` only
+  forgets its books (the parent's pages and ranges stay the parent's), and every other method
+  raises (backends/base.py does this for every backend). ``EAGAIN`` (the driver's answer while
+  the system suspends) is retried by the ABI layer.
 
 The VAs are unknown to CUDA: tensors over them are built through DLPack (no pointer query),
 ``cudaMemcpy(..., cudaMemcpyDefault)`` on them would treat them as host pointers, and a GPU access
@@ -149,8 +155,11 @@ class UvmBackend(Backend):
         self._k = self.page_size // self._unit  # handles per page
         self._facts["supported_page_sizes"] = [s for s in PAGE_SIZES if supported & s]
         self._facts["handles_per_page"] = self._k
-        self._facts["module_quota_bytes"] = int(info.quotaBytes)  # 0: no per-fd cap
+        self._facts["process_limit_bytes"] = int(info.processLimitBytes)  # 0: no per-process cap
+        self._facts["gpu_limit_bytes"] = int(info.gpuLimitBytes)
+        self._facts["max_mappings_per_page"] = int(info.maxMappingsPerPage)
         self._parts: dict[int, list[int]] = {}  # page handle (its first module handle) -> module handles
+        self._spans: dict[int, int] = {}  # reservation base -> length of its UVM range (whole 2 MiB)
         self._scatter = "UVM_KVC_MAP_SCATTER" in self._uvm.IOCTLS
         #: ioctls made, by name (for tests and benchmarks).
         self.calls: Counter[str] = Counter()
@@ -197,10 +206,11 @@ class UvmBackend(Backend):
                                     f"SR-IOV heavy vGPU)")
         if answered:  # prefer naming the fd the backend will use
             fd, info = next(((fd, i) for fd, i in answered if i.fdType == uvm.UVM_KVC_FD_VA_SPACE), answered[0])
-            quota = int(info.quotaBytes)
+            quota = int(info.processLimitBytes)
             return Probe(True, f"patched nvidia-uvm (KVC ABI {uvm.UVM_KVC_ABI_VERSION}) answers on fd "
                                f"{fd}: 64 KiB pages, {int(info.maxBatch)} per ioctl, per-process cap "
-                               + (f"{quota >> 20} MiB" if quota else "none"))
+                               + (f"{quota >> 20} MiB" if quota else "none")
+                               + f", all processes {int(info.gpuLimitBytes) >> 20} MiB")
         return Probe(False, "; ".join(dict.fromkeys(reasons)))
 
     @classmethod
@@ -219,10 +229,10 @@ class UvmBackend(Backend):
         return {**super().describe(), **self._facts}
 
     def bytes_held(self) -> int:
-        """GPU memory the module says this process holds for its pages on this GPU (whole 2 MiB
-        roots, so at least what the pages need), from ``UVM_KVC_QUERY``."""
+        """GPU memory the module says this backend's fd holds for its pages on this GPU (whole
+        2 MiB roots, so at least what the pages need), from ``UVM_KVC_QUERY``."""
         self._check_open()
-        return int(query(self.fd, self._uuid).bytesHeld)
+        return int(query(self.fd, self._uuid).fdBytes)
 
     def _find_fd(self):
         """CUDA's va_space fd that has this GPU's VA space, and its QUERY answer."""
@@ -235,6 +245,8 @@ class UvmBackend(Backend):
                 continue
             if info.fdType != uvm.UVM_KVC_FD_VA_SPACE:
                 seen.append(f"fd {fd}: not a va_space fd (type {int(info.fdType)})")
+            elif not info.callerState & uvm.UVM_KVC_CALLER_OWNS_VA_SPACE:
+                seen.append(f"fd {fd}: belongs to another process (inherited across fork)")
             elif not info.gpuState & uvm.UVM_KVC_GPU_HAS_VA_SPACE:
                 seen.append(f"fd {fd}: {self.device} has no GPU VA space there")
             elif not info.gpuState & uvm.UVM_KVC_GPU_SUPPORTED:
@@ -263,22 +275,26 @@ class UvmBackend(Backend):
 
     # --- driver calls ------------------------------------------------------------------------
     def _reserve(self, nbytes: int) -> int:
-        span = nbytes + _RESERVE_ALIGN
+        length = -(-nbytes // _RESERVE_ALIGN) * _RESERVE_ALIGN  # the module's ranges: whole 2 MiB
+        span = length + _RESERVE_ALIGN
         raw = libc.mmap(0, span, libc.PROT_NONE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
         base = -(-raw // _RESERVE_ALIGN) * _RESERVE_ALIGN
         try:  # munmap of what is already gone is no error: undoing the whole span is always right
             if base > raw:
                 libc.munmap(raw, base - raw)
-            if raw + span > base + nbytes:
-                libc.munmap(base + nbytes, raw + span - base - nbytes)
-            self._ioctl("UVM_KVC_CREATE_RANGE", base=base, length=nbytes)
+            if raw + span > base + length:
+                libc.munmap(base + length, raw + span - base - length)
+            self._ioctl("UVM_KVC_CREATE_RANGE", base=base, length=length)
         except BaseException as exc:
             raise undo_one(exc, libc.munmap, raw, span)
+        self._spans[base] = length
         return base
 
     def _unreserve(self, base: int, nbytes: int) -> None:
-        self._ioctl("UVM_FREE", base=base, length=nbytes)  # UVM lets go of the VA first
-        libc.munmap(base, nbytes)
+        length = self._spans[base]
+        self._ioctl("UVM_FREE", base=base, length=length)  # UVM lets go of the VA first
+        del self._spans[base]
+        libc.munmap(base, length)
 
     def _create(self, count: int, at, undo: Undo) -> list[int]:
         if at is not None:
@@ -333,7 +349,7 @@ class UvmBackend(Backend):
             self._map_runs(batch.vas[batch.starts].tolist(), glens, ghandles, undo)
 
     def _map_flags(self) -> int:
-        return getattr(self._uvm, "UVM_KVC_MAP_FLAGS_NO_REPLACE", 0)  # never replace by mistake
+        return self._uvm.UVM_KVC_MAP_FLAGS_NO_REPLACE  # never replace by mistake
 
     def _map_runs(self, starts, lengths, ghandles, undo: Undo) -> None:
         unit, P = self._unit, self.page_size
