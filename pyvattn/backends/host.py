@@ -142,10 +142,16 @@ class HostBackend(Backend):
         prot = libc.PROT_READ | libc.PROT_WRITE
         flags = libc.MAP_SHARED | libc.MAP_FIXED | libc.MAP_POPULATE
         firsts, lengths = batch.vas[batch.starts].tolist(), batch.lengths.tolist()
-        for va, offset, n in zip(firsts, batch.handles[batch.starts].tolist(), lengths):
-            if raw(va, n * P, prot, flags, fd, offset) == libc.MAP_FAILED:
-                libc.check("mmap", -1)
-            undo.push(self._unmap_pages, list(range(va, va + n * P, P)))
+        done = 0  # runs mapped; one undo step for all of them, pushed only if one is needed
+        try:
+            for va, offset, n in zip(firsts, batch.handles[batch.starts].tolist(), lengths):
+                if raw(va, n * P, prot, flags, fd, offset) == libc.MAP_FAILED:
+                    libc.check("mmap", -1)
+                done += 1
+        except BaseException:
+            end = batch.starts[done] if done < len(firsts) else len(batch.vas)
+            undo.push(self._unmap_pages, batch.vas[:end].tolist())
+            raise
 
     def _unmap(self, batch: Runs, done: list[tuple[int, int]]) -> None:
         for va, n in batch.spans():
