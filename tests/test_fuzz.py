@@ -86,6 +86,6 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 CacheMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=50, deadline=None, database=None, print_blob=True,
+    max_examples=60, stateful_step_count=50, deadline=None, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 test_kvcache_against_its_model = CacheMachine.TestCase
