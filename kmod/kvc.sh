@@ -4,8 +4,10 @@
 # every knob is an environment variable set there. Never loads or unloads a module except in
 # `install` (root, explicit), and then only nvidia-uvm, only when nothing uses it.
 # What a build or check needs and this machine lacks (NVIDIA's source as Debian packages it,
-# Debian kernel headers, sparse, patch, xz) is fetched into .cache/kvc by kmod/fetch.sh: nothing
-# is installed on the system and /etc/apt is never written, as root or as any user.
+# Debian kernel headers, sparse, patch, xz; for the static analysis of kmod/analyze.sh also
+# coccinelle, linux-source's semantic patches and kmod) is fetched into .cache/kvc by
+# kmod/fetch.sh: nothing is installed on the system and /etc/apt is never written, as root or as
+# any user.
 KMOD_DIR=$(cd "$(dirname "$0")" && pwd)
 . "$KMOD_DIR/lib.sh"
 
@@ -27,7 +29,7 @@ fetch() { "$KMOD_DIR/fetch.sh" "$@"; }
 use_prefix() {
     local p=$1 multiarch dir
     multiarch=$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)
-    PATH=$p/usr/bin:$p/bin:$PATH
+    PATH=$p/usr/bin:$p/bin:$p/usr/sbin:$p/sbin:$PATH
     for dir in "$p/usr/lib/$multiarch" "$p/lib/$multiarch"; do
         [ ! -d "$dir" ] || LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     done
@@ -167,27 +169,31 @@ check_kernel() {
 
 # --- build -------------------------------------------------------------------------------------
 
-installed_driver_version() {
-    if [ -r /sys/module/nvidia/version ]; then cat /sys/module/nvidia/version; return; fi
-    if command -v modinfo >/dev/null; then modinfo -F version nvidia 2>/dev/null | sed -n 1p || true; fi
-}
+# module_facts ARGS...: kmod/kvc-module.sh (its own error record: a failure it reports here
+# and the caller handles does not silence later errors of this run).
+module_facts() { env -u KVC_ERROR_MARK "$KMOD_DIR/kvc-module.sh" "$@"; }
 
 ko_version() {
     if command -v modinfo >/dev/null; then modinfo -F version "$1" 2>/dev/null || true; return; fi
     strings "$1" 2>/dev/null | sed -n 's/^version=//p' | sed -n 1p || true
 }
 
+# The objects of the patch's own files (driver-patch/src/*.c), and those plus the stock objects
+# the hooks change (driver-check compiles these; `make driver` links all).
+NEW_OBJECTS=$(cd "$PATCH_DIR/src" && ls *.c | sed 's|^|nvidia-uvm/|; s|\.c$|.o|' | tr '\n' ' ')
+CHECK_OBJECTS="$NEW_OBJECTS nvidia-uvm/uvm.o nvidia-uvm/uvm_test.o nvidia-uvm/uvm_va_space.o
+    nvidia-uvm/uvm_map_external.o nvidia-uvm/uvm_lock.o nvidia-uvm/uvm_va_range.o"
+# What a check tree adds to nvidia-uvm.Kbuild after applying the patch: -Werror (after NVIDIA's
+# own -Wno-error) and missing-prototype checks on the new files only. NVIDIA's macro sets CFLAGS_
+# under both names kbuild may look up (with and without the nvidia-uvm/ prefix); a bare
+# CFLAGS_uvm_kvc.o is silently ignored for M= builds on 6.x.
+CHECK_KBUILD_LINE="\$(call ASSIGN_PER_OBJ_CFLAGS, ${NEW_OBJECTS% }, -Werror -Wmissing-prototypes)"
+
 # Files whose change means the patched tree must be made again.
 patch_stamp() {
-    # kvc.sh too: it edits the tree (the check-only CFLAGS) after applying the patch.
-    (cd "$PATCH_DIR" && cat series apply.sh src/* include/* */uvm-kvc-hooks.patch */uvm_kvc_compat.h "$KMOD_DIR/kvc.sh") |
-        sha256sum | cut -c1-16
+    (cd "$PATCH_DIR" && cat series apply.sh src/* include/* */uvm-kvc-hooks.patch */uvm_kvc_compat.h
+     echo "$CHECK_KBUILD_LINE") | sha256sum | cut -c1-16
 }
-
-# The objects the patch adds or changes (driver-check compiles these; `make driver` links all).
-KVC_OBJECTS="nvidia-uvm/uvm_kvc.o nvidia-uvm/uvm_kvc_pool.o nvidia-uvm/uvm_kvc_map.o nvidia-uvm/uvm_kvc_test.o"
-CHECK_OBJECTS="$KVC_OBJECTS nvidia-uvm/uvm.o nvidia-uvm/uvm_test.o
-    nvidia-uvm/uvm_va_space.o nvidia-uvm/uvm_map_external.o nvidia-uvm/uvm_lock.o nvidia-uvm/uvm_va_range.o"
 
 kbuild() {
     make -C "$KOUT" M="$tree" ARCH=x86_64 \
@@ -195,14 +201,15 @@ kbuild() {
         KBUILD_MODPOST_WARN=1 -j"$JOBS" "$@"
 }
 
-# build VERSION RELEASE OUTDIR [check] -> prints OUTDIR/tree/nvidia-uvm.ko (or the tree for check).
-# Compiles against KOUT/KSRC (set by kernel_dirs or check_kernel).
-build() {
-    local ver=$1 rel=$2 out=$3 check=${4:-} src tree t0 rc stamp
+# prepare_tree VERSION OUTDIR [check]: OUTDIR/tree is NVIDIA's VERSION source with the patch
+# applied (and, for check, the check flags), made again only when the patch changed; holds
+# OUTDIR.lock from here to the end of the calling process (one build per directory at a time:
+# CI and a developer may run concurrently). Sets tree.
+prepare_tree() {
+    local ver=$1 out=$2 check=${3:-} src rc stamp
     src=$(source_tree "$ver")
     need_tool patch patch  # driver-patch/apply.sh
     tree=$out/tree
-    # One build per output directory at a time (CI and a developer may run concurrently).
     mkdir -p "$out"
     exec 9>"$out.lock"
     flock 9 || die "cannot lock $out.lock"
@@ -219,16 +226,26 @@ build() {
             die "driver-patch/apply.sh could not patch NVIDIA's $ver source (status $rc; its message is above)"
         fi
         if [ -n "$check" ]; then
-            # -Werror (after NVIDIA's own -Wno-error) and missing-prototype checks on the new files only.
-            # NVIDIA's macro sets CFLAGS_ under both names kbuild may look up (with and without the
-            # nvidia-uvm/ prefix); a bare CFLAGS_uvm_kvc.o is silently ignored for M= builds on 6.x.
-            printf '\n$(call ASSIGN_PER_OBJ_CFLAGS, %s, -Werror -Wmissing-prototypes)\n' "$KVC_OBJECTS" \
-                >> "$tree/nvidia-uvm/nvidia-uvm.Kbuild"
+            printf '\n%s\n' "$CHECK_KBUILD_LINE" >> "$tree/nvidia-uvm/nvidia-uvm.Kbuild"
         fi
         echo "$stamp" > "$out/stamp"
     fi
+}
+
+# build VERSION RELEASE OUTDIR [check|symvers] -> prints OUTDIR/tree/nvidia-uvm.ko (or the tree
+# for check). Compiles against KOUT/KSRC (set by kernel_dirs or check_kernel); symvers: against
+# the symbol versions of RELEASE's installed nvidia.ko (kvc-module.sh build), as install does.
+build() {
+    local ver=$1 rel=$2 out=$3 mode=${4:-} tree t0
+    prepare_tree "$ver" "$out" "$([ "$mode" != check ] || echo check)"
     t0=$(date +%s)
-    if [ -n "$check" ]; then
+    if [ "$mode" = symvers ]; then
+        module_facts build "$tree" "$rel" "$KOUT" "$KSRC" "$JOBS" >&2 || die "the build against nvidia.ko's symbols failed (the reason is above)"
+        say "built $tree/nvidia-uvm.ko in $(( $(date +%s) - t0 ))s (version $(ko_version "$tree/nvidia-uvm.ko"))"
+        echo "$tree/nvidia-uvm.ko"
+        return 0
+    fi
+    if [ "$mode" = check ]; then
         say "compiling the patched nvidia-uvm objects for driver $ver, kernel $rel ($KOUT)"
         kbuild ${KVC_FULL:+nvidia-uvm.ko} $CHECK_OBJECTS > "$out/build.log" 2>&1 || {
             grep -E 'error|Error' "$out/build.log" | grep -v '^NV_CONFTEST\|^KBUILD_CFLAGS' | sed -n 1,40p >&2 || true
@@ -238,22 +255,24 @@ build() {
             die "compiler warnings in the new files for driver $ver"
         fi
         say "compiled in $(( $(date +%s) - t0 ))s"
-        local sparse_log=$out/sparse.log
-        touch "$tree"/nvidia-uvm/uvm_kvc*.c
-        kbuild C=1 CHECK=sparse $KVC_OBJECTS > "$sparse_log" 2>&1 ||
+        local sparse_log=$out/sparse.log obj
+        for obj in $NEW_OBJECTS; do touch "$tree/${obj%.o}.c"; done
+        kbuild C=1 CHECK=sparse $NEW_OBJECTS > "$sparse_log" 2>&1 ||
             die "sparse pass failed to build (log: $sparse_log)"
         if grep -E 'uvm_kvc[a-z_]*\.[ch]:[0-9]+:[0-9]+: (warning|error)' "$sparse_log" >&2; then
             die "sparse reported the lines above for driver $ver"
         fi
-        grep -q 'CHECK .*uvm_kvc\.c' "$sparse_log" || die "sparse did not run on uvm_kvc.c (log: $sparse_log)"
-        say "sparse: no warnings in uvm_kvc.c, uvm_kvc_pool.c, uvm_kvc_map.c, uvm_kvc_test.c"
+        for obj in $NEW_OBJECTS; do
+            grep -q "CHECK .*${obj%.o}\.c" "$sparse_log" || die "sparse did not run on ${obj%.o}.c (log: $sparse_log)"
+        done
+        say "sparse: no warnings in $(cd "$PATCH_DIR/src" && echo *.c)"
         echo "$tree"
         return 0
     fi
-    say "building nvidia-uvm.ko for driver $ver, kernel $rel ($KOUT)"
+    say "building nvidia-uvm.ko for driver $ver, kernel $rel ($KOUT), without an installed nvidia.ko's symbol versions: for checking only (install-driver builds its own)"
     # nvidia's conftest is generated by nvidia.Kbuild, so both modules are named, but only the
     # nvidia-uvm.ko target is built (nvidia.ko's own files need not compile on these headers);
-    # nvidia.ko's symbols are resolved at load time (KBUILD_MODPOST_WARN=1).
+    # nvidia.ko's symbols stay unresolved (KBUILD_MODPOST_WARN=1): no CRCs, no load-time guard.
     kbuild nvidia-uvm.ko > "$out/build.log" 2>&1 || {
         grep -E 'error|Error' "$out/build.log" | grep -v '^NV_CONFTEST\|^KBUILD_CFLAGS' | sed -n 1,40p >&2 || true
         die "build failed for $ver on $rel (log: $out/build.log)"
@@ -264,21 +283,33 @@ build() {
 }
 
 cmd_driver() {
-    local ver note=
-    ver=${DRIVER_VERSION:-$(installed_driver_version)}
+    local ver installed note= mode=
+    REL=${KERNEL_RELEASE:-$(uname -r)}
+    # The nvidia.ko installed for this kernel (what the module must match), if any.
+    installed=$(module_facts nvidia-version "$REL" 2>/dev/null) || installed=
+    ver=${DRIVER_VERSION:-$installed}
     if [ -z "$ver" ]; then
         ver=$DEFAULT_VERSION
-        note="no NVIDIA driver on this machine: building for $ver from Debian's source, for checking only"
+        note="no NVIDIA driver installed for $REL: building for $ver from Debian's source, for checking only"
     fi
-    REL=${KERNEL_RELEASE:-$(uname -r)}
     if ! kernel_dirs "$REL"; then
         [ -z "${KERNEL_SRC:-}${KERNEL_RELEASE:-}" ] ||
             die "no kernel headers for $REL (install linux-headers-$REL, or pass KERNEL_SRC=/path)"
         check_kernel
         say "no headers for the running kernel $(uname -r): building against the $REL headers instead (the module will not load on this kernel)"
+        installed=
     fi
     [ -z "$note" ] || say "$note"
-    build "$ver" "$REL" "$BUILD/$ver-$REL"
+    [ -z "$installed" ] || [ "$ver" != "$installed" ] || mode=symvers
+    build "$ver" "$REL" "$BUILD/$ver-$REL" $mode
+}
+
+# cmd_tree VERSION: print a patched source tree of VERSION, never built in (DKMS copies it).
+cmd_tree() {
+    local tree
+    [ -n "${1:-}" ] || die "usage: kvc.sh tree VERSION"
+    prepare_tree "$1" "$BUILD/src-$1"
+    echo "$tree"
 }
 
 cmd_check() {
@@ -293,20 +324,42 @@ cmd_check() {
     fi
     for ver in ${CHECK_VERSIONS:-535.261.03 550.163.01}; do
         out=$BUILD/check-$ver-$REL
-        NVIDIA_SRC=$own_src run_step rc build "$ver" "$REL" "$out" check > /dev/null
-        if [ "$rc" = 0 ]; then
-            say "OK   $ver on $REL: patch applies, patched objects compile, new files -Werror and sparse clean"
+        if [ -z "$own_src" ] && compile_cached "$ver" && analysis_cached "$ver"; then
+            say "OK   $ver on $REL: patch applies, patched objects compile, new files -Werror and sparse clean (cached: nothing they depend on changed)"
         else
-            say "FAIL $ver on $REL"; failed+=("$ver")
+            NVIDIA_SRC=$own_src run_step rc build "$ver" "$REL" "$out" check > /dev/null
+            if [ "$rc" != 0 ]; then
+                say "FAIL $ver on $REL"; failed+=("$ver"); continue
+            fi
+            say "OK   $ver on $REL: patch applies, patched objects compile, new files -Werror and sparse clean"
+            [ -n "$own_src" ] || { : > "$BUILD/analysis/compile.part"; store_result "compile-sparse-$ver" "$(compile_key "$ver")" "$BUILD/analysis/compile.part"; }
         fi
+        run_step rc analyze_version "$ver" "$out/tree"
+        [ "$rc" = 0 ] || failed+=("$ver (static analysis)")
     done
+    run_step rc analyze_cocci
+    [ "$rc" = 0 ] || failed+=("coccinelle")
+    run_step rc analyze_modversions
+    [ "$rc" = 0 ] || failed+=("modversions")
     say "driver-check took $(( $(date +%s) - t0 ))s"
     [ ${#failed[@]} = 0 ] || die "driver-check failed for ${failed[*]} on $REL (the reasons are above)"
 }
 
+# compile_key VERSION: a hash of what the compile + sparse check of VERSION depends on; a
+# passed check leaves an (empty) result under it.
+compile_key() {
+    mkdir -p "$BUILD/analysis"
+    analysis_key compile "$1" "$REL" "$(patch_stamp)" "$(gcc --version | sed -n 1p)" "$(sparse --version 2>&1)" \
+        "$KOUT" "$(sha256sum < "$KMOD_DIR/kvc.sh")"
+}
+compile_cached() { [ -f "$(result_file "compile-sparse-$1" "$(compile_key "$1")")" ]; }
+
+. "$KMOD_DIR/analyze.sh"
+
 case "${1:-}" in
     driver) cmd_driver ;;
+    tree) cmd_tree "${2:-}" ;;
     check) cmd_check ;;
     install|uninstall) error_mark_cleanup; unset KVC_ERROR_MARK; exec "$KMOD_DIR/install.sh" "$1" ;;
-    *) die "usage: kvc.sh driver|check|install|uninstall" ;;
+    *) die "usage: kvc.sh driver|tree VERSION|check|install|uninstall" ;;
 esac

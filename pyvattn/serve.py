@@ -16,27 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .argtypes import non_negative_float, positive_int
 from .units import parse_size
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,16 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--trace", default="arxiv", help=f"one of {sorted(SHIPPED)} or a trace file (default: arxiv)")
     p.add_argument("--model-config", default="llama-tiny", help=f"one of {sorted(TINY_MODELS)} (random weights)")
-    p.add_argument("--requests", type=_positive_int, default=32, help="requests taken from the trace (default: 32)")
-    p.add_argument("--scale", type=_non_negative_float, default=0.05,
+    p.add_argument("--requests", type=positive_int, default=32, help="requests taken from the trace (default: 32)")
+    p.add_argument("--scale", type=non_negative_float, default=0.05,
                    help="multiply the trace's prompt and output lengths by this (default: 0.05)")
-    p.add_argument("--max-seq-len", type=_positive_int, default=2048, help="tokens per request, at most")
-    p.add_argument("--max-batch", type=_positive_int, default=16, help="requests running at once, at most")
-    p.add_argument("--max-batched-tokens", type=_positive_int, default=1024,
+    p.add_argument("--max-seq-len", type=positive_int, default=2048, help="tokens per request, at most")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="requests running at once, at most")
+    p.add_argument("--max-batched-tokens", type=positive_int, default=1024,
                    help="tokens per forward pass (decode tokens, then prompt chunks)")
     p.add_argument("--budget", default="4MiB", help="physical KV memory budget (default: 4MiB)")
     p.add_argument("--page-size", default="auto", help="KV page size, e.g. 4KiB, 64KiB, 2MiB (default: backend's)")
-    p.add_argument("--rate", type=_non_negative_float, default=0.0,
+    p.add_argument("--rate", type=non_negative_float, default=0.0,
                    help="Poisson arrivals per second (default 0: all requests arrive at once)")
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu")

@@ -12,54 +12,56 @@ from pyvattn.frag.measured import check, on_os_pages, scaled
 from pyvattn.frag.models import ModelConfig, get_model
 from pyvattn.frag.report import Experiment
 from pyvattn.frag.schemes import DEFAULT_SCHEMES, Scheme
-from pyvattn.frag.traces import Request, load_trace
+from pyvattn.frag.traces import Request, Trace, load_trace
 
 KiB = 1024
 # 1 layer, 1 KV head of 128 fp16 values: 256 B per token per region, 512 B per token (K+V)
 TINY = ModelConfig("tiny", num_layers=1, num_kv_heads=1, head_dim=128)
 
 
-def run(requests, scheme, budget=1 << 30, max_batch=8):
-    return Experiment("synthetic", requests, TINY, 1, budget, max_batch).simulate(scheme)
+def run(requests, scheme, budget=1 << 30, max_batch=8, max_context=100, watermark=0.0):
+    exp = Experiment(Trace.from_requests("synthetic", requests), TINY, 1, budget, max_batch,
+                     max_context=max_context, watermark=watermark)
+    return exp.simulate(scheme, keep_series=True)
 
 
 @pytest.mark.parametrize("scheme,alloc_tokens", [
-    (Scheme("static"), 100),                      # reserves the trace's max length (100)
+    (Scheme("static"), 100),                      # reserves the context (100)
     (Scheme("paged", block_tokens=16), 64),       # ceil(50/16)=4 blocks of 16
     (Scheme("paged", block_tokens=256), 256),
     (Scheme("vattn", page_bytes=4 * KiB), 64),    # 4 KiB / 256 B = 16 tokens per page
     (Scheme("vattn", page_bytes=64 * KiB), 256),  # 256 tokens per page
 ])
 def test_waste_at_completion_matches_hand_computed(scheme, alloc_tokens):
-    # one request of 40+10 = 50 tokens (and a long one that only sets max length to 100)
+    # one request of 40+10 = 50 tokens, and a longer one
     r = run([Request(40, 10), Request(90, 10)], scheme, max_batch=1)
-    first = 1 - 50 / alloc_tokens
-    if scheme.kind == "static":
-        assert r.completion_waste[0] == pytest.approx(first)
-        assert r.completion_alloc[0] == 100 * 512
-    else:
-        assert r.completion_alloc[0] == alloc_tokens * 512
-        assert r.completion_waste[0] == pytest.approx(first)
-    assert r.served == 2 and r.preemptions == 0
+    assert r.completion_alloc[0] == r.completion_needed[0] == alloc_tokens * 512
+    assert r.completion_used[0] == 50 * 512
+    assert 1 - r.completion_used[0] / r.completion_alloc[0] == pytest.approx(1 - 50 / alloc_tokens)
+    assert r.served == 2 and r.preemptions == 0 and r.rejected_total == 0
 
 
 def test_time_series_and_time_averaged_waste_by_hand():
     # paged 16: one request 10 + 20 tokens alone; steps: length 10 (admit), 11, ..., 30
     r = run([Request(10, 20)], Scheme("paged", block_tokens=16))
     lens = np.arange(10, 31)
+    series = r.series.full()
     assert r.steps == len(lens)
-    assert np.array_equal(r.used, lens * 512)
-    assert np.array_equal(r.allocated, -(-lens // 16) * 16 * 512)
-    assert np.array_equal(r.running, np.ones(len(lens)))
+    assert np.array_equal(series["used"], lens * 512)
+    assert np.array_equal(series["allocated"], -(-lens // 16) * 16 * 512)
+    assert np.array_equal(series["running"], np.ones(len(lens)))
+    assert not series["retained"].any()
     expected = ((-(-lens // 16) * 16 - lens) * 512).sum() / (-(-lens // 16) * 16 * 512).sum()
-    assert r.summary()["time_avg_waste_fraction"] == pytest.approx(expected)
+    s = r.summary()
+    assert s["time_avg_waste_fraction"] == pytest.approx(expected)
+    assert s["time_avg_fragmentation_fraction"] == pytest.approx(expected) and s["time_avg_retained_fraction"] == 0
 
 
 def test_budget_limits_concurrency_and_static_fits_fewest():
-    reqs = [Request(100, 28)] * 12  # 128 tokens each; max length 128
+    reqs = [Request(100, 28)] * 12  # 128 tokens each; context 128
     budget = 8 * 128 * 512  # room for exactly 8 requests at full length
-    static = run(reqs, Scheme("static"), budget=budget, max_batch=16)
-    paged = run(reqs, Scheme("paged", block_tokens=16), budget=budget, max_batch=16)
+    static = run(reqs, Scheme("static"), budget=budget, max_batch=16, max_context=128)
+    paged = run(reqs, Scheme("paged", block_tokens=16), budget=budget, max_batch=16, max_context=128)
     assert static.summary()["max_concurrent"] == 8
     assert paged.summary()["max_concurrent"] >= 8
     assert static.served == paged.served == 12
@@ -73,6 +75,8 @@ def test_preemption_when_growth_does_not_fit():
     r = run([Request(64, 32), Request(64, 32)], Scheme("paged", block_tokens=16), budget=128 * 512)
     assert r.preemptions >= 1 and r.served == 2
     assert r.summary()["peak_allocated_bytes"] <= 128 * 512
+    # recompute preemption keeps the generated tokens: the victim is refilled with all it had
+    assert r.recomputed_tokens >= 64 and r.preempted.tolist() == [0, r.preemptions]
 
 
 def test_deferred_reclaim_keeps_pages_for_the_next_request():
@@ -82,20 +86,21 @@ def test_deferred_reclaim_keeps_pages_for_the_next_request():
     # the second request reuses the first one's 4 pages (64 tokens) instead of mapping 3
     assert plain.completion_alloc.tolist() == [64 * 512, 48 * 512]
     assert kept.completion_alloc.tolist() == [64 * 512, 64 * 512]
-    assert kept.allocated[-1] == 64 * 512  # still mapped after everything finished
-
-
-def test_a_prompt_that_can_never_fit_is_rejected_not_looped():
-    r = run([Request(1000, 1), Request(10, 1)], Scheme("paged", block_tokens=16), budget=64 * 512)
-    assert r.rejected == 1 and r.served == 1
+    assert kept.series.full()["allocated"][-1] == 64 * 512  # still mapped after everything finished
+    # ... and what the second (34 tokens: 3 pages) holds beyond its need counts as retained
+    # (reclaimable at once), not as fragmentation
+    assert kept.series.full()["retained"][-1] == (64 - 48) * 512
+    assert kept.completion_needed.tolist() == [64 * 512, 48 * 512]  # what the second one's length needs
+    assert kept.summary()["retained_at_completion"]["mean"] == pytest.approx((1 - 48 / 64) / 2)
 
 
 @pytest.mark.parametrize("scheme", DEFAULT_SCHEMES, ids=lambda s: s.name)
 def test_measured_on_host_kvcache_agrees_exactly_with_simulation(scheme):
-    exp = Experiment("arxiv", load_trace("arxiv", 40), get_model("llama-3-8b"), 2, 6 << 30, 16)
+    exp = Experiment(load_trace("arxiv", 40), get_model("llama-3-8b"), 2, 6 << 30, 16, max_context=32768)
     small = scaled(exp, layers=1, requests=24)
     if scheme.kind == "static":  # one page of max_len tokens per request (20.8 MiB here)
         scheme = on_os_pages(scheme, small.model.token_bytes(small.tp), small.max_len)
+    assert len(small.trace) == 24
     result = check(small, scheme)
     assert result["agree"], result  # every series, and each request's allocation at completion
     assert result["backend"] == "host"
@@ -114,13 +119,13 @@ def test_traces_load_every_format(tmp_path):
                         '{"timestamp": 3000, "input_length": 10, "output_length": 5, "hash_ids": [1]}\n')
     own = tmp_path / "own.csv"
     own.write_text("prompt_tokens,output_tokens\n5,6\n")
-    assert load_trace(sarathi) == [Request(7564, 192)]
+    assert list(load_trace(sarathi)) == [Request(7564, 192)]
     a = load_trace(azure)
     assert [(r.prompt_tokens, r.output_tokens) for r in a] == [(4808, 10), (3180, 8)]
     assert a[1].arrival_s == pytest.approx(1.5)
     m = load_trace(mooncake)
     assert m[1] == Request(10, 5, 2.0)
-    assert load_trace(own) == [Request(5, 6)]
+    assert list(load_trace(own)) == [Request(5, 6)]
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y\n1,2\n")
     with pytest.raises(ValueError, match="columns"):
@@ -141,16 +146,18 @@ def test_shipped_traces_and_models():
         get_model("yi-6b").kv_heads_per_gpu(3)
     with pytest.raises(ValueError, match="model"):
         get_model("gpt-17")
+    assert get_model("llama-3-8b").max_context == 8192 and get_model("32,8,128").max_context is None
 
 
 def test_cli_writes_table_json_and_plots(tmp_path, capsys):
-    rc = frag_main(["--trace", "azure-conv", "--requests", "300", "--model", "yi-34b", "--tp", "2",
-                    "--budget", "8GiB", "--out", str(tmp_path)])
+    rc = frag_main(["--trace", "azure-conv", "--requests", "300", "--model", "yi-34b-200k", "--tp", "2",
+                    "--budget", "8GiB", "--max-context", "16384", "--out", str(tmp_path), "--jobs", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| vAttention 64KiB |" in out and "| paged 16-token blocks |" in out
-    doc = json.loads((tmp_path / "azure-conv-yi-34b-tp2.json").read_text())
-    assert len(doc["results"]) == len(DEFAULT_SCHEMES) and doc["tp"] == 2
+    doc = json.loads((tmp_path / "azure-conv-yi-34b-200k-tp2.json").read_text())
+    assert len(doc["results"]) == len(DEFAULT_SCHEMES) and doc["tp"] == 2 and doc["max_context"] == 16384
+    assert all(r["served"] == 300 for r in doc["results"])
     for png in ("waste", "concurrency"):
-        assert (tmp_path / f"azure-conv-yi-34b-tp2-{png}.png").stat().st_size > 10_000
+        assert (tmp_path / f"azure-conv-yi-34b-200k-tp2-{png}.png").stat().st_size > 10_000
     assert frag_main(["--model", "nope"]) == 2

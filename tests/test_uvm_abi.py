@@ -1,9 +1,11 @@
 """The uvm64k ioctl ABI as Python sees it agrees with what a C compiler makes of the header.
 
-Runs anywhere (no GPU, no module): gcc compiles a program that includes the header through its
-own user-space shim and prints sizeof/offsetof of every struct field and every constant; cffi's
-layout of the same structs (parsed from the same header by pyvattn._ffi.uvm) must match it
-exactly. The header copy shipped in the package must be the driver patch's, byte for byte.
+Runs anywhere (no GPU, no module): gcc compiles, with -m64 and with -m32, a file that includes the
+header through its own user-space shim and stores sizeof/offsetof of every struct field and every
+constant in the object file, which is read back (nothing is run, so the -m32 check needs no 32-bit
+C library); cffi's layout of the same structs (parsed from the same header by pyvattn._ffi.uvm)
+must match both exactly. The header copy shipped in the package must be the driver patch's, byte
+for byte.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -26,37 +29,50 @@ DRIVER_HEADER = ROOT / "driver-patch" / "include" / "uvm_kvc_ioctl.h"
 UVM_TEST_RANGE = range(200, 512)  # UVM_TEST_IOCTL_BASE(0) .. (312) and headroom (memo 4.5)
 
 
-def _c_program() -> str:
-    lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "uvm_kvc_ioctl.h"',
-             "int main(void) {"]
+#: Planted in every C layout: the offset of a NvU64 after a NvU32 in a plain struct is 4 under
+#: the i386 ABI and 8 under x86-64, so a "-m32" build that is not really 32-bit fails the test.
+ABI_CANARY = "offsetof canary.u64_after_u32"
+
+
+def _c_layout_source() -> tuple[str, list[str]]:
+    """C that stores sizeof/offsetof of every struct field and every constant, as unsigned long
+    long values, in a section of its own; and the names of those values, in order."""
+    names, exprs = [], []
     for struct in uvm.ABI.structs:
-        lines.append(f'printf("sizeof {struct} %zu\\n", sizeof({struct}));')
+        names.append(f"sizeof {struct}")
+        exprs.append(f"sizeof({struct})")
         for name, _ in uvm.ffi.typeof(struct).fields:
-            lines.append(f'printf("offsetof {struct}.{name} %zu\\n", offsetof({struct}, {name}));')
-            lines.append(f'printf("sizeof {struct}.{name} %zu\\n", sizeof((({struct} *)0)->{name}));')
+            names += [f"offsetof {struct}.{name}", f"sizeof {struct}.{name}"]
+            exprs += [f"offsetof({struct}, {name})", f"sizeof((({struct} *)0)->{name})"]
     for name in uvm.ABI.constants:
-        lines.append(f'printf("value {name} %llu\\n", (unsigned long long)({name}));')
-    lines += ["return 0;", "}"]
-    return "\n".join(lines) + "\n"
+        names.append(f"value {name}")
+        exprs.append(f"(unsigned long long)({name})")
+    names.append(ABI_CANARY)
+    exprs.append("offsetof(struct canary { NvU32 a; NvU64 b; }, b)")
+    src = "\n".join(["#include <stddef.h>", '#include "uvm_kvc_ioctl.h"',
+                     '__attribute__((section(".kvc_abi"), used)) const unsigned long long kvc_abi_values[] = {',
+                     *[f"    {e}," for e in exprs], "};", ""])
+    return src, names
 
 
-def _compile_and_run(tmp_path: Path, bits: int) -> dict[str, int]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
-    src, exe = tmp_path / f"abi{bits}.c", tmp_path / f"abi{bits}"
-    src.write_text(_c_program())
-    cmd = ["gcc", f"-m{bits}", "-std=c99", "-Wall", "-Werror", "-I", str(uvm.HEADER.parent),
-           str(src), "-o", str(exe)]
+def _c_layout(tmp_path: Path, bits: int) -> dict[str, int]:
+    """What gcc -m{bits} makes of the header: compiled only (nothing runs, so no 32-bit libc or
+    loader is needed), the values read back from the object file's .kvc_abi section."""
+    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
+        pytest.skip("gcc and objcopy (binutils) are needed")
+    src, names = _c_layout_source()
+    c, obj, raw = tmp_path / f"abi{bits}.c", tmp_path / f"abi{bits}.o", tmp_path / f"abi{bits}.bin"
+    c.write_text(src)
+    cmd = ["gcc", f"-m{bits}", "-std=c11", "-Wall", "-Werror", "-I", str(uvm.HEADER.parent), "-c", str(c), "-o", str(obj)]
     built = subprocess.run(cmd, capture_output=True, text=True)
     if built.returncode and bits == 32:
-        # no 32-bit libc here (gcc-multilib): the -m64 check still runs
-        trivial = subprocess.run(["gcc", "-m32", "-x", "c", "-", "-o", str(tmp_path / "t")],
-                                 input="int main(void){return 0;}", capture_output=True, text=True)
-        if trivial.returncode:
-            pytest.skip("gcc cannot build -m32 programs here (install gcc-multilib)")
+        # No 32-bit C library headers here (gcc-multilib): the header's user-space shim then takes
+        # <stdint.h> from gcc itself. The struct layout is the compiler's i386 ABI either way.
+        built = subprocess.run(cmd + ["-ffreestanding"], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    return {key: int(value) for key, value in (line.rsplit(" ", 1) for line in out.splitlines())}
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".kvc_abi", str(obj), str(raw)], check=True)
+    values = struct.unpack(f"<{len(names)}Q", raw.read_bytes())
+    return dict(zip(names, values))
 
 
 def _python_layout() -> dict[str, int]:
@@ -93,8 +109,8 @@ def test_header_declares_the_memo_ioctls_and_structs():
 
 def test_every_nvu64_field_is_declared_8_byte_aligned():
     """compat_ioctl shares the handler, so 32-bit callers must see the 64-bit layout: every NvU64
-    carries UVM_KVC_ALIGN8 (NV_ALIGN_BYTES(8) in the kernel). Checked in the text as well, since
-    the -m32 build below needs gcc-multilib."""
+    carries UVM_KVC_ALIGN8 (NV_ALIGN_BYTES(8) in the kernel). Checked in the text as well as by
+    the -m32 compile below."""
     text = uvm.HEADER.read_text()
     block = text[text.index(uvm.BEGIN):text.index(uvm.END)]
     fields = [line.split("/*")[0].strip() for line in block.splitlines() if line.strip().startswith("NvU64")]
@@ -105,7 +121,9 @@ def test_every_nvu64_field_is_declared_8_byte_aligned():
 
 @pytest.mark.parametrize("bits", [64, 32])
 def test_c_compiler_and_cffi_agree_on_every_struct_and_constant(tmp_path, bits):
-    c_layout = _compile_and_run(tmp_path, bits)
+    """compat_ioctl shares the 64-bit handler, so a 32-bit caller's layout must be the 64-bit one."""
+    c_layout = _c_layout(tmp_path, bits)
+    assert c_layout.pop(ABI_CANARY) == (4 if bits == 32 else 8), f"gcc -m{bits} did not use the {bits}-bit ABI"
     py_layout = _python_layout()
     assert c_layout.keys() == py_layout.keys()
     mismatches = {k: (c_layout[k], py_layout[k]) for k in c_layout if c_layout[k] != py_layout[k]}

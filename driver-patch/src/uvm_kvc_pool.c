@@ -333,8 +333,10 @@ static bool kvc_claim_locked(uvm_kvc_gpu_t *kgpu, NvU32 order, NvU32 flags, kvc_
     return true;
 }
 
-// KVC lock held. Claims `count` pages, getting new roots (with the lock dropped) as needed.
-// Returns how many were claimed in *done; on failure those are still claimed.
+// No KVC lock held. Claims `count` pages, adding a new root to the pool whenever it runs dry.
+// PMM allocation (possibly evicting) and zeroing of a new root happen without the KVC lock; each
+// lock/unlock pair stays inside one block. Returns how many were claimed in *done; on failure
+// those are still claimed (the caller gives them back under the lock).
 static NV_STATUS kvc_claim_pages(uvm_kvc_va_space_t *kvc,
                                  uvm_kvc_gpu_t *kgpu,
                                  NvU32 order,
@@ -344,26 +346,24 @@ static NV_STATUS kvc_claim_pages(uvm_kvc_va_space_t *kvc,
                                  NvU64 *done)
 {
     uvm_kvc_root_t *root = NULL;
-    NV_STATUS status;
+    NV_STATUS status = NV_OK;
 
-    uvm_assert_mutex_locked(&kvc->lock);
-
-    while (*done < count) {
-        if (kvc_claim_locked(kgpu, order, flags, &claims[*done])) {
-            (*done)++;
-            continue;
-        }
-
-        // PMM allocation (possibly evicting) and zeroing happen without the KVC lock.
-        uvm_mutex_unlock(&kvc->lock);
-        status = kvc_root_new(kvc, kgpu->gpu, order, flags, &root);
+    while (status == NV_OK) {
         uvm_mutex_lock(&kvc->lock);
-        if (status == NV_OK)
+        while (*done < count && kvc_claim_locked(kgpu, order, flags, &claims[*done]))
+            (*done)++;
+        uvm_mutex_unlock(&kvc->lock);
+        if (*done == count)
+            break;
+
+        status = kvc_root_new(kvc, kgpu->gpu, order, flags, &root);
+        if (status == NV_OK) {
+            uvm_mutex_lock(&kvc->lock);
             status = kvc_root_add_locked(kvc, kgpu, root);
-        if (status != NV_OK)
-            return status;
+            uvm_mutex_unlock(&kvc->lock);
+        }
     }
-    return NV_OK;
+    return status;
 }
 
 // KVC lock held. Gives back claimed, unpublished pages (they are marked dirty: they may hold
@@ -401,9 +401,7 @@ NV_STATUS uvm_kvc_alloc_pages(uvm_kvc_va_space_t *kvc,
     if (!claims)
         return NV_ERR_NO_MEMORY;
 
-    uvm_mutex_lock(&kvc->lock);
     status = kvc_claim_pages(kvc, kgpu, order, flags, claims, count, &done);
-    uvm_mutex_unlock(&kvc->lock);
 
     if (status == NV_OK)
         status = kvc_zero_claims(gpu, claims, count);

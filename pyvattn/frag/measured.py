@@ -4,8 +4,8 @@ A real cache of the full experiment would need the full KV budget in host memory
 scaled down: fewer layers (the budget shrinks in proportion, so the same number of tokens fit)
 and the first requests of the trace, enough of them that the budget still binds (preemptions, and
 reclaims with deferred reclaim). Every per-step series (allocated bytes, used bytes, batch size),
-every request's allocation at completion, and the preemption count must match the simulation
-exactly; the memory really allocated (host backend: the memfd's blocks; on a GPU: the drop in
+every request's allocation and step at completion, and the preemption count must match the
+simulation exactly; the memory really allocated (host backend: the memfd's blocks; on a GPU: the drop in
 free device memory reported by cuMemGetInfo; sampled every step) is reported beside them.
 """
 
@@ -30,7 +30,7 @@ def scaled(exp: Experiment, layers: int = 1, requests: int = 64) -> Experiment:
     model = replace(exp.model, name=f"{exp.model.name} ({layers} of {exp.model.num_layers} layers)",
                     num_layers=layers)
     budget = exp.budget_bytes * layers // exp.model.num_layers
-    return replace(exp, model=model, budget_bytes=budget, requests=exp.requests[:requests])
+    return replace(exp, model=model, budget_bytes=budget, trace=exp.trace[:requests])
 
 
 def requests_for_pressure(max_concurrent: int, available: int, cap: int = 600) -> int:
@@ -41,7 +41,7 @@ def requests_for_pressure(max_concurrent: int, available: int, cap: int = 600) -
 
 def check(exp: Experiment, scheme: Scheme, backend: str = "host", device: str = "cpu") -> dict:
     """Simulate and measure ``scheme`` on ``exp``; return the comparison."""
-    sim = exp.simulate(scheme)
+    sim = exp.simulate(scheme, keep_series=True)
     os_peak = [0]
     on_gpu = device.startswith("cuda")
     if on_gpu:  # device memory in use by anyone, as cuMemGetInfo reports it; the peak rise is ours
@@ -56,17 +56,18 @@ def check(exp: Experiment, scheme: Scheme, backend: str = "host", device: str = 
             os_peak[0] = max(os_peak[0], free0 - torch.cuda.mem_get_info()[0])
 
     real = exp.measure(scheme, backend, device, on_step=sample)
-    series = (sim.steps == real.steps and np.array_equal(sim.allocated, real.allocated)
-              and np.array_equal(sim.running, real.running) and np.array_equal(sim.used, real.used)
-              and sim.served == real.served and sim.preemptions == real.preemptions)
+    sim_series, real_series = sim.series.full(), real.series.full()
+    series = (sim.steps == real.steps and sim.served == real.served and sim.preemptions == real.preemptions
+              and all(np.array_equal(sim_series[k], real_series[k]) for k in sim_series))
     same = (series and np.array_equal(sim.completion_alloc, real.completion_alloc)
+            and np.array_equal(sim.completion_step, real.completion_step)
             # without deferred reclaim the cache counts every free as a reclaim; the model does not
             and (sim.reclaimed_bytes == real.reclaimed_bytes or not scheme.deferred_reclaim))
     return {"scheme": scheme.name, "agree": bool(same), "agree_series": bool(series),
             "steps": sim.steps, "served": real.served,
             "preemptions": real.preemptions, "reclaimed_bytes_measured": real.reclaimed_bytes,
             "reclaimed_bytes_simulated": sim.reclaimed_bytes,
-            "peak_allocated_simulated": int(sim.allocated.max()), "peak_mapped_measured": int(real.allocated.max()),
+            "peak_allocated_simulated": sim.series.peak_alloc, "peak_mapped_measured": real.series.peak_alloc,
             "peak_os_allocated": os_peak[0], "backend": real.extra.get("backend"),
             "map_calls": real.extra.get("map_calls"), "map_seconds": real.extra.get("map_seconds")}
 
