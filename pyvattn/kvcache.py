@@ -213,7 +213,10 @@ class KVCache:
 
     def stats(self) -> dict:
         """Memory and activity counters. Bytes count both K and V of all layers;
-        ``mapped_bytes == used_bytes + fragmentation_bytes + retained_bytes``."""
+        ``mapped_bytes == used_bytes + fragmentation_bytes + retained_bytes``: tokens stepped by
+        running requests; the rest of the pages their lengths need (each one's last page);
+        everything else mapped (finished requests' slots, pages a reused slot holds beyond its
+        length: reclaimable at once). ``waste_bytes`` is the last two together."""
         with self._lock:
             self._ready()
             return self._stats.report(self)

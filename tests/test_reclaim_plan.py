@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvattn.core.reclaim import Reclaim
-from pyvattn.frag.schemes import UnitMemory
+from pyvattn.frag.memory import UnitMemory
 
 REGIONS = 4
 

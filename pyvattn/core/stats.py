@@ -32,21 +32,24 @@ class CacheStats:
 
     def report(self, cache) -> dict:
         """Memory and activity of ``cache``. Bytes count K and V of all layers; mapped memory splits
-        exactly into ``used_bytes`` (tokens stepped), ``fragmentation_bytes`` (mapped under running
-        requests beyond their stepped length) and ``retained_bytes`` (mapped under free slots:
-        deferred reclaim, reclaimable at once); ``waste_bytes`` is the last two together."""
+        exactly into ``used_bytes`` (tokens stepped by running requests), ``fragmentation_bytes``
+        (the rest of the pages those lengths need: the unused end of each request's last page) and
+        ``retained_bytes`` (everything else mapped: finished requests' slots under deferred reclaim,
+        pages a reused slot holds beyond what its length needs; reclaimable at once);
+        ``waste_bytes`` is the last two together."""
         slots, slabs, pool = cache._slots, cache._slabs, cache.pool
-        P, per_token = cache.page_size, cache.token_bytes * cache.num_regions
+        P, regions = cache.page_size, cache.num_regions
         every = np.arange(cache.max_batch_size)
-        pages = slabs.mapped(every)  # held in every region, plus anything a failed rollback left
+        pages = slabs.mapped(every)  # held in every region, plus anything a failed call left
         active = slots.active
-        used = int(slots.lengths[active].sum()) * per_token
-        fragmentation = int(pages[active].sum()) * P - used
-        retained = int(pages[~active].sum()) * P
+        needed = np.where(active, slabs.pages_for(slots.lengths), 0) * regions  # pages the lengths need
+        used = int(slots.lengths[active].sum()) * cache.token_bytes * regions
+        fragmentation = int(needed.sum()) * P - used
+        retained = int((pages - needed).sum()) * P
         return {
             **cache.backend.describe(),
             "tokens_per_page": P / cache.token_bytes,
-            "bytes_per_token": per_token,
+            "bytes_per_token": cache.token_bytes * regions,
             "reserved_bytes": cache.buffer.nbytes,
             "mapped_bytes": cache.buffer.mapped_pages * P,
             "used_bytes": used,
