@@ -1,4 +1,4 @@
-"""VirtualBuffer: one reserved virtual range, its page table, and zero-copy tensor views."""
+"""VirtualBuffer: one reserved virtual range and zero-copy tensor views of it."""
 
 from __future__ import annotations
 
@@ -7,20 +7,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .backends.base import Backend
-from .errors import DriverError
-
-UNMAPPED = -1
+from .backends.base import Backend, undo_one
 
 
 class VirtualBuffer:
-    """A range of ``num_pages`` virtual pages of one backend, each either unmapped or backed by a
-    physical page handle.
+    """A range of ``num_pages`` virtual pages of one backend, addressed by page index.
 
-    ``map``/``unmap`` take arrays of page indices and issue one batched backend call; they check the
-    whole batch first, so a bad index leaves the buffer unchanged. ``view`` gives torch tensors of
-    any dtype and shape over the range, zero-copy; touching an unmapped page through them is the
-    caller's bug (SIGSEGV on the host, an illegal-address fault on a GPU).
+    The backend keeps the books (the handle at each page); ``map``/``unmap`` translate page
+    indices to addresses and make one batched backend call, which checks the whole batch first.
+    ``view`` gives torch tensors of any dtype and shape over the range, zero-copy. On the host an
+    unmapped page reads as zeros and faults when written; on a GPU touching one is an
+    illegal-address fault. Views kept after ``close`` keep the range reserved (and inaccessible)
+    until they die, so they can never reach memory that a later reservation got.
     """
 
     def __init__(self, backend: Backend, nbytes: int):
@@ -29,52 +27,32 @@ class VirtualBuffer:
         self.num_pages = -(-nbytes // self.page_size)
         self.nbytes = self.num_pages * self.page_size
         self.base = backend.reserve(self.nbytes)
-        self._handles = np.full(self.num_pages, UNMAPPED, dtype=np.int64)
-        self._bytes = backend.tensor(self.base, self.nbytes)
-        self.mapped_pages = 0
-
-    def handles(self, pages: np.ndarray) -> np.ndarray:
-        """Handles mapped at ``pages`` (``UNMAPPED`` where none)."""
-        return self._handles[pages]
-
-    def map(self, pages: np.ndarray, handles: Sequence[int]) -> None:
-        """Map ``handles[i]`` at page ``pages[i]``; every page must be unmapped."""
-        pages = np.asarray(pages, dtype=np.int64)
-        if len(pages) != len(handles):
-            raise ValueError(f"len(pages)={len(pages)} != len(handles)={len(handles)}")
-        if len(pages) == 0:
-            return
-        self._check_pages(pages)
-        if (self._handles[pages] != UNMAPPED).any():
-            raise ValueError("pages: some are already mapped")
-        if len(np.unique(pages)) != len(pages):
-            raise ValueError("pages: duplicates in one batch")
-        self.backend.map((self.base + pages * self.page_size).tolist(), list(handles))
-        self._handles[pages] = handles
-        self.mapped_pages += len(pages)
-
-    def unmap(self, pages: np.ndarray) -> list[int]:
-        """Unmap ``pages`` (all must be mapped); return the handles that backed them."""
-        pages = np.asarray(pages, dtype=np.int64)
-        if len(pages) == 0:
-            return []
-        self._check_pages(pages)
-        handles = self._handles[pages]
-        if (handles == UNMAPPED).any():
-            raise ValueError("pages: some are not mapped")
         try:
-            self.backend.unmap((self.base + pages * self.page_size).tolist())
-        except DriverError as exc:  # the pages unmapped before the failure are unmapped for good
-            gone = (np.asarray(exc.unmapped_vas, dtype=np.int64) - self.base) // self.page_size
-            self._handles[gone] = UNMAPPED
-            self.mapped_pages -= len(gone)
-            raise
-        self._handles[pages] = UNMAPPED
-        self.mapped_pages -= len(pages)
-        return handles.tolist()
+            self._bytes: torch.Tensor | None = backend.view(self.base, self.nbytes)
+        except BaseException as exc:
+            raise undo_one(exc, backend.unreserve, self.base, self.nbytes)
 
-    def unmap_all(self) -> list[int]:
-        return self.unmap(np.flatnonzero(self._handles != UNMAPPED))
+    @property
+    def mapped_pages(self) -> int:
+        return self.backend.mapped_pages_in(self.base)
+
+    def vas(self, pages) -> np.ndarray:
+        return self.base + np.asarray(pages, dtype=np.int64) * self.page_size
+
+    def handles(self, pages) -> np.ndarray:
+        """Handles mapped at ``pages`` (``UNMAPPED`` where none)."""
+        return self.backend.handles_at(self.vas(pages))
+
+    def map(self, pages, handles: Sequence[int]) -> None:
+        """Map ``handles[i]`` at page ``pages[i]``; every page must be unmapped."""
+        self.backend.map(self.vas(pages), handles)
+
+    def unmap(self, pages) -> list[int]:
+        """Unmap ``pages`` (all must be mapped); return the handles that backed them."""
+        vas = self.vas(pages)
+        handles = self.backend.handles_at(vas)
+        self.backend.unmap(vas)
+        return handles.tolist()
 
     def view(self, offset: int, shape: Sequence[int], dtype: torch.dtype,
              strides: Sequence[int] | None = None) -> torch.Tensor:
@@ -82,6 +60,8 @@ class VirtualBuffer:
 
         ``strides`` are in elements (default: contiguous). The view must fit inside the range.
         """
+        if self._bytes is None:
+            raise RuntimeError("this VirtualBuffer is closed")
         itemsize = torch.empty((), dtype=dtype).element_size()
         if offset % itemsize:
             raise ValueError(f"offset={offset} is not a multiple of {dtype}'s size {itemsize}")
@@ -93,13 +73,17 @@ class VirtualBuffer:
         flat = self._bytes[offset:offset + extent * itemsize].view(dtype)
         return flat.as_strided(tuple(shape), tuple(strides))
 
-    def close(self) -> list[int]:
-        """Unmap everything and give back the reservation; return the handles that were mapped."""
-        handles = self.unmap_all()
+    def close_views(self) -> None:
+        """Drop the buffer's own tensor: from now on only views handed out keep the range alive."""
         self._bytes = None
+
+    def close(self) -> list[int]:
+        """Unmap everything and give back the reservation; return the handles that were mapped.
+        Views still alive keep the range reserved, inaccessible, until they die."""
+        vas = self.backend.mapped_vas(self.base)
+        handles = self.backend.handles_at(vas).tolist() if len(vas) else []
+        if handles:
+            self.backend.unmap(vas)
+        self.close_views()
         self.backend.unreserve(self.base, self.nbytes)
         return handles
-
-    def _check_pages(self, pages: np.ndarray) -> None:
-        if pages.min() < 0 or pages.max() >= self.num_pages:
-            raise ValueError(f"pages: indices must lie in [0, {self.num_pages})")

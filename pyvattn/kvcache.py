@@ -8,27 +8,30 @@ unmodified attention kernel reads the cache with no block table.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
+import weakref
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from . import backends
+from .backends.base import undo_one
 from .buffer import VirtualBuffer
-from .errors import OutOfPages, OutOfSlots
+from .core.layout import Layout
+from .core.mapper import BackgroundMapper
+from .core.reclaim import Reclaim
+from .core.slabs import Slabs
+from .core.slots import SlotTable
+from .core.stats import CacheStats
+from .errors import DriverError, OutOfPages, OutOfSlots
 from .pool import PagePool
 from .units import parse_size
 
 SeqLens = Mapping[int, int] | Sequence[int] | np.ndarray | torch.Tensor
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return int(value)
 
 
 class KVCache:
@@ -39,16 +42,24 @@ class KVCache:
 
     Guarantees:
 
-    * data written to a slot below its mapped length is never lost or aliased while the slot is
-      allocated, whatever other slots do;
+    * **what is safe**: Tokens ``[0, mapped_tokens(slot))`` of an allocated slot, its stepped
+      length rounded up to whole pages, are safe to write and read until ``free_slot(slot)``;
+      pages the slot holds beyond them may be reclaimed by any step. (They are mapped and stay
+      mapped, unaliased, whatever other slots do; pages beyond them are left by a longer request
+      that used the slot before.)
     * ``step`` either maps everything asked for or raises (``OutOfPages``, ``ValueError``) having
-      changed nothing another request can observe;
+      changed nothing another request can observe, and the same holds when any call under it
+      raises, ``KeyboardInterrupt`` included;
     * ``step_async`` runs the same mapping on a background thread; the next call into the cache
-      waits for it and raises its error, if any;
-    * ``close()`` (or leaving a ``with`` block) unmaps and releases every page and the reservation;
-      the tensors in ``k``/``v`` must not be used afterwards.
+      waits for it, and the next call from the thread that asked raises its error, if any;
+    * any thread may call any method: a lock serializes them (about 0.15 µs per call); a forked
+      child cannot use a cache it inherited (and releases nothing of it: the memory is shared);
+    * ``close()`` (or leaving a ``with`` block) unmaps and releases every page and the reservation.
+      Tensors kept from ``k``/``v`` keep the range reserved and inaccessible until they die: using
+      one faults, it never reaches another cache's memory.
 
-    Not thread-safe: one thread drives a cache (``step_async`` is the only concurrency inside).
+    On the host an unmapped token reads as zero (printing a tensor is safe) and writing it faults;
+    on a GPU touching one is an illegal-address fault.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_batch_size: int,
@@ -56,121 +67,73 @@ class KVCache:
                  device: str | torch.device = "cpu", page_size: int | str = "auto",
                  backend: str = "auto", memory_budget: int | str | None = None,
                  deferred_reclaim: bool = True):
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.max_batch_size = _positive_int(max_batch_size, "max_batch_size")
-        self.max_seq_len = _positive_int(max_seq_len, "max_seq_len")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype")
-        self.dtype = dtype
+        if not isinstance(deferred_reclaim, (bool, np.bool_)):
+            raise ValueError(f"deferred_reclaim={deferred_reclaim!r} must be True or False")
+        self.deferred_reclaim = bool(deferred_reclaim)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device={device!r} is not a device: {exc}") from None
         self.selection = backends.select(backend, self.device)
-        cls = self.selection.cls
-        self.page_size = (cls.default_page_size(self.device) if page_size == "auto"
-                          else parse_size(page_size, "page_size"))
-        cls.check_page_size(self.device, self.page_size)
-        self.deferred_reclaim = bool(deferred_reclaim)
+        layout = Layout.of(self.selection.cls, self.device, num_layers, num_kv_heads, head_dim,
+                           max_batch_size, max_seq_len, dtype, page_size, memory_budget)
+        self.__dict__.update(layout.as_dict())  # num_layers, ..., page_size, token_bytes, slot_bytes
 
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.token_bytes = self.num_kv_heads * self.head_dim * itemsize
-        P = self.page_size
-        self.pages_per_slot = -(-self.max_seq_len * self.token_bytes // P)
-        self.slot_bytes = self.pages_per_slot * P  # a slab starts on a page boundary
-        self.num_regions = 2 * self.num_layers  # K and V of every layer
-        self._pages_per_region = self.max_batch_size * self.pages_per_slot
-        self._region_first_page = np.arange(self.num_regions, dtype=np.int64) * self._pages_per_region
-
-        budget_pages = None
-        if memory_budget is not None:
-            budget = parse_size(memory_budget, "memory_budget")
-            if budget < 0:
-                raise ValueError(f"memory_budget={memory_budget!r} must be >= 0")
-            budget_pages = budget // P
-
-        self.backend = cls(self.device, P)
+        self._lock = threading.Lock()
+        self._closed = True  # until everything below exists
+        self._forked = False
+        self.backend = self.selection.cls(self.device, self.page_size)
         try:
-            self.buffer = VirtualBuffer(self.backend, self.num_regions * self._pages_per_region * P)
-        except BaseException:
-            self.backend.close()
-            raise
-        self.pool = PagePool(self.backend, budget_pages, grow_pages=self.num_regions * 4)
-
-        shape = (self.max_batch_size, self.max_seq_len, self.num_kv_heads, self.head_dim)
-        elem = self.num_kv_heads * self.head_dim
-        strides = (self.slot_bytes // itemsize, elem, self.head_dim, 1)
-        region_bytes = self._pages_per_region * P
-        views = [self.buffer.view(r * region_bytes, shape, dtype, strides) for r in range(self.num_regions)]
+            layout.check_mapping_room(self.backend, self.selection.name)
+            try:
+                self.buffer = VirtualBuffer(self.backend, layout.reservation_bytes)
+            except (DriverError, OutOfPages) as exc:
+                raise layout.reservation_error(exc) from exc
+            self.pool = PagePool(self.backend, self.budget_pages, grow_pages=self.num_regions * 4)
+            self._slots = SlotTable(self.max_batch_size, self.max_seq_len)
+            self._slabs = Slabs(self.buffer, self.pool, self.num_regions, self.max_batch_size,
+                                self.pages_per_slot, self.token_bytes, self.max_seq_len)
+            self._stats = CacheStats()
+            self._mapper = BackgroundMapper()
+            views = [layout.region_view(self.buffer, r) for r in range(self.num_regions)]
+        except BaseException as exc:
+            raise undo_one(exc, self._release_everything)
         self.k: list[torch.Tensor] = views[0::2]
         self.v: list[torch.Tensor] = views[1::2]
-
-        self._active = np.zeros(self.max_batch_size, dtype=bool)
-        self._mapped = np.zeros(self.max_batch_size, dtype=np.int64)  # pages per region, per slot
-        self._seq_lens = np.zeros(self.max_batch_size, dtype=np.int64)
-        # The decode hot path (nothing to map) must cost microseconds at batch 256, which numpy's
-        # per-call overhead does not allow for dict input. So lengths and mapped capacity (tokens)
-        # of active slots are also kept in dicts, and "does every length fit, and has none
-        # shrunk?" is answered in C-level builtins. Whichever copy of the lengths a step updated
-        # is the newer one; the other is refreshed when needed.
-        self._capacity: dict[int, int] = {}
-        self._capacity_arr = np.zeros(self.max_batch_size, dtype=np.int64)  # 0 for free slots
-        self._lens: dict[int, int] = {}
-        self._np_stale = False  # _lens is newer than _seq_lens
-        self._dict_stale = False  # _seq_lens is newer than _lens
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        self._worker_ident: int | None = None  # the mapping thread, once step_async started it
         self._closed = False
-        self.map_calls = 0
-        self.mapped_pages_total = 0
-        self.unmapped_pages_total = 0
-        self.map_seconds = 0.0
-        self.reclaimed_pages_total = 0
+        _caches.add(self)
 
     # --- request slots -----------------------------------------------------------------------
     def alloc_slot(self, seq_len: int = 0) -> int:
         """Claim a free slot. Prefers a slot whose pages are still mapped from an earlier request:
         the smallest one that already covers ``seq_len`` tokens (best fit), else the one with the
         most pages mapped. Raises ``OutOfSlots`` when all ``max_batch_size`` slots are in use."""
-        self._join()
-        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) \
-                or not 0 <= seq_len <= self.max_seq_len:
-            raise ValueError(f"seq_len={seq_len} must lie in [0, max_seq_len={self.max_seq_len}]")
-        free = np.flatnonzero(~self._active)
-        if len(free) == 0:
-            raise OutOfSlots(f"all {self.max_batch_size} slots are in use (max_batch_size)")
-        mapped = self._mapped[free]
-        fits = free[mapped >= self._pages_for(seq_len)] if seq_len else free[:0]
-        if len(fits):
-            slot = fits[np.argmin(self._mapped[fits])]
-        else:
-            slot = free[np.argmax(mapped)]
-        slot = int(slot)
-        self._active[slot] = True
-        self._seq_lens[slot] = 0
-        self._lens[slot] = 0
-        self._set_capacity(slot)
-        return slot
+        with self._lock:
+            self._ready()
+            if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) \
+                    or not 0 <= seq_len <= self.max_seq_len:
+                raise ValueError(f"seq_len={seq_len!r} must lie in [0, max_seq_len={self.max_seq_len}]")
+            free = np.flatnonzero(~self._slots.active)
+            if not len(free):
+                raise OutOfSlots(f"all {self.max_batch_size} slots are in use (max_batch_size)")
+            held = self._slabs.held[free]
+            fits = free[held >= self._slabs.pages_for(seq_len)] if seq_len else free[:0]
+            slot = int(fits[np.argmin(self._slabs.held[fits])] if len(fits) else free[np.argmax(held)])
+            self._slots.claim(slot)
+            return slot
 
     def free_slot(self, slot: int) -> None:
         """Finish the request in ``slot``. Its pages stay mapped for the next request that takes
         the slot (deferred reclaim) and are reclaimed only when the pool runs dry; with
         ``deferred_reclaim=False`` they return to the pool at once."""
-        self._join()
-        self._check_slot(slot, "slot")
-        if not self._active[slot]:
-            raise ValueError(f"slot={slot} is not allocated (double free?)")
-        self._sync_lens()
-        self._active[slot] = False
-        self._seq_lens[slot] = 0
-        self._lens.pop(slot, None)
-        del self._capacity[slot]
-        self._capacity_arr[slot] = 0
-        if not self.deferred_reclaim:
-            self._reclaim_slot(slot, int(self._mapped[slot]))
+        with self._lock:
+            self._ready()
+            slot = self._slots.check_slot(slot)
+            if not self._slots.active[slot]:
+                raise ValueError(f"slot={slot} is not allocated (double free?)")
+            self._slots.release(slot)
+            if not self.deferred_reclaim:
+                self._reclaim([(slot, int(self._slabs.extent[slot]))])
 
     # --- growth ------------------------------------------------------------------------------
     def step(self, seq_lens: SeqLens) -> None:
@@ -178,250 +141,104 @@ class KVCache:
         in every layer's K and V. ``seq_lens`` is a mapping ``{slot: length}`` or a sequence /
         tensor of length ``max_batch_size`` indexed by slot (0 for unused slots). All maps go to
         the backend as one batch. Raises ``OutOfPages`` before mapping anything if the pages
-        cannot all be had."""
-        self._join()
-        if self._fits(seq_lens):
-            return
-        self._apply(*self._parse(seq_lens))
-
-    def _fits(self, seq_lens: SeqLens) -> bool:
-        """Fast path: record ``seq_lens`` and return True if nothing needs mapping (and the input
-        is plainly valid); False sends the call through full validation."""
-        if type(seq_lens) is dict:
-            self._refresh_dict()  # no-op unless a tensor-input step came last
-            cap, now = self._capacity, self._lens  # active slots only: others raise KeyError
-            try:
-                ok = all(now[s] <= n <= cap[s] for s, n in seq_lens.items())
-            except (KeyError, TypeError):
-                return False
-            # a float or numpy length or slot id takes the slow path, which validates it
-            if ok and type(sum(seq_lens.values())) is int and type(sum(seq_lens)) is int:
-                now.update(seq_lens)
-                self._np_stale = True
-                return True
-            return False
-        if isinstance(seq_lens, torch.Tensor) and seq_lens.device.type == "cpu":
-            seq_lens = seq_lens.numpy()
-        if isinstance(seq_lens, np.ndarray) and seq_lens.shape == self._capacity_arr.shape \
-                and seq_lens.dtype.kind in "iu":
-            self._refresh_numpy()
-            # viewed unsigned, a negative length is huge and fails the test; free slots have
-            # capacity 0 and length 0, so their entries must be 0
-            if ((seq_lens.view(f"u{seq_lens.itemsize}") <= self._capacity_arr).all()
-                    and (seq_lens >= self._seq_lens).all()):
-                self._seq_lens[:] = seq_lens
-                self._dict_stale = True
-                return True
-        return False
+        cannot all be had. A step that maps nothing only records the lengths (microseconds)."""
+        with self._lock:
+            self._ready()
+            slots, lens, grows = self._slots.parse(seq_lens, self._slabs.capacity)
+            if grows:
+                self._grow(slots, lens)
+            self._slots.record(slots, lens)
 
     def step_async(self, seq_lens: SeqLens) -> None:
         """Like ``step`` but on a background thread: call it while the current forward pass runs,
         with the lengths of the *following* step. Input is checked here; mapping errors are raised
         by the next call into the cache. When nothing needs mapping it returns at once, with no
         thread hand-off (waking a thread each decode step costs the caller more than it saves)."""
-        self._join()
-        if self._fits(seq_lens):
-            return
-        slots, lens = self._parse(seq_lens)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyvattn-map")
-        self._pending = self._executor.submit(self._apply_on_worker, slots, lens)
-
-    def _apply_on_worker(self, slots: np.ndarray, lens: np.ndarray) -> None:
-        self._worker_ident = threading.get_ident()
-        self._apply(slots, lens)
+        with self._lock:
+            self._ready()
+            slots, lens, grows = self._slots.parse(seq_lens, self._slabs.capacity)
+            if grows:
+                self._mapper.submit(self._grow_and_record, slots.copy(), lens.copy())
+            else:
+                self._slots.record(slots, lens)
 
     def reserve(self, nbytes: int | str) -> int:
         """Create physical pages up front (vAttention's ``reserve_physical_pages``), so later steps
-        map without creating; returns the number of pages created."""
-        self._join()
-        size = parse_size(nbytes, "nbytes")
-        if size < 0:
-            raise ValueError(f"nbytes={nbytes!r} must not be negative")
-        return self.pool.reserve(size)
-
-    def _apply(self, slots: np.ndarray, lens: np.ndarray) -> None:
-        self._sync_lens()  # reclaim decisions below need every slot's current length
-        need = -(-lens * self.token_bytes // self.page_size)
-        grow = need - self._mapped[slots]
-        growing = grow > 0
-        if growing.any():
-            self._map_growth(slots[growing], need[growing], slots, need)
-        self._seq_lens[slots] = np.maximum(self._seq_lens[slots], lens)  # lengths never shrink
-        self._lens.update(zip(slots.tolist(), self._seq_lens[slots].tolist()))  # both current
-
-    def _map_growth(self, slots: np.ndarray, need: np.ndarray, step_slots: np.ndarray,
-                    step_need: np.ndarray) -> None:
-        first = self._mapped[slots]
-        count = int((need - first).sum()) * self.num_regions
-        # pages each slot must keep: its last length's, or what this step asks for
-        keep = np.where(self._active, self._pages_for(self._seq_lens), 0)
-        keep[step_slots] = np.maximum(keep[step_slots], step_need)
-        handles = self._take_pages(count, keep)
-        # page index = region start + slot * pages_per_slot + page within the slot
-        counts = need - first
-        run_start = np.repeat(slots * self.pages_per_slot + first - np.cumsum(counts) + counts, counts)
-        within = run_start + np.arange(int(counts.sum()))  # slot*pps + first ... need-1, per slot
-        pages = (self._region_first_page[:, None] + within[None, :]).ravel()
-        t0 = time.perf_counter()
-        try:
-            self.buffer.map(pages, handles)
-        except BaseException:
-            self.pool.give(handles)
-            raise
-        self.map_seconds += time.perf_counter() - t0
-        self.map_calls += 1
-        self.mapped_pages_total += count
-        self._mapped[slots] = need
-        for slot in slots.tolist():
-            self._set_capacity(slot)
-
-    def _take_pages(self, count: int, keep: np.ndarray) -> list[int]:
-        """``count`` pages from the pool, reclaiming mapped pages when the pool and the budget
-        cannot supply them: pages of finished requests' slots, then pages an active slot holds
-        beyond its current length (left over from a longer request that used the slot before;
-        nothing the current request wrote lives there). Checks that enough can be had before
-        reclaiming anything, and reclaims only the shortfall (whole pages in every region)."""
-        try:
-            return self.pool.take(count)
-        except OutOfPages as exc:
-            short = count - self.pool.free_pages - self.pool.headroom
-            if short <= 0:  # the budget allowed it but the device did not: reclaim all we need
-                short = count - self.pool.free_pages
-            reclaimable = self._reclaimable(keep)
-            if short > reclaimable:
-                raise OutOfPages(
-                    f"step needs {count} pages of {self.page_size} bytes: {self.pool.free_pages} free, "
-                    f"{reclaimable} reclaimable (finished requests' pages, and pages a reused slot "
-                    f"holds beyond its length), budget/device allows no more ({exc})",
-                    needed=count, available=self.pool.free_pages + reclaimable) from None
-            self._reclaim(short, keep)
-        try:
-            return self.pool.take(count)
-        except OutOfPages:
-            # The budget had room but the device could not create that many pages after all:
-            # take the rest from mapped pages too, if they suffice (else the error stands).
-            short = count - self.pool.free_pages
-            if short > self._reclaimable(keep):
-                raise
-            self._reclaim(short, keep)
-            return self.pool.take(count)
-
-    def _reclaimable(self, keep: np.ndarray) -> int:
-        """Pages (all regions) mapped beyond what each slot must keep."""
-        return int(np.maximum(self._mapped - keep, 0).sum()) * self.num_regions
-
-    def _reclaim(self, pages: int, keep: np.ndarray) -> None:
-        """Return at least ``pages`` mapped pages to the pool (whole pages in every region):
-        finished requests' slots first, then active slots' pages beyond ``keep``; most first."""
-        excess = np.maximum(self._mapped - keep, 0)
-        donors = np.flatnonzero(excess > 0)
-        donors = donors[np.lexsort((-excess[donors], self._active[donors]))]
-        per_region = -(-pages // self.num_regions)
-        for slot in donors.tolist():
-            take = min(per_region, int(excess[slot]))
-            self._reclaim_slot(slot, take)
-            per_region -= take
-            if per_region <= 0:
-                break
-
-    def _reclaim_slot(self, slot: int, pages: int) -> None:
-        """Unmap the last ``pages`` pages of ``slot`` in every region and return them to the pool."""
-        if pages <= 0:
-            return
-        top = int(self._mapped[slot])
-        within = slot * self.pages_per_slot + np.arange(top - pages, top)
-        handles = self.buffer.unmap((self._region_first_page[:, None] + within[None, :]).ravel())
-        self.pool.give(handles)
-        self._mapped[slot] = top - pages
-        if self._active[slot]:  # a reused slot's excess: its fast-path capacity shrinks too
-            self._set_capacity(slot)
-        self.unmapped_pages_total += len(handles)
-        self.reclaimed_pages_total += len(handles)
+        map without creating; returns the number of pages created. Pages are placed where decode
+        growth will want them first (the next page of every slot in every region, and so on)."""
+        with self._lock:
+            self._ready()
+            size = parse_size(nbytes, "nbytes")
+            if size < 0:
+                raise ValueError(f"nbytes={nbytes!r} must not be negative")
+            want = -(-size // self.page_size) - self.pool.total_pages
+            return self.pool.reserve(size, self._slabs.next_pages(want) if want > 0 else None)
 
     def trim(self) -> int:
         """Reclaim every page of every free slot and release all free pool pages to the device;
         returns the number of pages released."""
-        self._join()
-        for slot in np.flatnonzero(~self._active & (self._mapped > 0)).tolist():
-            self._reclaim_slot(slot, int(self._mapped[slot]))
-        return self.pool.trim(0)
+        with self._lock:
+            self._ready()
+            self._stats.unmapped(self._slabs.settle())
+            free = np.flatnonzero(~self._slots.active & (self._slabs.extent > 0))
+            self._reclaim([(s, int(self._slabs.extent[s])) for s in free.tolist()])
+            return self.pool.trim(0)
 
     # --- observability ------------------------------------------------------------------------
     def seq_len(self, slot: int) -> int:
         """The largest length ``slot`` was stepped to since ``alloc_slot`` (a step with a smaller
         length does not shrink it: pages holding written tokens are never reclaimed)."""
-        self._join()
-        self._check_slot(slot, "slot")
-        self._sync_lens()
-        return int(self._seq_lens[slot])
+        with self._lock:
+            self._ready()
+            return int(self._slots.lengths[self._slots.check_slot(slot)])
 
     def mapped_tokens(self, slot: int) -> int:
-        """Tokens of ``slot`` that are backed by memory (a whole number of pages' worth)."""
-        self._join()
-        self._check_slot(slot, "slot")
-        return min(self.max_seq_len, int(self._mapped[slot]) * self.page_size // self.token_bytes)
+        """Tokens ``[0, mapped_tokens(slot))`` of an allocated slot, its stepped length rounded up
+        to whole pages, are safe to write and read until ``free_slot(slot)``; pages the slot holds
+        beyond them may be reclaimed by any step. Returns that number (0 for a free slot);
+        ``slot_mapped_bytes`` counts everything mapped under the slot."""
+        with self._lock:
+            self._ready()
+            slot = self._slots.check_slot(slot)
+            if not self._slots.active[slot]:
+                return 0
+            return int(self._slabs.tokens_in(self._slabs.pages_for(self._slots.lengths[slot])))
 
     def slot_mapped_bytes(self, slot: int) -> int:
-        """Bytes mapped for ``slot`` across every layer's K and V."""
-        self._join()
-        self._check_slot(slot, "slot")
-        return int(self._mapped[slot]) * self.page_size * self.num_regions
+        """Bytes mapped under ``slot`` across every layer's K and V."""
+        with self._lock:
+            self._ready()
+            slot = self._slots.check_slot(slot)
+            return int(self._slabs.mapped(np.array([slot]))[0]) * self.page_size
 
     def stats(self) -> dict:
-        """Memory and activity counters. Bytes count both K and V of all layers."""
-        self._join()
-        self._sync_lens()
-        P = self.page_size
-        mapped = self.buffer.mapped_pages * P
-        used = int(self._seq_lens[self._active].sum()) * self.token_bytes * self.num_regions
-        return {
-            **self.backend.describe(),
-            "tokens_per_page": P / self.token_bytes,
-            "bytes_per_token": self.token_bytes * self.num_regions,
-            "reserved_bytes": self.buffer.nbytes,
-            "mapped_bytes": mapped,
-            "used_bytes": used,
-            "waste_bytes": mapped - used,
-            "physical_bytes": self.pool.total_pages * P,
-            "pool_pages_total": self.pool.total_pages,
-            "pool_pages_free": self.pool.free_pages,
-            "budget_pages": self.pool.budget_pages,
-            "active_slots": int(self._active.sum()),
-            "slots_with_mapped_pages": int((self._mapped > 0).sum()),
-            "map_calls": self.map_calls,
-            "mapped_pages_total": self.mapped_pages_total,
-            "unmapped_pages_total": self.unmapped_pages_total,
-            "reclaimed_pages_total": self.reclaimed_pages_total,
-            "map_seconds": self.map_seconds,
-            "page_create_calls": self.pool.create_calls,
-        }
+        """Memory and activity counters. Bytes count both K and V of all layers;
+        ``mapped_bytes == used_bytes + fragmentation_bytes + retained_bytes``: tokens stepped by
+        running requests; the rest of the pages their lengths need (each one's last page);
+        everything else mapped (finished requests' slots, pages a reused slot holds beyond its
+        length: reclaimable at once). ``waste_bytes`` is the last two together."""
+        with self._lock:
+            self._ready()
+            return self._stats.report(self)
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
         """Unmap and release everything. Idempotent. An error of a pending ``step_async`` is
         dropped here: the cache is going away anyway."""
-        if self._closed:
-            return
-        # A cache dropped while step_async ran can be collected on the mapping thread itself
-        # (its task held the last reference): that thread's task is over, and it cannot join itself.
-        on_worker = threading.get_ident() == self._worker_ident
-        if self._pending is not None and not on_worker:
-            # The buffer must not go while a map is in flight: if this wait is interrupted, the
-            # cache stays open (and whole) for another close().
-            self._pending.exception()
-        self._closed = True
-        self._pending = None
-        try:
-            if self._executor is not None:
-                self._executor.shutdown(wait=not on_worker)
-        finally:
-            self.k, self.v = [], []
-            try:
-                self.pool.give(self.buffer.close())
-                self.pool.close()
-            finally:
-                self.backend.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._mapper.close()  # interrupted: the cache stays open (and whole) for another close()
+            self._closed = True
+            self._release_everything()
+
+    def _release_everything(self) -> None:
+        """Drop the cache's own views, then unmap, release and unreserve everything (a range that
+        tensors kept from ``k``/``v`` still view stays reserved and sealed until they die)."""
+        self.k, self.v = [], []
+        if getattr(self, "buffer", None) is not None:
+            self.buffer.close_views()
+        self.backend.close()
 
     def __enter__(self) -> "KVCache":
         return self
@@ -430,85 +247,86 @@ class KVCache:
         self.close()
 
     def __del__(self):
-        if not getattr(self, "_closed", True):
-            try:
-                self.close()
-            except Exception:
-                pass
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(f"unclosed {self!r}: close() it or use `with`", ResourceWarning, source=self)
+        try:
+            self.close()
+        except Exception as exc:
+            warnings.warn(f"closing {self!r} failed: {exc!r}", ResourceWarning)
 
     def __repr__(self) -> str:
         return (f"KVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, batch={self.max_batch_size}, seq={self.max_seq_len}, "
                 f"dtype={self.dtype}, backend={self.selection.name}, page_size={self.page_size})")
 
-    # --- helpers ------------------------------------------------------------------------------
-    def _join(self) -> None:
+    # --- helpers: they run with the lock held, or on the mapper while every caller waits ------
+    def _ready(self) -> None:
+        """Raise if closed; wait for ``step_async``'s mapping and raise its error (to the thread
+        that asked for it)."""
         if self._closed:
-            raise RuntimeError("this KVCache is closed")
-        pending = self._pending
-        if pending is None:
-            return
+            raise RuntimeError("this KVCache belongs to the parent process: a forked child must not "
+                               "use it (its pages are shared with the parent)" if self._forked
+                               else "this KVCache is closed")
+        if not self._mapper.idle:
+            self._mapper.wait()
+
+    def _grow_and_record(self, slots: np.ndarray, lens: np.ndarray) -> None:
+        self._grow(slots, lens)
+        self._slots.record(slots, lens)
+
+    def _grow(self, slots: np.ndarray, lens: np.ndarray) -> None:
+        """Map what ``lens`` needs beyond what each slot holds; all or nothing."""
+        self._stats.unmapped(self._slabs.settle())
+        need = self._slabs.pages_for(lens)
+        keep = np.where(self._slots.active, self._slabs.pages_for(self._slots.lengths), 0)
+        keep[slots] = np.maximum(keep[slots], need)
+        growing = need > self._slabs.held[slots]
+        t0 = time.perf_counter()
+        pages = self._slabs.grow(slots[growing], need[growing], lambda n, vas: self._supply(n, vas, keep))
+        self._stats.mapped(pages, time.perf_counter() - t0)
+
+    def _supply(self, count: int, vas: np.ndarray, keep: np.ndarray) -> list[int]:
+        """``count`` pages for ``vas`` from the pool, reclaiming mapped pages beyond ``keep`` when
+        the pool and budget fall short, but only once it is sure the reclaim makes it fit."""
         try:
-            pending.result()  # re-raises the background thread's error here
-        finally:
-            if pending.done():  # not if the wait itself was interrupted (KeyboardInterrupt)
-                self._pending = None
+            return self.pool.take(count, vas)
+        except OutOfPages as exc:
+            short, budget_refused = count - exc.available, exc.available > self.pool.free_pages
+        plan = Reclaim(self._slabs.held, self._slots.active, self.num_regions)
+        if budget_refused and short <= plan.reclaimable(keep):
+            try:  # the budget allows part of it: the device must agree before anything is reclaimed
+                self.pool.stock(count, vas)
+            except OutOfPages:
+                short = count - self.pool.free_pages
+        if short > plan.reclaimable(keep):
+            raise OutOfPages(
+                f"step needs {count} pages of {self.page_size} bytes: {count - short} available, "
+                f"{plan.reclaimable(keep)} reclaimable (finished requests' pages, and pages a reused "
+                f"slot holds beyond its length)", needed=count,
+                available=count - short + plan.reclaimable(keep)) from None
+        self._reclaim(plan.plan(short, keep))
+        return self.pool.take(count, vas)
 
-    def _set_capacity(self, slot: int) -> None:
-        tokens = min(self.max_seq_len, int(self._mapped[slot]) * self.page_size // self.token_bytes)
-        self._capacity[slot] = tokens
-        self._capacity_arr[slot] = tokens
+    def _reclaim(self, plan: list[tuple[int, int]]) -> None:
+        """Give back ``pages`` (per region) from the top of each ``slot`` in the plan."""
+        if not plan:
+            return
+        slots = np.array([s for s, _ in plan], dtype=np.int64)
+        pages = np.array([p for _, p in plan], dtype=np.int64)
+        self._stats.reclaimed(self._slabs.shrink(slots, np.maximum(self._slabs.extent[slots] - pages, 0)))
 
-    def _sync_lens(self) -> None:
-        """Make both copies of the lengths current."""
-        self._refresh_numpy()
-        self._refresh_dict()
 
-    def _refresh_numpy(self) -> None:
-        if self._np_stale:
-            self._seq_lens[list(map(int, self._lens))] = list(self._lens.values())
-            self._np_stale = False
+_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()
 
-    def _refresh_dict(self) -> None:
-        if self._dict_stale:
-            active = np.flatnonzero(self._active)
-            self._lens = dict(zip(active.tolist(), self._seq_lens[active].tolist()))
-            self._dict_stale = False
 
-    def _pages_for(self, seq_len):
-        return -(-seq_len * self.token_bytes // self.page_size)
+def _forget_in_child() -> None:
+    """After ``fork()``, in the child: an inherited cache is unusable (its memory is the parent's),
+    and nothing of it is released there; a lock held by a thread that did not survive the fork is
+    replaced."""
+    for cache in list(_caches):
+        cache._lock = threading.Lock()
+        cache._forked = cache._closed = True
 
-    def _check_slot(self, slot, name: str) -> None:
-        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) \
-                or not 0 <= slot < self.max_batch_size:
-            raise ValueError(f"{name}={slot!r} is not a slot id in [0, {self.max_batch_size})")
 
-    def _parse(self, seq_lens: SeqLens) -> tuple[np.ndarray, np.ndarray]:
-        """Validate ``seq_lens``; return (slots, lengths) as int64 arrays."""
-        if isinstance(seq_lens, Mapping):
-            slots, lens = np.array(list(seq_lens.keys())), np.array(list(seq_lens.values()))
-            if len(slots) and (slots.dtype.kind not in "iu" or lens.dtype.kind not in "iu"):
-                raise ValueError("seq_lens: slot ids and lengths must be integers")
-            slots, lens = slots.astype(np.int64), lens.astype(np.int64)
-        else:
-            if isinstance(seq_lens, torch.Tensor):
-                seq_lens = seq_lens.detach().cpu().numpy()
-            arr = np.asarray(seq_lens)
-            if arr.shape != (self.max_batch_size,) or arr.dtype.kind not in "iu":
-                raise ValueError(f"seq_lens must be a mapping slot -> length or an integer sequence of "
-                                 f"length max_batch_size={self.max_batch_size}, got shape {arr.shape} "
-                                 f"dtype {arr.dtype}")
-            stray = np.flatnonzero((arr != 0) & ~self._active)
-            if len(stray):
-                raise ValueError(f"seq_lens: slots {stray[:4].tolist()} are not allocated (alloc_slot first)")
-            slots = np.flatnonzero(self._active)
-            lens = arr[slots].astype(np.int64)
-        if len(slots):
-            if slots.min() < 0 or slots.max() >= self.max_batch_size:
-                raise ValueError(f"seq_lens: slot ids must lie in [0, {self.max_batch_size})")
-            if not self._active[slots].all():
-                bad = slots[~self._active[slots]][:4].tolist()
-                raise ValueError(f"seq_lens: slots {bad} are not allocated (alloc_slot first)")
-            if lens.min() < 0 or lens.max() > self.max_seq_len:
-                raise ValueError(f"seq_lens: lengths must lie in [0, max_seq_len={self.max_seq_len}]")
-        return slots, lens
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Sequence
+
+import numpy as np
 
 from .backends.base import Backend
 from .errors import OutOfPages
@@ -11,11 +14,17 @@ from .errors import OutOfPages
 class PagePool:
     """Free physical pages of one backend, so mapping rarely has to create pages on the hot path.
 
-    * ``take(n)`` hands out ``n`` pages, creating missing ones in batches of at least
-      ``grow_pages``; it raises :class:`OutOfPages` (handing out nothing) when the budget or the
-      device cannot supply ``n``. Pages created before the failure stay in the pool.
-    * ``give(handles)`` takes pages back (they must be unmapped).
-    * ``reserve(nbytes)`` creates pages up front, like vAttention's ``reserve_physical_pages``.
+    * ``take(count, at=None)`` hands out ``count`` pages, all or nothing. Without ``at`` any free
+      pages do, and missing ones are created in batches of at least ``grow_pages``. With ``at`` (the
+      VAs the pages will be mapped at), a backend that places pages (host: the memfd offset follows
+      the VA, so a slab stays one mapping) gets exactly the pages :meth:`Backend.placement` names:
+      free ones if the pool has them, else new ones, made by moving free pages that sit elsewhere
+      (release one, create one: the total stays) before adding pages under the budget.
+    * ``OutOfPages`` from ``take`` says in ``available`` how many pages the pool could have handed
+      out: free + budget headroom when the budget refused, free pages only when the device refused
+      to create more (pages created before that stay free). Nothing is handed out.
+    * ``give(handles)`` takes pages back (they must be unmapped); ``reserve(nbytes, at=None)``
+      creates pages up front (vAttention's ``reserve_physical_pages``); ``trim`` releases free ones.
     * ``budget_pages`` caps the pages that exist at once (free + handed out); ``None`` = no cap.
     """
 
@@ -27,7 +36,7 @@ class PagePool:
         self.backend = backend
         self.budget_pages = budget_pages
         self.grow_pages = grow_pages
-        self._free: list[int] = []
+        self._free: dict[int, None] = {}  # an ordered set: newest last
         self.total_pages = 0  # pages that exist: free + handed out
         self.create_calls = 0
 
@@ -44,57 +53,126 @@ class PagePool:
         """Pages that may still be created under the budget."""
         return (1 << 62) if self.budget_pages is None else self.budget_pages - self.total_pages
 
-    def reserve(self, nbytes: int) -> int:
-        """Make sure at least ``nbytes`` of pages exist (free or in use); return pages created."""
+    def free_handles(self) -> list[int]:
+        """The free pages' handles (a copy)."""
+        return list(self._free)
+
+    def take(self, count: int, at=None) -> list[int]:
+        if count <= 0:
+            return []
+        wanted = self._wanted(at)
+        free = len(self._free)
+        if count > free + self.headroom:
+            raise OutOfPages(f"need {count} pages: {free} free and the budget allows {self.headroom} more",
+                             needed=count, available=free + self.headroom)
+        self._stock(count, wanted, make_room=True)
+        taken = list(islice(reversed(self._free), count)) if wanted is None else wanted.tolist()
+        for h in taken:
+            del self._free[h]
+        return taken
+
+    def stock(self, count: int, at=None) -> None:
+        """Create pages toward a request of ``count`` (``at`` as in ``take``), as many as the budget
+        allows and no more, and keep them free: what the device will give is then known before
+        anything is reclaimed for the rest. ``OutOfPages`` if the device refuses (what was created
+        stays free)."""
+        self._stock(count, self._wanted(at), make_room=False)
+
+    def give(self, handles: Sequence[int]) -> None:
+        handles = [int(h) for h in handles]
+        if any(h in self._free for h in handles):
+            raise ValueError("handles: some are already free in the pool (given back twice?)")
+        self._free.update(dict.fromkeys(handles))
+
+    def reserve(self, nbytes: int, at=None) -> int:
+        """Make sure at least ``nbytes`` of pages exist (free or in use); return pages created.
+        ``at``: VAs, in order of preference, the new pages should suit (see ``take``)."""
         want = -(-nbytes // self.page_size) - self.total_pages
         if want > self.headroom:
             raise OutOfPages(
                 f"reserving {nbytes} bytes needs {want} more pages; the budget allows {self.headroom}",
                 needed=want, available=self.headroom)
-        if want > 0:
+        if want <= 0:
+            return 0
+        wanted = self._wanted(at)
+        if wanted is None:
             self._create(want)
-        return max(want, 0)
-
-    def take(self, n: int) -> list[int]:
-        if n <= 0:
-            return []
-        short = n - len(self._free)
-        if short > 0:
-            if short > self.headroom:
-                raise OutOfPages(
-                    f"need {n} pages: {len(self._free)} free and the budget allows {self.headroom} more",
-                    needed=n, available=len(self._free) + self.headroom)
-            batch = min(max(short, self.grow_pages), self.headroom)
-            try:
-                self._create(batch)
-            except OutOfPages:
-                if batch == short:
-                    raise
-                self._create(short)  # the device may fit exactly what is needed, not a whole batch
-        taken = self._free[-n:]
-        del self._free[-n:]
-        return taken
-
-    def give(self, handles: Sequence[int]) -> None:
-        self._free.extend(handles)
+        else:
+            spots = [h for h in wanted.tolist() if h not in self._free][:want]
+            self._create(len(spots), spots)
+            if len(spots) < want:
+                self._create(want - len(spots))
+        return want
 
     def trim(self, keep_pages: int = 0) -> int:
         """Release free pages beyond ``keep_pages`` back to the device; return how many."""
         extra = len(self._free) - keep_pages
         if extra <= 0:
             return 0
-        victims = self._free[:extra]
-        self.backend.release_pages(victims)
-        del self._free[:extra]
-        self.total_pages -= extra
+        self._release(list(self._free)[:extra])
         return extra
 
     def close(self) -> None:
         """Release every free page. Pages still handed out are the caller's to give back first."""
         self.trim(0)
 
-    def _create(self, count: int) -> None:
-        handles = self.backend.create_pages(count)
+    # --- helpers -----------------------------------------------------------------------------
+    def _wanted(self, at) -> np.ndarray | None:
+        return None if at is None else self.backend.placement(at)
+
+    def _stock(self, count: int, wanted: np.ndarray | None, make_room: bool) -> None:
+        """Create what a request of ``count`` (``wanted`` handles, if placed) lacks, within the
+        budget; with ``make_room``, release free pages that are not wanted to stay within it."""
+        orphans = self.backend.adopt_orphans()  # pages a failed rollback left: they exist, use them
+        if orphans:
+            self._free.update(dict.fromkeys(orphans))
+            self.total_pages += len(orphans)
+        if wanted is None:
+            short = count - len(self._free)
+            if short > 0 and self.headroom > 0:
+                batch = min(max(short, self.grow_pages), self.headroom)
+                try:
+                    self._create(batch)
+                except OutOfPages as exc:
+                    if batch <= short:
+                        raise self._refused(count) from exc
+                    try:  # the device may fit exactly what is needed, not a whole batch
+                        self._create(min(short, self.headroom))
+                    except OutOfPages as exc2:
+                        raise self._refused(count) from exc2
+            return
+        missing = [h for h in wanted.tolist() if h not in self._free]
+        if missing and make_room:  # move free pages that sit elsewhere rather than add pages
+            keep = set(wanted.tolist())
+            self._release([h for h in self._free if h not in keep][:len(missing)])
+        make = missing[:max(0, self.headroom)]
+        if make:
+            try:
+                self._create(len(make), make)
+            except OutOfPages as exc:
+                raise self._refused(count) from exc
+
+    def _refused(self, needed: int) -> OutOfPages:
+        return OutOfPages(f"need {needed} pages: the device refused to create more ({len(self._free)} free "
+                          f"in the pool, {self.headroom} more allowed by the budget)",
+                          needed=needed, available=len(self._free))
+
+    def _create(self, count: int, at: list[int] | None = None) -> None:
+        handles = self.backend.create_pages(count, None if at is None else np.asarray(at, np.int64))
         self.create_calls += 1
-        self._free.extend(handles)
+        self._free.update(dict.fromkeys(handles))
         self.total_pages += count
+
+    def _release(self, victims: list[int]) -> None:
+        try:
+            self.backend.release_pages(victims)
+        except BaseException:
+            gone = [h for h, live in zip(victims, self.backend.is_live(victims)) if not live]
+            self._forget(gone)
+            raise
+        self._forget(victims)
+
+    def _forget(self, handles: list[int]) -> None:
+        for h in handles:
+            del self._free[h]
+        self.total_pages -= len(handles)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+import numpy as np
+
+_UNITS = {"": 1, "b": 1, **{prefix + suffix: 1 << (10 * power)
+                           for power, prefix in enumerate("kmgtp", start=1) for suffix in ("", "b", "ib")}}
 
 
 def parse_size(value: int | str, name: str) -> int:
@@ -13,11 +15,14 @@ def parse_size(value: int | str, name: str) -> int:
 
     Units are binary (``KB`` means KiB), as memory sizes are everywhere in this project.
     """
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}={value!r} is not a size")
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r} is not a size: give an integer number of bytes or a "
+                         f"string such as '64KiB'")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{name}={value!r} is not a size (examples: 65536, '64KiB', '2MiB', '40GiB')")
     nbytes = float(m.group(1)) * _UNITS[m.group(2).lower()]

@@ -62,13 +62,18 @@ def stub_library(tmp_path_factory) -> Path:
 @pytest.fixture
 def stub(stub_library, tmp_path, monkeypatch):
     """A fresh stub driver (a copy of the library has its own globals) installed as libcuda."""
+    return install(stub_library, tmp_path / "libcuda.so.1", monkeypatch)
+
+
+def install(library: Path, path: Path, monkeypatch):
+    """Copy the stub to ``path`` and install the copy as pyvattn's libcuda (for as long as
+    ``monkeypatch`` lasts); return a cffi handle on its counters and switches."""
     from cffi import FFI
 
     from pyvattn._ffi import cuda
     from pyvattn.backends.cuda_vmm import CudaVmmBackend
 
-    path = tmp_path / "libcuda.so.1"
-    shutil.copy(stub_library, path)
+    shutil.copy(library, path)
     monkeypatch.setattr(cuda, "_lib", cuda.ffi.dlopen(str(path)))
     monkeypatch.setattr(cuda, "_init_status", None)
     monkeypatch.setattr(CudaVmmBackend, "_granularity", {})

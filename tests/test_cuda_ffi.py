@@ -378,3 +378,60 @@ def test_stub_kvcache_workload_through_the_cuda_vmm_backend(stub, monkeypatch):
     cache.close()
     assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations(),
             stub.stub_ctx_refs()) == (0, 0, 0, 0)
+
+
+# --- exception safety: a failure at every driver call of a KVCache workload --------------------
+CUDA_DRIVER_CALLS = ("cuMemCreate", "cuMemRelease", "cuMemMap", "cuMemUnmap", "cuMemSetAccess",
+                     "cuCtxSynchronize", "cuMemAddressReserve", "cuMemAddressFree")
+
+
+class _CountedDriver:
+    """The stub library with its memory calls going through an Injector."""
+
+    def __init__(self, lib, injector):
+        self._lib, self._injector = lib, injector
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        return self._injector.wrap(name, fn) if name in CUDA_DRIVER_CALLS else fn
+
+
+@pytest.mark.parametrize("failure", ["KeyboardInterrupt", "driver status"])
+def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_library, tmp_path,
+                                                                          monkeypatch, failure):
+    """tests/test_exception_safety.py's sweep on cuda-vmm: the workload (growth, step_async,
+    reclaim under a budget, reserve, trim, frees) with one driver call failing, at each index in
+    turn; after each: the books against the stub driver's own state, and everything released at
+    close. A fresh stub each run (the stub never reuses its table entries)."""
+    from cudastub import install
+    from faults import sweep
+    from pyvattn import KVCache
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    monkeypatch.setattr(CudaVmmBackend, "tensor", lambda self, base, n: device_tensor(base, n, torch.device("cpu")))
+    state = {}
+
+    def fresh(at):
+        state["stub"] = install(stub_library, tmp_path / f"libcuda-{at}.so.1", monkeypatch)
+
+    def make():  # 8 x 4096 fp32 = 128 KiB per token: 16 tokens per 2 MiB page, as the workload wants
+        return KVCache(2, 8, 4096, max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cuda",
+                       backend="cuda-vmm", memory_budget=48 * GRAN)
+
+    def count_driver_calls(mp, cache, injector):
+        mp.setattr(cuda, "_lib", _CountedDriver(cuda._lib, injector))
+
+    def reality(cache):
+        books, stub = cache.backend.books(), state["stub"]
+        assert stub.stub_live_mappings() == stub.stub_accessible_mappings() == len(books["mapped"])
+        assert stub.stub_live_handles() == len(books["live"])
+
+    def closed(backend):
+        stub = state["stub"]
+        assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations(),
+                stub.stub_ctx_refs()) == (0, 0, 0, 0)
+
+    fail = None if failure == "KeyboardInterrupt" else \
+        (lambda name, fn, args: 2 if name in ("cuMemCreate", "cuMemMap", "cuMemSetAccess") else 999)
+    assert sweep(make, count_driver_calls, error=KeyboardInterrupt(), fail=fail, data=False,
+                 reality=reality, after_close=closed, before_each=fresh) > 50

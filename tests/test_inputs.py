@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,10 @@ GOOD = dict(num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq
     ("num_layers", 0), ("num_kv_heads", -1), ("head_dim", 1.5), ("max_batch_size", True),
     ("max_seq_len", "256"), ("dtype", torch.int32), ("dtype", "float16"),
     ("page_size", 1000), ("page_size", "64 parsecs"), ("page_size", 0),
-    ("memory_budget", "lots"), ("memory_budget", -1), ("backend", "nope"), ("device", "gpu:0"),
+    ("page_size", 4096.0), ("page_size", 1 << 40), ("page_size", None),  # the review's item 8
+    ("deferred_reclaim", "no"), ("deferred_reclaim", 1), ("deferred_reclaim", None),
+    ("memory_budget", "lots"), ("memory_budget", -1), ("memory_budget", 1e9),
+    ("backend", "nope"), ("device", "gpu:0"),
 ])
 def test_constructor_rejects_bad_arguments(arg, value):
     with pytest.raises(ValueError, match=arg):
@@ -80,9 +84,38 @@ def test_reserve_rejects_negative_sizes(cache):
         cache.reserve(-4096)
 
 
+def test_a_reservation_too_big_for_the_address_space_names_the_arguments():
+    """The review: a huge reservation failed as a bare ``mmap ENOMEM`` naming no argument."""
+    with pytest.raises(ValueError, match="max_seq_len=68719476736") as info:
+        KVCache(1, 8, 128, 1, 1 << 36, torch.float16, device="cpu")  # 2 x 128 TiB of address space
+    assert "ENOMEM" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [{0: True}, {0: False}, {True: 40}, {False: 40}, {0: 40, 1: True}])
+def test_bool_slot_ids_and_lengths_are_refused_whether_or_not_anything_needs_mapping(bad):
+    """The review's bool_fastpath: {s: True} passed when the slot had capacity (the fast path) and
+    was refused when it had none."""
+    with KVCache(**GOOD) as cache:
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        for _ in ("no capacity", "capacity"):
+            with pytest.raises(ValueError, match="seq_lens"):
+                cache.step(bad)
+            cache.step({a: 64, b: 64})
+        assert cache.seq_len(a) == 64
+
+
+def test_numpy_integer_slot_ids_and_lengths_are_integers(cache):
+    s = cache.alloc_slot()
+    cache.step({np.int64(s): np.int32(10)})
+    cache.step({s: np.uint16(12)})
+    assert cache.seq_len(s) == 12
+
+
 def test_sizes():
     assert parse_size("64KiB", "x") == 65536 and parse_size("2MiB", "x") == 2 << 20
     assert parse_size("1.5GiB", "x") == 3 << 29 and parse_size(4096, "x") == 4096
+    assert parse_size("1TB", "x") == parse_size("1TiB", "x") == 1 << 40  # the review: "1TB" was refused
+    assert parse_size("1GB", "x") == 1 << 30 and parse_size(np.int64(7), "x") == 7
     assert format_size(65536) == "64 KiB" and format_size(3 << 29) == "1.5 GiB"
     with pytest.raises(ValueError, match="budget"):
         parse_size("0.3B", "budget")

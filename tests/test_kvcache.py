@@ -283,7 +283,8 @@ def test_reused_slot_excess_is_reclaimed_but_written_tokens_never_are(make_cache
     cache.step({other: 8 * tpp})  # needs 8 pages: 2 from the budget, 6 of small's 8 excess
     s = cache.stats()
     assert s["reclaimed_pages_total"] == 6 * regions
-    assert cache.mapped_tokens(small) == 4 * tpp
+    assert cache.slot_mapped_bytes(small) == 4 * P * regions  # 2 of the 8 excess pages stay...
+    assert cache.mapped_tokens(small) == 2 * tpp  # ... but only what it stepped to is promised
     write(cache, other, 2, 0, 8 * tpp)
     check(cache, small, 1, 2 * tpp)
     check(cache, other, 2, 8 * tpp)
@@ -311,6 +312,18 @@ def test_step_async_with_nothing_to_map_records_lengths_without_a_thread(make_ca
     check(cache, s, 1, 300)
 
 
+def _device_of(cache, pages: int) -> None:
+    """Make the host backend's page creation refuse beyond ``pages`` pages, as a full GPU does."""
+    create = cache.backend.create_pages
+
+    def create_on_a_small_device(count, at=None):
+        if cache.pool.total_pages + count > pages:
+            raise OutOfPages("device full", needed=count)
+        return create(count, at)
+
+    cache.backend.create_pages = create_on_a_small_device
+
+
 def test_device_exhaustion_under_the_budget_reclaims_finished_slots(backend_device):
     """The budget allows more pages than the device can create: step() must then reclaim a
     finished slot's pages rather than fail (and must not lose the active slot's data)."""
@@ -321,14 +334,7 @@ def test_device_exhaustion_under_the_budget_reclaims_finished_slots(backend_devi
     P = 4096
     cache = KVCache(1, 1, 64, 4, 1024, torch.float32, device="cpu", page_size=P, backend="host",
                     memory_budget=10 * P)
-    create = cache.backend.create_pages
-
-    def create_on_an_8_page_device(count):
-        if cache.pool.total_pages + count > 8:
-            raise OutOfPages("device full", needed=count)
-        return create(count)
-
-    cache.backend.create_pages = create_on_an_8_page_device
+    _device_of(cache, pages=8)
     try:
         a, b = cache.alloc_slot(), cache.alloc_slot()
         cache.step({a: 64, b: 0})  # 4 pages of 16 tokens in each of K and V: the device is full
@@ -346,19 +352,10 @@ def test_cache_dropped_during_step_async_returns_its_memory():
     """Dropped without close() while the mapper thread runs, the cache is finalised on that
     thread; its memory must still go back (no self-join, no leak)."""
     import gc
-    import os
     import time
 
+    from books import kv_memfds
     from pyvattn import KVCache
-
-    def kv_memfds() -> int:
-        n = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                n += "pyvattn" in os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                pass
-        return n
 
     before = kv_memfds()
     cache = KVCache(8, 8, 128, 8, 1024, torch.float16, device="cpu", page_size="64KiB", backend="host")
@@ -372,3 +369,146 @@ def test_cache_dropped_during_step_async_returns_its_memory():
             break
         time.sleep(0.05)
     assert kv_memfds() == before
+
+
+# --- the review's cases (issue 11), each as it was reproduced ------------------------------------
+def test_what_is_safe_is_what_mapped_tokens_says(make_cache):
+    """write_below_mapped_tokens: mapped_tokens() reported the slot's mapped capacity, reclaim kept
+    only its stepped length, and data written between the two vanished. mapped_tokens() is now the
+    promise itself: the stepped length rounded up to whole pages."""
+    probe = make_cache()
+    P, tpp, regions = probe.page_size, probe.page_size // probe.token_bytes, probe.num_regions
+    probe.close()
+    cache = make_cache(max_batch_size=2, memory_budget=16 * regions * P)
+    a = cache.alloc_slot()
+    cache.step({a: 16 * tpp})
+    cache.free_slot(a)
+    a = cache.alloc_slot(seq_len=tpp // 2)  # best fit: 16 pages still mapped
+    cache.step({a: tpp // 2})
+    assert cache.seq_len(a) == tpp // 2 and cache.mapped_tokens(a) == tpp
+    assert cache.slot_mapped_bytes(a) == 16 * regions * P  # mapped, but not promised
+    write(cache, a, 1, 0, tpp)  # up to mapped_tokens: safe
+    b = cache.alloc_slot()
+    cache.step({b: 14 * tpp})  # reclaims a's pages beyond its first
+    write(cache, b, 2, 0, 14 * tpp)
+    check(cache, a, 1, tpp)
+    check(cache, b, 2, 14 * tpp)
+    assert cache.mapped_tokens(a) == tpp and cache.slot_mapped_bytes(a) == 2 * regions * P
+
+
+def test_a_step_the_device_refuses_reclaims_nothing():
+    """r4_reclaim_then_fail: the budget allowed more pages than the device could create; the step
+    counted budget headroom as available, reclaimed a finished request's pages, then raised
+    OutOfPages anyway. Now the device is asked before anything is reclaimed."""
+    from pyvattn import KVCache
+    P = 4096
+    cache = KVCache(1, 1, 64, 4, 1024, torch.float32, device="cpu", page_size=P, backend="host",
+                    memory_budget=24 * P)
+    _device_of(cache, pages=16)
+    try:
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        cache.step({a: 64, b: 64})  # 4 pages x 2 regions each: the device is full
+        write(cache, b, 2, 0, 64)
+        cache.free_slot(a)  # a's 8 pages stay mapped for reuse
+        with pytest.raises(OutOfPages):
+            cache.step({b: 64 + 16 * 7})  # 14 more pages: 8 reclaimable, the device gives no more
+        s = cache.stats()
+        assert s["reclaimed_pages_total"] == 0 and cache.slot_mapped_bytes(a) == 8 * P
+        check(cache, b, 2, 64)
+        cache.step({b: 64 + 16 * 4})  # 8 more: exactly a's pages
+        write(cache, b, 2, 64, 128)
+        check(cache, b, 2, 128)
+    finally:
+        cache.close()
+
+
+def test_an_unmap_that_fails_half_way_leaks_nothing():
+    """partial_unmap_error: a backend unmap that failed half-way (reporting what it did unmap) left
+    the slot's books as before; pages leaked and the next request segfaulted."""
+    from books import check_cache
+    from pyvattn import KVCache
+    from pyvattn.errors import OSCallError
+    cache = KVCache(1, 1, 64, 2, 512, torch.float32, device="cpu", page_size=4096, backend="host")
+    try:
+        a = cache.alloc_slot()
+        cache.step({a: 512})
+        cache.free_slot(a)  # 32 pages per region stay mapped
+        real = cache.backend._unmap
+
+        def fail_half(batch, done):
+            real(type(batch)(batch.vas, batch.handles, batch.starts[:1], batch.lengths[:1]), done)
+            raise OSCallError("mmap", "ENOMEM", 12, "injected")
+
+        cache.backend._unmap = fail_half
+        with pytest.raises(OSCallError):
+            cache.trim()
+        del cache.backend._unmap
+        check_cache(cache)
+        assert cache.stats()["mapped_bytes"] == 32 * 4096  # one region's run went, one stayed
+        s = cache.alloc_slot(seq_len=512)
+        cache.step({s: 512})  # maps what is missing again
+        write(cache, s, 3, 0, 512)
+        check(cache, s, 3, 512)
+        check_cache(cache)
+        cache.free_slot(s)
+        cache.trim()
+        check_cache(cache)
+        assert cache.backend.allocated_bytes() == 0
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("during", ["trim", "step"])
+def test_ctrl_c_inside_a_driver_loop_leaves_the_books_equal_to_reality(monkeypatch, during):
+    """r2_kbint_unmap_segv (Ctrl-C after trim() unmapped one run: pages the table counted as mapped
+    were not; the next request segfaulted) and r3_kbint_map_ghost (Ctrl-C after three mmaps of a
+    step: pages stayed mapped at VAs the table called free, then were mapped under another slot)."""
+    from books import check_cache
+    from pyvattn import KVCache
+    from pyvattn._ffi import libc
+    cache = KVCache(2, 1, 64, 4, 512, torch.float32, device="cpu", page_size=4096, backend="host")
+    try:
+        a = cache.alloc_slot()
+        cache.step({a: 100})
+        if during == "trim":
+            cache.free_slot(a)
+        calls, fn = [0], ("mmap" if during == "trim" else "raw_mmap")
+        real = getattr(libc, fn)
+
+        def ctrl_c_on_the_second(*args):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(libc, fn, ctrl_c_on_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            cache.trim() if during == "trim" else cache.step({a: 300, cache.alloc_slot(): 200})
+        monkeypatch.setattr(libc, fn, real)
+        check_cache(cache)
+        s = cache.alloc_slot(seq_len=100)
+        cache.step({s: 300})
+        write(cache, s, 4, 0, 300)
+        check(cache, s, 4, 300)
+        check_cache(cache)
+    finally:
+        cache.close()
+
+
+def test_the_contract_is_stated_the_same_way_in_the_docstring_the_readme_and_mapped_tokens():
+    import re
+    from pathlib import Path
+
+    from pyvattn import KVCache
+
+    sentence = ("Tokens [0, mapped_tokens(slot)) of an allocated slot, its stepped length rounded up to "
+                "whole pages, are safe to write and read until free_slot(slot); pages the slot holds "
+                "beyond them may be reclaimed by any step.")
+
+    def plain(text: str) -> str:
+        return re.sub(r"\s+", " ", text.replace("`", ""))
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for where, text in (("README.md", readme), ("KVCache", KVCache.__doc__),
+                        ("KVCache.mapped_tokens", KVCache.mapped_tokens.__doc__)):
+        assert sentence in plain(text), where

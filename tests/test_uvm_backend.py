@@ -888,6 +888,47 @@ def test_stub_kvcache_workload_through_the_uvm64k_backend(stub, monkeypatch):
         == (0, 0, 0, 0)
 
 
+# --- exception safety: a failure at every ioctl of a KVCache workload -----------------------------
+@pytest.mark.parametrize("failure", ["KeyboardInterrupt", "ENOMEM"])
+def test_stub_kvcache_books_equal_the_module_after_a_failure_at_every_ioctl(stub, monkeypatch, failure):
+    """tests/test_exception_safety.py's sweep on uvm64k: the workload with one ioctl failing, at
+    each index in turn; after each: the books against the stub module's own mappings (the handle
+    at every VA) and handles, and everything released at close."""
+    import errno
+
+    from faults import sweep
+    from pyvattn import KVCache
+    from pyvattn._ffi import uvm
+    from pyvattn._ffi.dlpack import device_tensor
+    from pyvattn.backends.uvm import UvmBackend
+
+    monkeypatch.setattr(UvmBackend, "tensor", lambda self, base, n: device_tensor(base, n, torch.device("cpu")))
+
+    def make():  # 1 x 1024 fp32 = 4 KiB per token: 16 tokens per 64 KiB page, as the workload wants
+        return KVCache(2, 1, 1024, max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cuda",
+                       backend="uvm64k", memory_budget=48 * K64)
+
+    def install(mp, cache, injector):
+        mp.setattr(uvm, "_libc", types.SimpleNamespace(ioctl=injector.wrap("ioctl", uvm._libc.ioctl)))
+
+    def enomem(name, fn, args):
+        uvm.ffi.errno = errno.ENOMEM
+        return -1
+
+    def reality(cache):
+        books = cache.backend.books()
+        assert stub.stub_live_maps() == len(books["mapped"]) and stub.stub_live_handles() == len(books["live"])
+        for va, handle in books["mapped"].items():
+            assert stub.stub_handle_at(va) == handle
+
+    def closed(backend):
+        assert (stub.stub_live_maps(), stub.stub_live_handles(), stub.stub_live_ranges(),
+                stub.stub_ctx_refs()) == (0, 0, 0, 0)
+
+    assert sweep(make, install, error=KeyboardInterrupt(), fail=enomem if failure == "ENOMEM" else None,
+                 data=False, reality=reality, after_close=closed) > 20
+
+
 # --- on a GPU with the patched module -------------------------------------------------------------
 def _skip_reason() -> str | None:
     if not torch.cuda.is_available():

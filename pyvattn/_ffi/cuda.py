@@ -264,12 +264,6 @@ def device_attribute(attrib: int, dev: int) -> int:
     return out[0]
 
 
-def device_total_mem(dev: int) -> int:
-    out = ffi.new("size_t *")
-    check("cuDeviceTotalMem_v2", lib().cuDeviceTotalMem_v2(out, dev))
-    return out[0]
-
-
 def mem_get_info() -> tuple[int, int]:
     """(free, total) bytes of the device of the current context."""
     free, total = ffi.new("size_t *"), ffi.new("size_t *")

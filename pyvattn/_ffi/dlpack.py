@@ -13,6 +13,12 @@ mapped wherever it is touched) for as long as any view of it exists. The capsule
 torch frees it when the last view dies, without calling back into Python (safe on any thread and
 at interpreter exit).
 
+``watched(tensor)`` re-exports a tensor's memory with a deleter that *tells* when the last view
+died, still without Python: once torch has read the capsule (it copies the shape, strides and data
+pointer into its own tensor), the block's first bytes become a POSIX semaphore and the deleter is
+libc ``sem_post``, which is async-signal-safe and touches nothing but the block. ``Watch.alive()``
+reads the semaphore; the block is freed once it has been seen posted.
+
 Streams: a raw capsule carries no stream. The memory is usable by work on any stream once the
 backend's ``map`` has returned (mappings are established synchronously on the host); ordering of
 reads and writes between streams is the user's business, as for any torch tensor.
@@ -48,10 +54,18 @@ ffi.cdef(
     typedef struct { DLManagedTensor managed; int64_t shape[1]; int64_t strides[1]; } Block;
     void *malloc(size_t size);
     void free(void *ptr);
+    /* glibc's sem_t is 32 bytes on every 64-bit target (__SIZEOF_SEM_T) */
+    int sem_init(void *sem, int pshared, unsigned int value);
+    int sem_post(void *sem);
+    int sem_getvalue(void *sem, int *sval);
+    int sem_destroy(void *sem);
     """
 )
 _libc = ffi.dlopen(None)
 _FREE = ffi.cast("void (*)(DLManagedTensor *)", _libc.free)
+_SEM_POST = ffi.cast("void (*)(DLManagedTensor *)", _libc.sem_post)
+_SEM_T_SIZE = 32
+assert ffi.sizeof("Block") >= _SEM_T_SIZE
 
 kDLCPU, kDLCUDA = 1, 2
 kDLUInt = 1
@@ -86,6 +100,43 @@ def device_tensor(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     Zero-copy and not owning: see the module docstring for lifetime and stream rules. Reshape it
     to any dtype with ``.view(dtype)`` / ``.as_strided``.
     """
+    return _import(ptr, nbytes, device)[0]
+
+
+class Watch:
+    """Whether any view of a :func:`watched` tensor is still alive (polled, no callback)."""
+
+    def __init__(self, block):
+        self._block = block  # None once seen dead and freed
+
+    def alive(self) -> bool:
+        if self._block is None:
+            return False
+        value = ffi.new("int *")
+        _libc.sem_getvalue(self._block, value)
+        if value[0] == 0:
+            return True
+        _libc.sem_destroy(self._block)
+        _libc.free(self._block)
+        self._block = None
+        return False
+
+
+def watched(tensor: torch.Tensor) -> tuple[torch.Tensor, Watch]:
+    """The same memory as the 1-D ``uint8`` ``tensor`` (which must not own it), as a new tensor
+    whose lifetime, and that of every view of it, ``Watch.alive()`` reports."""
+    if tensor.dim() != 1 or tensor.dtype != torch.uint8:
+        raise ValueError(f"tensor must be 1-D uint8, got {tuple(tensor.shape)} {tensor.dtype}")
+    out, block = _import(tensor.data_ptr(), tensor.numel(), tensor.device)
+    # torch has copied what it needs out of the capsule: the block now serves as the semaphore
+    # its deleter posts when the last view dies.
+    _libc.sem_init(block, 0, 0)
+    ffi.cast("Block *", block).managed.deleter = _SEM_POST
+    return out, Watch(block)
+
+
+def _import(ptr: int, nbytes: int, device: torch.device):
+    """(tensor, its capsule block) for ``nbytes`` at ``ptr``; the block is freed by torch."""
     if ptr <= 0:
         raise ValueError(f"ptr={ptr:#x} must be a non-null address")
     if nbytes <= 0:
@@ -110,7 +161,7 @@ def device_tensor(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
     block.managed.deleter = _FREE
     capsule = _PyCapsule_New(int(ffi.cast("uintptr_t", raw)), _CAPSULE_NAME, None)
     try:
-        return torch.utils.dlpack.from_dlpack(capsule)
+        return torch.utils.dlpack.from_dlpack(capsule), raw
     finally:
         # torch renames a capsule it consumed; one it did not consume is still ours to free.
         if _PyCapsule_IsValid(capsule, _CAPSULE_NAME):

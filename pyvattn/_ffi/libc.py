@@ -18,8 +18,6 @@ ffi.cdef(
     /* pointers as uintptr_t (same registers on LP64): no cdata casts on the hot path */
     uintptr_t mmap(uintptr_t addr, size_t length, int prot, int flags, int fd, long offset);
     int munmap(void *addr, size_t length);
-    int mprotect(void *addr, size_t length, int prot);
-    int madvise(void *addr, size_t length, int advice);
     int memfd_create(const char *name, unsigned int flags);
     int ftruncate(int fd, long length);
     int fallocate(int fd, int mode, long offset, long len);
@@ -32,10 +30,10 @@ raw_mmap = lib.mmap  # the bare call; module-level so benchmarks can observe it
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0x0, 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
+MAP_POPULATE = 0x8000
 MAP_FAILED = 2**64 - 1
 MFD_CLOEXEC = 0x0001
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-MADV_DONTNEED = 4
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -70,10 +68,21 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     check("fallocate", lib.fallocate(fd, mode, offset, length))
 
 
-def madvise(addr: int, length: int, advice: int) -> None:
-    check("madvise", lib.madvise(ffi.cast("void *", addr), length, advice))
-
-
 def buffer(addr: int, length: int):
     """A writable Python buffer over raw memory (no copy); valid while the memory is mapped."""
     return ffi.buffer(ffi.cast("char *", addr), length)
+
+
+def max_map_count() -> int:
+    """``vm.max_map_count``: how many mappings (VMAs) one process may hold (65,530 by default)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+def map_count() -> int:
+    """Mappings this process holds now (lines of ``/proc/self/maps``)."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)

@@ -1,6 +1,6 @@
 """uvm64k backend: 64 KiB GPU pages from the pyvattn-patched nvidia-uvm module.
 
-The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4) adds ioctls on
+The patch (driver-patch/, described in docs/driver.md) adds ioctls on
 ``/dev/nvidia-uvm``; this backend speaks them through :mod:`pyvattn._ffi.uvm`:
 
 * It uses **CUDA's own** UVM file descriptor: mappings must land in the GPU VA space CUDA
@@ -10,7 +10,7 @@ The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4
 * A reservation is ``mmap(PROT_NONE, MAP_NORESERVE)`` trimmed to 2 MiB alignment (what
   ``UvmReserveVa`` does) and rounded up to whole 2 MiB (the module keeps the page tables of its
   ranges in 2 MiB blocks), made a KVC-owned UVM external range with ``UVM_KVC_CREATE_RANGE``.
-  Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (memo 4.9: the other
+  Giving it back is the stock ``UVM_FREE`` of the range, *then* ``munmap`` (the other
   order lets CUDA reuse the VA while UVM still holds the range).
 * A physical page is one ``UVM_KVC_ALLOC`` handle of ``page_size`` (64, 128 or 256 KiB; the
   module maps the bigger ones as consecutive 64K PTEs, there being no 128K/256K PTE). Where a
@@ -25,7 +25,8 @@ The patch (driver-patch/, design in research/uvm-driver-design-memo.md section 4
 * Fork: CUDA's fd is inherited by a child, but the module serves only the process that owns
   it. A backend never issues an ioctl from another process: in a forked child ``close()`` only
   forgets its books (the parent's pages and ranges stay the parent's), and every other method
-  raises. ``EAGAIN`` (the driver's answer while the system suspends) is retried by the ABI layer.
+  raises (backends/base.py does this for every backend). ``EAGAIN`` (the driver's answer while
+  the system suspends) is retried by the ABI layer.
 
 The VAs are unknown to CUDA: tensors over them are built through DLPack (no pointer query),
 ``cudaMemcpy(..., cudaMemcpyDefault)`` on them would treat them as host pointers, and a GPU access
@@ -35,35 +36,21 @@ to an unmapped page is a fatal MMU fault (CUDA error 700), not a zero read.
 from __future__ import annotations
 
 import os
-import weakref
 from collections import Counter
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from .._ffi import cuda, libc
 from .._ffi.dlpack import device_tensor
-from ..errors import BackendUnavailable, CudaError, OSCallError, OutOfPages, UvmError, note_cleanup_failure
-from .base import Backend, KiB, MiB, Probe
+from ..errors import BackendUnavailable, CudaError, OSCallError, UvmError
+from .base import Backend, KiB, MiB, Probe, Runs, Undo, runs, undo_one
 
 GRANULE = 64 * KiB  # the module's smallest page and the granularity of every address
 PAGE_SIZES = (64 * KiB, 128 * KiB, 256 * KiB)
 _RESERVE_ALIGN = 2 * MiB
 _OOM = ("NV_ERR_NO_MEMORY", "NV_ERR_INSUFFICIENT_RESOURCES")
 UVM_DEVICE = "/dev/nvidia-uvm"
-
-
-#: Live backends, so that a fork can mark the child's copies as not its own.
-_LIVE: "weakref.WeakSet[UvmBackend]" = weakref.WeakSet()
-
-
-def _mark_forked() -> None:
-    for backend in list(_LIVE):
-        backend._forked = True
-
-
-os.register_at_fork(after_in_child=_mark_forked)
 
 
 def _abi():
@@ -116,22 +103,6 @@ def query(fd: int, uuid: bytes = bytes(16)):
     return p
 
 
-def _runs(sorted_vas: list[int], step: int) -> tuple[list[int], list[int]]:
-    """Start and length of each run of ``sorted_vas`` that advances by ``step`` (plain Python:
-    batches here are small, where numpy's per-call overhead would dominate)."""
-    starts: list[int] = []
-    lengths: list[int] = []
-    expect = None
-    for v in sorted_vas:
-        if v == expect:
-            lengths[-1] += 1
-        else:
-            starts.append(v)
-            lengths.append(1)
-        expect = v + step
-    return starts, lengths
-
-
 def module_version(path: str = "/sys/module/nvidia_uvm/version") -> str | None:
     """The loaded nvidia-uvm's version string (the patch marks its build), if sysfs shows it."""
     try:
@@ -165,9 +136,6 @@ class UvmBackend(Backend):
         # with UVM, so the fd we look for exists and has the GPU.
         self._primary = cuda.PrimaryContext(ordinal)
         self._dev = self._primary.dev
-        self._closed = False
-        self._pid = os.getpid()  # the process whose pages these are (see _check_open)
-        self._forked = False
         try:
             self._uuid = gpu_uuid(ordinal)
             self.fd, info = self._find_fd()
@@ -191,14 +159,10 @@ class UvmBackend(Backend):
         self._facts["gpu_limit_bytes"] = int(info.gpuLimitBytes)
         self._facts["max_mappings_per_page"] = int(info.maxMappingsPerPage)
         self._parts: dict[int, list[int]] = {}  # page handle (its first module handle) -> module handles
-        self._reservations: dict[int, int] = {}  # base -> nbytes asked for
-        self._spans: dict[int, int] = {}  # base -> length of its UVM range (whole 2 MiB)
-        self._mapped: dict[int, int] = {}  # page va -> page handle
-        self._mapped_handles: set[int] = set()
+        self._spans: dict[int, int] = {}  # reservation base -> length of its UVM range (whole 2 MiB)
         self._scatter = "UVM_KVC_MAP_SCATTER" in self._uvm.IOCTLS
         #: ioctls made, by name (for tests and benchmarks).
         self.calls: Counter[str] = Counter()
-        _LIVE.add(self)
 
     # --- discovery ---------------------------------------------------------------------------
     @classmethod
@@ -294,21 +258,9 @@ class UvmBackend(Backend):
 
     # --- ioctls ------------------------------------------------------------------------------
     def _ioctl(self, name: str, **fields):
-        self._check_open()
         uvm = self._uvm
         self.calls[name] += 1
         return uvm.ioctl(self.fd, uvm.IOCTLS[name], uvm.params(name, **fields))
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this uvm64k backend is closed")
-        if self._in_child():
-            raise RuntimeError(f"this uvm64k backend belongs to process {self._pid}; a forked child "
-                               f"cannot use it (open a new one in the child)")
-
-    def _in_child(self) -> bool:
-        """True in a process forked from the one that made this backend."""
-        return self._forked or os.getpid() != self._pid
 
     def _u64_array(self, values):
         arr = self._uvm.ffi.new("NvU64[]", len(values))
@@ -316,63 +268,44 @@ class UvmBackend(Backend):
         return arr, int(self._uvm.ffi.cast("uintptr_t", arr))
 
     def _batches(self, n: int):
-        return ((i, min(i + self.max_batch, n)) for i in range(0, n, self.max_batch))
+        """``(lo, hi)`` slices of ``n`` module handles, at most ``maxBatch`` each and cut between
+        pages (a page of ``k`` handles never straddles two ioctls, so each ioctl is whole pages)."""
+        size = max(self._k, self.max_batch // self._k * self._k)
+        return ((i, min(i + size, n)) for i in range(0, n, size))
 
-    # --- virtual ranges ----------------------------------------------------------------------
-    def reserve(self, nbytes: int) -> int:
-        if nbytes <= 0 or nbytes % self.page_size:
-            raise ValueError(f"nbytes={nbytes} is not a positive multiple of page_size={self.page_size}")
-        self._check_open()
+    # --- driver calls ------------------------------------------------------------------------
+    def _reserve(self, nbytes: int) -> int:
         length = -(-nbytes // _RESERVE_ALIGN) * _RESERVE_ALIGN  # the module's ranges: whole 2 MiB
         span = length + _RESERVE_ALIGN
-        raw = libc.mmap(0, span, libc.PROT_NONE,
-                        libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
+        raw = libc.mmap(0, span, libc.PROT_NONE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
         base = -(-raw // _RESERVE_ALIGN) * _RESERVE_ALIGN
-        if base > raw:
-            libc.munmap(raw, base - raw)
-        if raw + span > base + length:
-            libc.munmap(base + length, raw + span - base - length)
-        try:
+        try:  # munmap of what is already gone is no error: undoing the whole span is always right
+            if base > raw:
+                libc.munmap(raw, base - raw)
+            if raw + span > base + length:
+                libc.munmap(base + length, raw + span - base - length)
             self._ioctl("UVM_KVC_CREATE_RANGE", base=base, length=length)
-        except BaseException:
-            libc.munmap(base, length)
-            raise
-        self._reservations[base] = nbytes
+        except BaseException as exc:
+            raise undo_one(exc, libc.munmap, raw, span)
         self._spans[base] = length
         return base
 
-    def unreserve(self, base: int, nbytes: int) -> None:
-        if self._reservations.get(base) != nbytes:
-            raise ValueError(f"base={base:#x} nbytes={nbytes} is not a live reservation")
-        if any(base <= va < base + nbytes for va in self._mapped):
-            raise ValueError(f"reservation {base:#x} still has mapped pages; unmap them first")
+    def _unreserve(self, base: int, nbytes: int) -> None:
         length = self._spans[base]
         self._ioctl("UVM_FREE", base=base, length=length)  # UVM lets go of the VA first
-        del self._reservations[base], self._spans[base]
+        del self._spans[base]
         libc.munmap(base, length)
 
-    # --- physical pages ----------------------------------------------------------------------
-    def create_pages(self, count: int) -> list[int]:
-        if count < 0:
-            raise ValueError(f"count={count} must be >= 0")
-        if count == 0:
-            return []
+    def _create(self, count: int, at, undo: Undo) -> list[int]:
+        if at is not None:
+            raise ValueError("at: the uvm64k backend does not place pages")
         n = count * self._k
         arr, ptr = self._u64_array(np.zeros(n, dtype=np.uint64))
-        done = 0
-        try:
-            for lo, hi in self._batches(n):
-                self._ioctl("UVM_KVC_ALLOC", gpuUuid=self._uuid, pageSize=self._unit, count=hi - lo,
-                            handlesPtr=ptr + 8 * lo)
-                done = hi
-        except BaseException as exc:
-            self._cleanup(exc, "freeing the pages this call allocated", self._free_handles,
-                          list(arr[0:done]))  # all or nothing
-            if isinstance(exc, UvmError) and exc.status in _OOM:
-                raise OutOfPages(f"GPU memory exhausted creating {count} pages of {self.page_size} bytes "
-                                 f"({exc.status})", needed=count, available=done // self._k) from exc
-            raise
-        made = list(arr)
+        for lo, hi in self._batches(n):
+            self._ioctl("UVM_KVC_ALLOC", gpuUuid=self._uuid, pageSize=self._unit, count=hi - lo,
+                        handlesPtr=ptr + 8 * lo)
+            undo.push(self._free_handles, [int(h) for h in arr[lo:hi]])
+        made = [int(h) for h in arr]
         pages = []
         for i in range(0, n, self._k):
             group = made[i:i + self._k]
@@ -388,93 +321,50 @@ class UvmBackend(Backend):
         for lo, hi in self._batches(len(handles)):
             self._ioctl("UVM_KVC_FREE", count=hi - lo, handlesPtr=ptr + 8 * lo)
 
-    def release_pages(self, handles: Sequence[int]) -> None:
-        handles = list(handles)
-        if len(set(handles)) != len(handles):
-            raise ValueError("handles: duplicates in one call")
-        bad = [h for h in handles if h not in self._parts or h in self._mapped_handles]
-        if bad:
-            raise ValueError(f"handles {bad[:4]} are not live, unmapped pages of this backend")
-        per_call = max(1, self.max_batch // self._k)  # whole pages per FREE, so books stay exact
+    def _release(self, handles: list[int], done: list[int]) -> None:
+        per_call = max(1, self.max_batch // self._k)  # whole pages per FREE, so the books stay exact
         for i in range(0, len(handles), per_call):
             chunk = handles[i:i + per_call]
             self._free_handles([g for h in chunk for g in self._parts[h]])
             for h in chunk:
                 del self._parts[h]
+            done.extend(chunk)
 
-    # --- mapping -----------------------------------------------------------------------------
-    def _check_runs(self, starts: list[int], lengths: list[int]) -> None:
-        """Every run (sorted by VA) is page-aligned and inside one reservation."""
-        P = self.page_size
-        lo, hi = starts[0], starts[-1] + lengths[-1] * P
-        if not any(va % P for va in starts) and any(
-                b <= lo and hi <= b + size for b, size in self._reservations.items()):
-            return  # the common case: the whole batch lies in one reservation
-        for va, n in zip(starts, lengths):
-            end = va + n * P
-            if va % P or not any(b <= va and end <= b + size for b, size in self._reservations.items()):
-                raise ValueError(f"vas: [{va:#x}, {end:#x}) is not page-aligned inside a reservation")
-
-    def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
-        if len(vas) != len(handles):
-            raise ValueError(f"len(vas)={len(vas)} != len(handles)={len(handles)}")
-        n = len(vas)
-        if not n:
-            return
-        self._check_open()
-        P, k, unit = self.page_size, self._k, self._unit
-        pairs = sorted(zip([int(v) for v in vas], [int(h) for h in handles]))  # VA order
-        pvas, phandles = [v for v, _ in pairs], [h for _, h in pairs]
-        starts, lengths = _runs(pvas, P)
-        if len(set(pvas)) != n:
-            raise ValueError("vas: duplicates in one batch")
-        self._check_runs(starts, lengths)
-        if any(va in self._mapped for va in pvas):
-            raise ValueError("vas: some are already mapped")
-        parts = self._parts
-        if len(set(phandles)) != n or any(h not in parts for h in phandles) \
-                or not self._mapped_handles.isdisjoint(phandles):
-            raise ValueError("handles: some are not live, unmapped, distinct pages of this backend")
-        # One entry per module handle, in VA order; a run of pages is a run of handles.
+    def _map(self, batch: Runs, undo: Undo) -> None:
+        """``UVM_KVC_MAP`` per VA-contiguous run, or ``UVM_KVC_MAP_SCATTER`` when the pages are
+        scattered, whichever takes fewer ioctls (batches of at most ``maxBatch`` module handles)."""
+        k, unit = self._k, self._unit
+        # one entry per module handle, in VA order; a run of pages is a run of handles
         if k == 1:
-            gvas, ghandles = pvas, phandles  # the page's handle is the module's handle
+            gvas, ghandles = batch.vas.tolist(), batch.handles.tolist()
         else:
-            gvas = [v + j * unit for v in pvas for j in range(k)]
-            ghandles = [g for h in phandles for g in parts[h]]
-        glens = [m * k for m in lengths]
+            gvas = [v + j * unit for v in batch.vas.tolist() for j in range(k)]
+            ghandles = [g for h in batch.handles.tolist() for g in self._parts[h]]
+        glens = (batch.lengths * k).tolist()
         run_calls = sum(-(-m // self.max_batch) for m in glens)
         scatter_calls = -(-len(gvas) // self.max_batch)
-        done: list[tuple[int, int]] = []  # (base, length) mapped so far, to undo on failure
-        try:
-            if self._scatter and scatter_calls < run_calls:
-                self._map_scatter(gvas, ghandles, done)
-            else:
-                self._map_runs(starts, glens, ghandles, done)
-        except BaseException as exc:
-            self._cleanup(exc, "unmapping what this call mapped", self._unmap_ranges, done)
-            if isinstance(exc, UvmError) and exc.status in _OOM:  # page tables could not be allocated
-                raise OutOfPages(f"{exc.call}: GPU memory exhausted mapping {n} pages ({exc.status})",
-                                 needed=n) from exc
-            raise
-        self._mapped.update(pairs)
-        self._mapped_handles.update(phandles)
+        if self._scatter and scatter_calls < run_calls:
+            self._map_scatter(gvas, ghandles, undo)
+        else:
+            self._map_runs(batch.vas[batch.starts].tolist(), glens, ghandles, undo)
 
     def _map_flags(self) -> int:
         return self._uvm.UVM_KVC_MAP_FLAGS_NO_REPLACE  # never replace by mistake
 
-    def _map_runs(self, starts, lengths, ghandles, done) -> None:
-        unit = self._unit
+    def _map_runs(self, starts, lengths, ghandles, undo: Undo) -> None:
+        unit, P = self._unit, self.page_size
         arr = self._uvm.ffi.new("NvU64[]", ghandles)
         ptr = int(self._uvm.ffi.cast("uintptr_t", arr))
         first = 0
         for base, n in zip(starts, lengths):
             for lo, hi in self._batches(n):
+                va = base + lo * unit
                 self._ioctl("UVM_KVC_MAP", flags=self._map_flags(), gpuUuid=self._uuid,
-                            base=base + lo * unit, count=hi - lo, handlesPtr=ptr + 8 * (first + lo))
-                done.append((base + lo * unit, (hi - lo) * unit))
+                            base=va, count=hi - lo, handlesPtr=ptr + 8 * (first + lo))
+                undo.push(self._unmap_pages, list(range(va, va + (hi - lo) * unit, P)))
             first += n
 
-    def _map_scatter(self, gvas, ghandles, done) -> None:
+    def _map_scatter(self, gvas, ghandles, undo: Undo) -> None:
         uvm = self._uvm
         entry = uvm.SCATTER_ENTRY
         n = len(gvas)
@@ -487,63 +377,39 @@ class UvmBackend(Backend):
         for lo, hi in self._batches(n):
             self._ioctl("UVM_KVC_MAP_SCATTER", flags=self._map_flags(), gpuUuid=self._uuid,
                         entriesPtr=ptr + size * lo, count=hi - lo)
-            done.extend((v, self._unit) for v in gvas[lo:hi])
+            undo.push(self._unmap_pages, gvas[lo:hi:self._k])
 
-    @staticmethod
-    def _cleanup(exc: BaseException, what: str, fn, *args) -> None:
-        """Undo after ``exc``; a failure here is noted on ``exc``, which stays the error raised."""
-        try:
-            fn(*args)
-        except Exception as cleanup_exc:
-            note_cleanup_failure(exc, what, cleanup_exc)
+    def _unmap_pages(self, vas: list[int]) -> None:
+        """Take back maps of whole pages at ``vas`` (no device sync: nothing has used them yet)."""
+        self._unmap_ranges([(va, n * self.page_size) for va, n in runs(vas, self.page_size).spans()])
 
-    def _unmap_ranges(self, ranges, on_done=None) -> None:
-        """UNMAP each (base, length); contiguous neighbours are merged into one call.
-        ``on_done(base, length)`` follows each call that succeeded."""
-        if not ranges:
-            return
-        merged: list[list[int]] = []
-        for base, length in sorted(ranges):
-            if merged and merged[-1][0] + merged[-1][1] == base:
-                merged[-1][1] += length
-            else:
-                merged.append([base, length])
-        self._check_open()
+    def _unmap_ranges(self, ranges) -> None:
+        """``UVM_KVC_UNMAP`` of each ``(base, length)``."""
         uvm = self._uvm
         p = uvm.params("UVM_KVC_UNMAP", gpuUuid=self._uuid)  # one struct, reused per range
-        for base, length in merged:
+        for base, length in ranges:
             p.base, p.length, p.rmStatus = base, length, 0
             self.calls["UVM_KVC_UNMAP"] += 1
             uvm.ioctl(self.fd, uvm.UVM_KVC_UNMAP, p)
-            if on_done is not None:
-                on_done(base, length)
 
-    def unmap(self, vas: Sequence[int]) -> None:
+    def _unmap(self, batch: Runs, done: list[tuple[int, int]]) -> None:
         """Unmap pages once all work issued before the call is done.
 
         The ioctl itself waits for its own PTE clear and TLB invalidate, not for kernels still
         reading the pages: a kernel touching an unmapped page is a fatal fault, and a page mapped
         elsewhere right after could be overwritten under it. So the device is synchronized first.
         """
-        if not len(vas):
-            return
-        vas = sorted(int(v) for v in vas)
-        missing = [va for va in vas if va not in self._mapped]
-        if missing:
-            raise ValueError(f"vas: {[hex(v) for v in missing[:4]]} are not mapped")
         self.synchronize()
-        P = self.page_size
-        starts, lengths = _runs(vas, P)
+        for va, n in batch.spans():
+            self._unmap_ranges([(va, n * self.page_size)])
+            done.append((va, n))
 
-        def forget(base: int, length: int) -> None:
-            for va in range(base, base + length, P):
-                self._mapped_handles.discard(self._mapped.pop(va))
+    def _shutdown(self) -> None:
+        """Drop the primary-context reference. CUDA's fd stays open: it is CUDA's."""
+        self._primary.release()
 
-        try:
-            self._unmap_ranges([(va, m * P) for va, m in zip(starts, lengths)], on_done=forget)
-        except UvmError as exc:
-            exc.unmapped_vas = [va for va in vas if va not in self._mapped]
-            raise
+    def _out_of_memory(self, exc) -> bool:
+        return isinstance(exc, UvmError) and exc.status in _OOM
 
     # --- access ------------------------------------------------------------------------------
     def tensor(self, base: int, nbytes: int) -> torch.Tensor:
@@ -561,37 +427,3 @@ class UvmBackend(Backend):
         """(free, total) device memory in bytes, as the driver reports it."""
         return self._primary.mem_info()
 
-    def close(self) -> None:
-        """Free every range (which drops its maps), every page and every reservation; release the
-        primary-context reference. Idempotent; the first error is raised after every step was
-        tried. CUDA's fd stays open: it is CUDA's. In a forked child nothing is freed (it is all
-        the parent's): the backend only forgets it, with no ioctl and no CUDA call."""
-        if self._closed:
-            return
-        if self._in_child():
-            self._forget()  # the pages, ranges and context are the parent's
-            return
-        errors: list[Exception] = []
-
-        def attempt(fn, *args, **kwargs) -> None:
-            try:
-                fn(*args, **kwargs)
-            except Exception as exc:  # keep going: leave as little behind as possible
-                errors.append(exc)
-
-        if self._mapped:
-            attempt(self.synchronize)
-        for base, length in list(self._spans.items()):
-            attempt(self._ioctl, "UVM_FREE", base=base, length=length)
-            attempt(libc.munmap, base, length)
-        attempt(self._free_handles, [g for group in self._parts.values() for g in group])
-        self._forget()
-        self._primary.release()
-        if errors:
-            raise errors[0]
-
-    def _forget(self) -> None:
-        """Drop every book and mark the backend closed (what close() leaves behind)."""
-        for books in (self._reservations, self._spans, self._parts, self._mapped, self._mapped_handles):
-            books.clear()
-        self._closed = True

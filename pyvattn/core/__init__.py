@@ -1,0 +1,11 @@
+"""The pieces behind :class:`pyvattn.KVCache` (see README, "Design").
+
+* ``layout``: :class:`Layout`, the arguments checked and the sizes that follow from them;
+* ``slots``: :class:`SlotTable`, which request slots are in use and how far each was stepped,
+  and the one parser of ``step()`` input;
+* ``slabs``: :class:`Slabs`, how many pages each slot holds in every region, grown and shrunk
+  through the backend (whose books are the truth);
+* ``reclaim``: :class:`Reclaim`, the pure plan of which mapped pages to give back;
+* ``stats``: :class:`CacheStats`, activity counters and the ``stats()`` report;
+* ``mapper``: :class:`BackgroundMapper`, ``step_async``'s one worker thread.
+"""
