@@ -15,7 +15,6 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -29,11 +28,11 @@ LEGEND = """\
 Columns (bytes hold K and V of every layer):
   run/wait/done  requests running, waiting to be admitted, finished
   in use         tokens written by running requests
-  frag           internal fragmentation: mapped under running requests beyond their length
-                 (each layer's partly filled last page, and pages a reused slot still holds
-                 from its previous request)
-  retained       pages of finished requests, kept mapped for the next request in their slot
-                 (deferred reclaim: reclaimed at once when memory runs short)
+  frag           internal fragmentation of running requests: the unwritten rest of the pages
+                 their lengths need (each layer's partly filled last page)
+  retained       mapped, and needed by no running request: finished requests' pages kept for
+                 the next request in their slot, and pages a reused slot holds beyond its
+                 length (deferred reclaim: reclaimed at once when memory runs short)
   pool           physical pages created and not mapped anywhere
   physical       all physical memory held = in use + frag + retained + pool (at most the budget)
   static         what static reservation (max_seq_len tokens per request) needs for the same
@@ -65,7 +64,8 @@ class Request:
 
 @dataclass(frozen=True)
 class MemorySplit:
-    """Where a cache's physical memory is, in bytes."""
+    """Where a cache's physical memory is, in bytes (KVCache.stats()'s split of what is mapped,
+    plus the pool's pages mapped nowhere)."""
 
     in_use: int
     fragmentation: int
@@ -74,13 +74,10 @@ class MemorySplit:
     physical: int
 
     @classmethod
-    def of(cls, cache: KVCache, running: Iterable[int]) -> MemorySplit:
-        """The split for ``cache`` whose allocated slots are ``running``."""
+    def of(cls, cache: KVCache) -> MemorySplit:
         s = cache.stats()
-        running_mapped = sum(cache.slot_mapped_bytes(slot) for slot in running)
-        return cls(in_use=s["used_bytes"], fragmentation=running_mapped - s["used_bytes"],
-                   retained=s["mapped_bytes"] - running_mapped, pool=s["physical_bytes"] - s["mapped_bytes"],
-                   physical=s["physical_bytes"])
+        return cls(in_use=s["used_bytes"], fragmentation=s["fragmentation_bytes"], retained=s["retained_bytes"],
+                   pool=s["physical_bytes"] - s["mapped_bytes"], physical=s["physical_bytes"])
 
 
 class StaticReservation:
@@ -248,7 +245,7 @@ class Demo:
 
     # --- output -------------------------------------------------------------------------------
     def _row(self, note: str, bar) -> None:
-        m = MemorySplit.of(self.cache, self.running)
+        m = MemorySplit.of(self.cache)
         if self.busiest is None or len(self.running) > self.busiest[0]:
             self.busiest = (len(self.running), m)
         line = ROW.format(self.step, len(self.running), len(self.waiting), self.done, format_size(m.in_use),

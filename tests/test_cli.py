@@ -135,17 +135,21 @@ def test_memory_split_accounts_for_every_physical_byte():
         a, b = cache.alloc_slot(), cache.alloc_slot()
         cache.step({a: 20, b: 3})  # a: 3 pages per region, b: 1
         cache.free_slot(b)  # b's page stays mapped for the next request (deferred reclaim)
-        m = MemorySplit.of(cache, [a])
+        m = MemorySplit.of(cache)
         assert m.in_use == 20 * 512 * 4
-        assert m.fragmentation == (3 * 4096 - 20 * 512) * 4
+        assert m.fragmentation == (3 * 4096 - 20 * 512) * 4  # a's last, partly filled page
         assert m.retained == 4096 * 4
         assert m.in_use + m.fragmentation + m.retained + m.pool == m.physical == cache.stats()["physical_bytes"]
-        c = cache.alloc_slot(2)  # takes b's slot, whose page covers 2 tokens
-        cache.step({a: 20, c: 2})
-        m = MemorySplit.of(cache, [a, c])
-        assert m.retained == 0
-        assert m.fragmentation == (3 * 4096 - 20 * 512 + 4096 - 2 * 512) * 4
+        cache.free_slot(a)
+        c = cache.alloc_slot(2)  # takes b's slot, whose one page covers 2 tokens
+        d = cache.alloc_slot(2)  # takes a's slot: 2 of its 3 pages are more than 2 tokens need
+        cache.step({c: 2, d: 2})
+        m = MemorySplit.of(cache)
+        assert m.in_use == 2 * 2 * 512 * 4
+        assert m.fragmentation == 2 * (4096 - 2 * 512) * 4
+        assert m.retained == 2 * 4096 * 4  # d's slot beyond its length: reclaimable at once
         assert m.in_use + m.fragmentation + m.retained + m.pool == m.physical
+
 
 
 def test_demo_rows_arrive_while_it_runs_and_ctrl_c_says_so_without_a_traceback():
