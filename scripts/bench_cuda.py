@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 import benchlib
+import resultpath
 from benchlib import Clock
 from pyvattn import KVCache, attention, backends
 
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="float32 for CPU smoke runs (the flash paths are fp16/bf16)")
     ap.add_argument("--only", type=sections_arg, default=list(SECTIONS),
                     help=f"sections to run, of {','.join(SECTIONS)} (default: all; graphs needs a GPU)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_cuda.json)")
+    resultpath.add_output_arguments(ap, "bench_cuda")
     return ap
 
 
@@ -438,7 +439,7 @@ def main(argv=None) -> int:
     if probe is not None and not probe.available:
         print(f"bench_cuda.py: backend {args.backend} cannot run on {device}: {probe.reason}", file=sys.stderr)
         return 2
-    out_path = Path(args.out) if args.out else benchlib.default_out("bench_cuda", device)
+    out_path = Path(args.out)
 
     result = {"machine": {**benchlib.machine_facts(device), "flash_attn": attention.flash_available()},
               "args": {k: str(v) for k, v in vars(args).items()}}

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import resultpath
+
 METHODS = ("hf-dynamic", "hf-static", "hf-paged-cb", "pyvattn-hf", "pyvattn-engine")
 
 
@@ -64,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", action="store_true", help="write JSON to benchmarks/results/ (else bench-results/)")
+    resultpath.add_output_arguments(p, "bench_generate")
     args = p.parse_args(argv)
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
@@ -217,9 +219,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['speed_vs_first']:.2f}x | "
               f"{format_size(r['peak_kv_bytes'])} | {r['same_tokens_as_hf_dynamic']}/{len(work)} |")
-    out_dir = Path("benchmarks/results" if args.save else "bench-results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "bench_generate.json"
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "machine": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "transformers": __import__("transformers").__version__, "useful_tokens": useful,

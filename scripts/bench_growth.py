@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import benchlib
+import resultpath
 from pyvattn.errors import PyvattnError
 
 GOAL_MS = 1.0
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=benchlib.csv_ints, default="2,4,8", help="thread counts to try")
     ap.add_argument("--units", type=benchlib.csv_ints, default="2,4", help="mapping units, in granules, to try")
     ap.add_argument("--driver-lib", default=None, help="load this libcuda instead of the system's (tests: a stub)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_growth.json)")
+    resultpath.add_output_arguments(ap, "bench_growth")
     return ap
 
 
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     finally:
         drv.close()
     print(render(result))
-    out = Path(args.out) if args.out else benchlib.default_out("bench_growth", device if gpu_here else "cpu")
+    out = Path(args.out)
     benchlib.save_json(out, result)
     return 0
 

@@ -26,12 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import resultpath
 from pyvattn import KVCache
 from pyvattn._ffi import libc
 from pyvattn.backends.base import runs
-
-LOCAL = "bench-results/bench_host.json"
-COMMITTED = "benchmarks/results/bench_host.json"
 
 
 def median_time(fn, repeat: int, setup=None) -> float:
@@ -247,10 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="layers of the cache (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=7, help="timed runs per measurement; medians are kept "
                     "(default: %(default)s)")
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--save", action="store_const", dest="out", const=COMMITTED,
-                       help=f"write the committed results, {COMMITTED}")
-    where.add_argument("--out", default=LOCAL, help="JSON file to write (default: %(default)s, git-ignored)")
+    resultpath.add_output_arguments(ap, "bench_host")
     args = ap.parse_args(argv)
     for name in ("layers", "repeat"):
         if getattr(args, name) < 1:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 import benchlib
+import resultpath
 
 MODEL = dict(kv_heads=8, head_dim=128)
 BLOCK = 16  # kvcached's (vLLM's) block, tokens
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompts lie in [prompt, prompt + spread)")
     ap.add_argument("--steps", type=benchlib.positive_int, default=512)
     ap.add_argument("--child-timeout", type=float, default=25.0, help="seconds for each kvcached run")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_kvcached.json)")
+    resultpath.add_output_arguments(ap, "bench_kvcached")
     ap.add_argument("--kvcached-child", action="store_true", help=argparse.SUPPRESS)
     return ap
 
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         result["sides"][name] = ({"skipped": f"skipped: {why_not}"} if why_not
                                  else kvcached_child(w, device, prealloc, args.child_timeout))
     print(render(result))
-    benchlib.save_json(Path(args.out) if args.out else benchlib.default_out("bench_kvcached", device), result)
+    benchlib.save_json(Path(args.out), result)
     # On a GPU, a kvcached that cannot be imported means no comparison: that is this run's failure.
     failed = [n for n, s in result["sides"].items() if "error" in s or (device.type == "cuda" and "skipped" in s)]
     return 1 if failed else 0

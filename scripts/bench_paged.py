@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import benchlib
+import resultpath
 from pyvattn import KVCache, attention
 
 MODEL = dict(q_heads=32, kv_heads=8, head_dim=128)
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=benchlib.nonnegative_int, default=3)
     ap.add_argument("--repeat", type=benchlib.positive_int, default=7)
     ap.add_argument("--inner", type=benchlib.positive_int, default=5, help="calls per timed sample")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_paged.json)")
+    resultpath.add_output_arguments(ap, "bench_paged")
     ap.add_argument("--no-plot", action="store_true")
     return ap
 
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
               "flash_attn_installed": attention.flash_available(), "shapes": []}
     if not attention.flash_available():
         result["unavailable"]["paged flash-attn"] = "flash-attn is not installed here"
-    out = Path(args.out) if args.out else benchlib.default_out("bench_paged", device)
+    out = Path(args.out)
     result["numerics"] = check_numerics(args, device, dtype, builders, gen)
     if device.type != "cuda":
         result["timing"] = "skipped: no GPU (the CPU run checks numerics only)"

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 import benchlib
+import resultpath
 from pyvattn.errors import CudaError, PyvattnError
 from pyvattn.units import format_size
 
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds for the latency table; configurations not started by then are skipped")
     ap.add_argument("--no-access-probe", action="store_true", help="skip the access experiment")
     ap.add_argument("--driver-lib", default=None, help="load this libcuda instead of the system's (tests: a stub)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_vmm.json)")
+    resultpath.add_output_arguments(ap, "bench_vmm")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--touch-child", choices=["set-access", "remap-without-access"], help=argparse.SUPPRESS)
     return ap
@@ -441,7 +442,7 @@ def main(argv=None) -> int:
     if isinstance(result.get("access_probe_touch"), dict):
         for mode, r in result["access_probe_touch"].items():
             print(f"  GPU write after {mode}: {r}")
-    out = Path(args.out) if args.out else benchlib.default_out("bench_vmm", device if gpu_here else "cpu")
+    out = Path(args.out)
     benchlib.save_json(out, result)
     if not args.no_plot and plot(result, out.with_suffix(".png")):
         print(f"saved {out.with_suffix('.png')}")

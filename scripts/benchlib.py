@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import re
 import subprocess
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 
 
 # --- facts --------------------------------------------------------------------------------------
@@ -156,13 +154,6 @@ def save_json(path: Path | str, obj: dict) -> Path:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")  # str: devices, paths
     print(f"saved {path}")
     return path
-
-
-def default_out(name: str, device: torch.device) -> Path:
-    """``benchmarks/results/NAME.json`` for a GPU run, ``..._smoke_cpu.json`` for a CPU one, so a
-    smoke run never overwrites GPU numbers. ``$PYVATTN_RESULTS`` moves the folder."""
-    folder = Path(os.environ.get("PYVATTN_RESULTS", RESULTS))
-    return folder / f"{name}{'' if torch.device(device).type == 'cuda' else '_smoke_cpu'}.json"
 
 
 def positive_int(value: str) -> int:

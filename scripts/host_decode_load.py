@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import resultpath
 from pyvattn import KVCache
 from pyvattn._ffi import libc
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--out", default="benchmarks/results/host_decode_load.json")
+    resultpath.add_output_arguments(ap, "host_decode_load")
     args = ap.parse_args(argv)
     for name in ("layers", "batch", "tokens"):
         if getattr(args, name) < 1:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import resultpath
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from cachemodel import MAX_LEN, CacheModel, small_cache  # noqa: E402
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check-every", type=int, default=200, help="full check every N operations")
     ap.add_argument("--cache-every", type=int, default=50_000, help="a fresh cache every N operations")
     ap.add_argument("--faults", type=float, default=0.03, help="share of operations with an injected failure")
-    ap.add_argument("--out", default="benchmarks/results/soak.json")
+    resultpath.add_output_arguments(ap, "soak")
     args = ap.parse_args(argv)
     for name in ("ops", "check_every", "cache_every"):
         if getattr(args, name) < 1:
