@@ -25,3 +25,5 @@ def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                        help=f"write the committed results, {committed.relative_to(REPO)}")
     where.add_argument("--out", default=str(LOCAL / f"{name}.json"),
                        help=f"JSON file to write (default: bench-results/{name}.json, git-ignored)")
+    # both write `out`: argparse takes the default of the first one added (--save's None) otherwise
+    parser.set_defaults(out=str(LOCAL / f"{name}.json"))
