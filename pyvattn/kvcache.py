@@ -23,6 +23,7 @@ from .backends.base import undo_one
 from .buffer import VirtualBuffer
 from .core.layout import Layout
 from .core.mapper import BackgroundMapper
+from .core.prefix import PrefixIndex
 from .core.reclaim import Reclaim
 from .core.slabs import Slabs
 from .core.slots import SlotTable
@@ -94,6 +95,8 @@ class KVCache:
             self._slabs = Slabs(self.buffer, self.pool, self.num_regions, self.max_batch_size,
                                 self.pages_per_slot, self.token_bytes, self.max_seq_len)
             self._stats = CacheStats()
+            whole = self.page_size % self.token_bytes == 0
+            self._prefix = PrefixIndex(self.max_batch_size, self.page_size // self.token_bytes if whole else 0)
             self._mapper = BackgroundMapper()
             views = [layout.region_view(self.buffer, r) for r in range(self.num_regions)]
         except BaseException as exc:
@@ -104,23 +107,70 @@ class KVCache:
         _caches.add(self)
 
     # --- request slots -----------------------------------------------------------------------
-    def alloc_slot(self, seq_len: int = 0) -> int:
+    def alloc_slot(self, seq_len: int = 0, tokens=None) -> int:
         """Claim a free slot. Prefers a slot whose pages are still mapped from an earlier request:
         the smallest one that already covers ``seq_len`` tokens (best fit), else the one with the
-        most pages mapped. Raises ``OutOfSlots`` when all ``max_batch_size`` slots are in use."""
+        most pages mapped. Raises ``OutOfSlots`` when all ``max_batch_size`` slots are in use.
+
+        With ``tokens`` (the prompt's token ids), the longest prefix of it that another slot holds
+        in whole pages is reused (see README, "Prefix sharing"): a finished request's slot that
+        still holds it is taken over in place (nothing mapped), a running request's pages are
+        shared (``fork``). ``cached_tokens(slot)`` says how many prompt tokens are present (at
+        least the last one is always left to compute): prefill starts there."""
         with self._lock:
             self._ready()
             if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) \
                     or not 0 <= seq_len <= self.max_seq_len:
                 raise ValueError(f"seq_len={seq_len!r} must lie in [0, max_seq_len={self.max_seq_len}]")
+            chain, usable = self._prompt_chain(tokens)
             free = np.flatnonzero(~self._slots.active)
             if not len(free):
                 raise OutOfSlots(f"all {self.max_batch_size} slots are in use (max_batch_size)")
+            if tokens is not None:
+                self._stats.prefix_queries += 1
+                slot = self._reuse_prefix(chain, usable)
+                if slot is not None:
+                    return slot
+                seq_len = max(int(seq_len), len(tokens))
             held = self._slabs.held[free]
             fits = free[held >= self._slabs.pages_for(seq_len)] if seq_len else free[:0]
             slot = int(fits[np.argmin(self._slabs.held[fits])] if len(fits) else free[np.argmax(held)])
-            self._slots.claim(slot)
+            self._claim(slot, 0, chain)
             return slot
+
+    def fork(self, src_slot: int, num_tokens: int) -> int:
+        """A new slot whose first ``num_tokens`` tokens are ``src_slot``'s (at most its stepped
+        length). Every page wholly inside them is the same physical page mapped under both slabs,
+        in every layer's K and V (no copy); the rest of the last page is copied into a page of the
+        new slot. The new slot starts stepped to ``num_tokens``.
+
+        Contract: the shared pages are read-only for both slots (``cached_tokens``/``mapped_tokens``
+        say where each may write: ``step`` never asks a slot to write below its length, and every
+        token a slot appends lands at or past ``num_tokens``, in pages of its own). Writing a
+        shared token changes it for every slot that maps it. Raises ``OutOfSlots``,
+        ``OutOfPages`` (the copied page), ``ValueError``; on any error nothing changed."""
+        with self._lock:
+            self._ready()
+            src = self._slots.check_slot(src_slot, "src_slot")
+            if not self._slots.active[src]:
+                raise ValueError(f"src_slot={src} is not allocated")
+            length = int(self._slots.lengths[src])
+            if isinstance(num_tokens, (bool, np.bool_)) or not isinstance(num_tokens, (int, np.integer)) \
+                    or not 0 <= num_tokens <= length:
+                raise ValueError(f"num_tokens={num_tokens!r} must lie in [0, seq_len(src_slot)={length}]")
+            if not (~self._slots.active).any():
+                raise OutOfSlots(f"all {self.max_batch_size} slots are in use (max_batch_size)")
+            chain = self._prefix.chain(src)[:int(num_tokens) // self._prefix.block] if self._prefix.block else []
+            return self._fork(src, int(num_tokens), chain)
+
+    def cached_tokens(self, slot: int) -> int:
+        """Prompt tokens that were already present when ``slot`` was claimed (a reused prefix, or a
+        fork's tokens): prefill starts there, and tokens below it must not be written. 0 for a
+        free slot."""
+        with self._lock:
+            self._ready()
+            slot = self._slots.check_slot(slot)
+            return int(self._prefix.cached[slot]) if self._slots.active[slot] else 0
 
     def free_slot(self, slot: int) -> None:
         """Finish the request in ``slot``. Its pages stay mapped for the next request that takes
@@ -131,6 +181,7 @@ class KVCache:
             slot = self._slots.check_slot(slot)
             if not self._slots.active[slot]:
                 raise ValueError(f"slot={slot} is not allocated (double free?)")
+            self._prefix.finished(slot, int(self._slots.lengths[slot]))
             self._slots.release(slot)
             if not self.deferred_reclaim:
                 self._reclaim([(slot, int(self._slabs.extent[slot]))])
@@ -271,6 +322,84 @@ class KVCache:
         if not self._mapper.idle:
             self._mapper.wait()
 
+    def _prompt_chain(self, tokens) -> tuple[list[bytes], int]:
+        """The block-hash chain of ``tokens`` (checked), and how many of its blocks may be reused:
+        the last token is always left to compute (its logits start decoding)."""
+        if tokens is None:
+            return [], 0
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"tokens: must be a 1-D sequence of integer token ids, got shape {arr.shape} "
+                             f"dtype {arr.dtype}")
+        if len(arr) > self.max_seq_len:
+            raise ValueError(f"tokens: {len(arr)} tokens exceed max_seq_len={self.max_seq_len}")
+        chain = self._prefix.hashes(arr)
+        return chain, (max(len(arr) - 1, 0) // self._prefix.block if self._prefix.block else 0)
+
+    def _reuse_prefix(self, chain: list[bytes], usable: int) -> int | None:
+        """Claim a slot for a prompt with the longest cached prefix of ``chain[:usable]``: take a
+        finished request's slot over in place, or fork a running one. None if nothing matches."""
+        match = self._prefix.longest(chain[:usable], self._held_blocks)
+        if match is None:
+            return None
+        tokens = match.blocks * self._prefix.block
+        if not self._slots.active[match.slot]:
+            slot = match.slot
+            self._claim(slot, match.blocks, chain, tokens)
+        else:
+            if self.backend.max_mappings is not None and (self.backend.refs(self._slabs.page_table()[
+                    match.slot, :match.blocks]) >= self.backend.max_mappings).any():
+                return None  # the driver maps one page at only so many addresses
+            slot = self._fork(match.slot, tokens, chain)
+        self._stats.prefix_hit(tokens)
+        return slot
+
+    def _held_blocks(self, slot: int) -> int:
+        """Blocks of ``slot``'s prompt chain that it holds written: a running request's up to its
+        stepped length, a finished one's up to where it ended, and only while its pages stay."""
+        length = self._slots.lengths[slot] if self._slots.active[slot] else self._prefix.finished_len[slot]
+        return int(min(length // self._prefix.block, self._slabs.held[slot]))
+
+    def _claim(self, slot: int, keep: int, chain: list[bytes], cached: int = 0) -> None:
+        """Give ``slot`` to a new request that may write from page ``keep`` on: pages from there
+        that another slot maps too are taken away first (they are read-only), then the slot is
+        marked in use, stepped to ``cached`` tokens (present, so never reclaimed)."""
+        if self._slabs.shared(np.array([slot]))[0] > keep:
+            self._stats.unmapped(self._slabs.settle())
+            self._reclaim([(slot, int(self._slabs.extent[slot]) - keep)])
+        self._slots.claim(slot)
+        self._slots.record(np.array([slot]), np.array([cached]))
+        self._prefix.assign(slot, chain, cached)
+
+    def _fork(self, src: int, num_tokens: int, chain: list[bytes]) -> int:
+        """``fork`` (checked): a fresh slab for the new slot, ``src``'s whole pages mapped under
+        it, the rest of the last page mapped and copied; all or nothing."""
+        free = np.flatnonzero(~self._slots.active)
+        dst = int(free[np.lexsort((self._prefix.used[free], self._slabs.held[free]))[0]])
+        whole = num_tokens * self.token_bytes // self.page_size
+        self._claim(dst, 0, chain, 0)
+        try:
+            self._stats.unmapped(self._slabs.settle())
+            self._reclaim([(dst, int(self._slabs.extent[dst]))])  # a fresh slab: its old pages go
+            self._stats.shared(self._slabs.share(dst, src, whole))
+            one = np.array([dst])
+            self._grow(one, np.array([num_tokens]))
+            self._slabs.copy(dst, src, whole * self.page_size, num_tokens * self.token_bytes)
+            self._slots.record(one, np.array([num_tokens]))
+            self._prefix.cached[dst] = num_tokens
+        except BaseException as exc:
+            raise undo_one(exc, self._drop, dst)
+        self._stats.forks += 1
+        return dst
+
+    def _drop(self, slot: int) -> None:
+        """Take back a slot claimed by a call that failed: free, and holding nothing."""
+        self._prefix.forget(slot)
+        self._slots.release(slot)
+        self._reclaim([(slot, int(self._slabs.extent[slot]))])
+
     def _grow_and_record(self, slots: np.ndarray, lens: np.ndarray) -> None:
         self._grow(slots, lens)
         self._slots.record(slots, lens)
@@ -293,7 +422,9 @@ class KVCache:
             return self.pool.take(count, vas)
         except OutOfPages as exc:
             short, budget_refused = count - exc.available, exc.available > self.pool.free_pages
-        plan = Reclaim(self._slabs.held, self._slots.active, self.num_regions)
+        shared = self.backend.mapped_pages != self.backend.mapped_handles
+        plan = Reclaim(self._slabs.held, self._slots.active, self.num_regions,
+                       self._slabs.page_table() if shared else None, self._prefix.used)
         if budget_refused and short <= plan.reclaimable(keep):
             try:  # the budget allows part of it: the device must agree before anything is reclaimed
                 self.pool.stock(count, vas)

@@ -7,8 +7,9 @@ implement only the driver calls (``_reserve``, ``_create``, ``_map``, ``_unmap``
 this module does, once for all of them:
 
 * **the books.** :class:`Backend` is the only owner of what exists and what is mapped: the handle at
-  every page of every reservation (``-1``: none), the handles alive, and where each handle is
-  mapped. Everything above it (``VirtualBuffer``, ``PagePool``, ``KVCache``) asks it. After any
+  every page of every reservation (``-1``: none), the handles alive, and every VA each handle is
+  mapped at (a page may be mapped at several: mappings are reference-counted).
+  Everything above it (``VirtualBuffer``, ``PagePool``, ``KVCache``) asks it. After any
   call, whether it returned or raised (``KeyboardInterrupt`` included), the books are what the
   driver did: a failed call records exactly the steps that happened and were not taken back.
 * **validation**, before any driver call: a backend never sees a bad batch.
@@ -177,8 +178,11 @@ class Backend(abc.ABC):
       (a ``DriverError`` from ``unmap`` lists those pages in ``unmapped_vas``).
     * ``map`` returns once the mapping is live for the device (populated, on the host); ``unmap``
       returns once no work issued before it can still touch the pages.
-    * A handle is mapped at most once at a time (``where`` is the owner of "which handle is mapped
-      where"; reference-counted sharing would extend it to several VAs per handle).
+    * Mappings are reference-counted: a live handle may be mapped at several VAs at once (prefix
+      sharing: the same physical page under two requests' slabs), up to ``max_mappings`` (None: no
+      limit) on backends whose driver caps it. ``refs(handles)`` says how many; only a handle
+      mapped nowhere may be released, and ``unmap`` returns, in ``last_unmapped``, the handles
+      whose last mapping it removed (the ones a pool may take back).
     * ``close`` releases everything; reservations still viewed by a tensor stay reserved and
       sealed until their last view dies (see the module docstring).
     """
@@ -188,6 +192,8 @@ class Backend(abc.ABC):
     #: Pages whose handles advance by ``page_size`` along a VA run map in one driver call (host:
     #: handles are memfd offsets); otherwise runs are cut by VA only.
     handles_are_offsets: ClassVar[bool] = False
+    #: The most VAs one page may be mapped at (None: no limit); set by backends whose driver caps it.
+    max_mappings: int | None = None
 
     def __init__(self, device: torch.device, page_size: int):
         self.device = torch.device(device)
@@ -195,7 +201,8 @@ class Backend(abc.ABC):
         self._tables: dict[int, np.ndarray] = {}  # reservation base -> handle at each page
         self._counts: dict[int, int] = {}  # reservation base -> pages mapped in it
         self._live: set[int] = set()  # handles created and not released
-        self._where: dict[int, int] = {}  # mapped handle -> its VA
+        self._where: dict[int, int] = {}  # mapped handle -> a VA it is mapped at
+        self._also: dict[int, list[int]] = {}  # shared handle -> the VAs it is mapped at besides
         self._orphans: set[int] = set()  # live handles a failed rollback left behind (freed at close)
         self._watches: dict[int, list[Watch]] = {}  # reservation base -> its tensors' lifetimes
         self._sealed: dict[int, tuple[int, list[Watch]]] = {}  # given back while viewed: base -> (nbytes, watches)
@@ -243,8 +250,21 @@ class Backend(abc.ABC):
     # --- the books ---------------------------------------------------------------------------
     @property
     def mapped_pages(self) -> int:
-        """Pages mapped, over all reservations."""
+        """Pages mapped (VAs with a page under them), over all reservations."""
+        return len(self._where) + sum(map(len, self._also.values()))
+
+    @property
+    def mapped_handles(self) -> int:
+        """Physical pages mapped somewhere (a page mapped at several VAs counts once)."""
         return len(self._where)
+
+    def refs(self, handles) -> np.ndarray:
+        """For each handle: how many VAs it is mapped at (0: none)."""
+        where, also = self._where, self._also
+        if isinstance(handles, np.ndarray):
+            handles = handles.tolist()
+        return np.fromiter(((h in where) + len(also.get(h, ())) for h in handles), dtype=np.int64,
+                           count=len(handles))
 
     def mapped_pages_in(self, base: int) -> int:
         """Pages mapped in the reservation at ``base``."""
@@ -267,6 +287,7 @@ class Backend(abc.ABC):
         (handles created and not released) and ``orphans`` (live handles a failed rollback left
         behind, released at close)."""
         mapped = {va: h for h, va in self._where.items()}
+        mapped.update((va, h) for h, vas in self._also.items() for va in vas)
         return {"mapped": mapped, "live": set(self._live), "orphans": set(self._orphans)}
 
     def adopt_orphans(self) -> list[int]:
@@ -383,9 +404,12 @@ class Backend(abc.ABC):
         if (table[idx] != UNMAPPED).any():
             raise ValueError("vas: some are already mapped")
         wanted = set(handles.tolist())
-        if len(wanted) != len(handles) or not self._live.issuperset(wanted) \
-                or not wanted.isdisjoint(self._where):
-            raise ValueError("handles: some are not live, unmapped, distinct pages of this backend")
+        if len(wanted) != len(handles) or not self._live.issuperset(wanted):
+            raise ValueError("handles: some are not live, distinct pages of this backend")
+        if self.max_mappings is not None and not wanted.isdisjoint(self._where) \
+                and (self.refs(handles) >= self.max_mappings).any():
+            raise ValueError(f"handles: some are already mapped at {self.max_mappings} VAs, the most the "
+                             f"{self.name} driver allows for one page")
         undo = Undo()
         try:
             self._map(batch, undo)
@@ -397,12 +421,13 @@ class Backend(abc.ABC):
             raise self._typed(undo, exc, f"mapping {len(vas)} pages", len(vas))
         self._book(base, table, (batch.vas - base) // self.page_size, batch.handles)
 
-    def unmap(self, vas: Sequence[int]) -> None:
-        """Unmap the pages at ``vas``; their handles stay alive for reuse."""
+    def unmap(self, vas: Sequence[int]) -> list[int]:
+        """Unmap the pages at ``vas``; their handles stay alive for reuse. Returns the handles
+        whose last mapping went (each once): a page still mapped elsewhere is not among them."""
         self._check_open()
         vas = _int64(vas, "vas")
         if not len(vas):
-            return
+            return []
         base, table, idx = self._locate(vas)
         batch = runs(vas, self.page_size)
         if (np.diff(batch.vas) == 0).any():
@@ -410,9 +435,9 @@ class Backend(abc.ABC):
         missing = vas[table[idx] == UNMAPPED]
         if len(missing):
             raise ValueError(f"vas: {[hex(v) for v in missing[:4].tolist()]} are not mapped")
-        self._unmap_batch(base, table, batch)
+        return self._unmap_batch(base, table, batch)
 
-    def _unmap_batch(self, base: int, table: np.ndarray, batch: Runs) -> None:
+    def _unmap_batch(self, base: int, table: np.ndarray, batch: Runs) -> list[int]:
         done: list[tuple[int, int]] = []  # (first VA, pages) of every driver call that succeeded
         try:
             self._unmap(batch, done)
@@ -422,7 +447,7 @@ class Backend(abc.ABC):
             if isinstance(exc, DriverError):
                 exc.unmapped_vas = gone.tolist()
             raise
-        self._unbook(base, table, (batch.vas - base) // self.page_size)
+        return self._unbook(base, table, (batch.vas - base) // self.page_size)
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -509,14 +534,36 @@ class Backend(abc.ABC):
     def _book(self, base: int, table: np.ndarray, pages: np.ndarray, handles: np.ndarray) -> None:
         table[pages] = handles
         self._counts[base] += len(pages)
-        self._where.update(zip(handles.tolist(), (base + pages * self.page_size).tolist()))
-
-    def _unbook(self, base: int, table: np.ndarray, pages: np.ndarray) -> None:
+        hs, vas = handles.tolist(), (base + pages * self.page_size).tolist()
         where = self._where
-        for h in table[pages].tolist():
-            del where[h]
+        if where.keys().isdisjoint(hs):  # the common case: no page mapped twice, one C-level update
+            where.update(zip(hs, vas))
+            return
+        for h, va in zip(hs, vas):
+            if h in where:
+                self._also.setdefault(h, []).append(va)
+            else:
+                where[h] = va
+
+    def _unbook(self, base: int, table: np.ndarray, pages: np.ndarray) -> list[int]:
+        """Take the pages out of the books; return the handles whose last mapping went."""
+        where, also, last = self._where, self._also, []
+        vas = (base + pages * self.page_size).tolist()
+        for h, va in zip(table[pages].tolist(), vas):
+            more = also.get(h)
+            if more is None:
+                del where[h]
+                last.append(h)
+                continue
+            if where[h] == va:
+                where[h] = more.pop()
+            else:
+                more.remove(va)
+            if not more:
+                del also[h]
         table[pages] = UNMAPPED
         self._counts[base] -= len(pages)
+        return last
 
     def _typed(self, undo: Undo, exc: BaseException, what: str, needed: int) -> BaseException:
         """What a failed create or map raises after its rollback: a Ctrl-C that came during the

@@ -158,6 +158,7 @@ class UvmBackend(Backend):
         self._facts["process_limit_bytes"] = int(info.processLimitBytes)  # 0: no per-process cap
         self._facts["gpu_limit_bytes"] = int(info.gpuLimitBytes)
         self._facts["max_mappings_per_page"] = int(info.maxMappingsPerPage)
+        self.max_mappings = int(info.maxMappingsPerPage)  # the module refcounts a page's PTEs, up to this
         self._parts: dict[int, list[int]] = {}  # page handle (its first module handle) -> module handles
         self._spans: dict[int, int] = {}  # reservation base -> length of its UVM range (whole 2 MiB)
         self._scatter = "UVM_KVC_MAP_SCATTER" in self._uvm.IOCTLS

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..backends.base import UNMAPPED
 from ..buffer import VirtualBuffer
@@ -71,6 +72,46 @@ class Slabs:
         self._set_held(slots, need)
         return len(vas)
 
+    def share(self, dst: int, src: int, pages: int) -> int:
+        """Map the pages ``[0, pages)`` of ``src`` under ``dst`` too, in every region: the same
+        physical pages at two addresses (``dst`` must hold nothing). All or nothing; returns how
+        many mappings were made."""
+        assert self.extent[dst] == 0 and self.held[src] >= pages
+        one, lo, hi = np.array([dst]), np.zeros(1, np.int64), np.array([pages])
+        handles = self.backend.handles_at(self.vas(np.array([src]), lo, hi))
+        vas = self.vas(one, lo, hi)
+        self.extent[dst] = pages
+        self.backend.map(vas, handles)  # all or nothing: on error ``settle`` finds nothing to undo
+        self._set_held(one, hi)
+        return len(vas)
+
+    def copy(self, dst: int, src: int, lo: int, hi: int) -> None:
+        """Copy bytes ``[lo, hi)`` of ``src``'s slab to ``dst``'s, in every region (both mapped)."""
+        if hi <= lo:
+            return
+        slab = self.pages_per_slot * self.page_size
+        for r in range(self.regions):
+            to = self.buffer.view((r * self.slots + dst) * slab + lo, (hi - lo,), torch.uint8)
+            to.copy_(self.buffer.view((r * self.slots + src) * slab + lo, (hi - lo,), torch.uint8))
+
+    def page_table(self) -> np.ndarray:
+        """``[slots, pages_per_slot]``: the handle under every page of every slot in region 0
+        (``UNMAPPED`` where none); sharing is the same in every region."""
+        pages = np.arange(self.slots * self.pages_per_slot, dtype=np.int64)
+        return self.buffer.handles(pages).reshape(self.slots, self.pages_per_slot)
+
+    def shared(self, slots: np.ndarray) -> np.ndarray:
+        """For each slot: how many of its first pages are mapped under another slot too (sharing
+        is always of a prefix, the same pages in every region: region 0 tells)."""
+        out = np.zeros(len(slots), dtype=np.int64)
+        for i, s in enumerate(slots.tolist()):
+            held = int(self.held[s])
+            if held:
+                refs = self.backend.refs(self.backend.handles_at(self.vas(np.array([s]), np.zeros(1, np.int64),
+                                                                          np.array([held]))[:held]))
+                out[i] = held - int(np.argmax(refs[::-1] > 1)) if (refs > 1).any() else 0
+        return out
+
     def shrink(self, slots: np.ndarray, keep: np.ndarray) -> int:
         """Unmap every page at or beyond ``keep[i]`` under ``slots[i]`` and give it to the pool;
         return how many pages were unmapped."""
@@ -87,12 +128,17 @@ class Slabs:
         try:
             self.backend.unmap(vas)
         except BaseException:
-            gone = self.backend.handles_at(vas) == UNMAPPED
-            self.pool.give(handles[gone].tolist())
+            self._give_unmapped(handles[self.backend.handles_at(vas) == UNMAPPED])
             raise
-        self.pool.give(handles.tolist())
+        self._give_unmapped(handles)
         self.extent[slots] = keep
         return len(vas)
+
+    def _give_unmapped(self, handles: np.ndarray) -> None:
+        """Give the pool those of ``handles`` (just unmapped) that are mapped nowhere now: a page
+        shared with another slot goes back only with its last mapping."""
+        handles = np.unique(handles)
+        self.pool.give(handles[self.backend.refs(handles) == 0].tolist())
 
     def next_pages(self, count: int) -> np.ndarray:
         """VAs of the ``count`` pages growth will want first: the next page of slot 0 in every

@@ -16,6 +16,11 @@ class CacheStats:
     unmapped_pages_total: int = 0
     reclaimed_pages_total: int = 0
     map_seconds: float = 0.0
+    forks: int = 0
+    shared_mappings_total: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    prefix_tokens_saved: int = 0
 
     def mapped(self, pages: int, seconds: float) -> None:
         self.map_calls += 1
@@ -30,13 +35,24 @@ class CacheStats:
         """Pages unmapped to finish what a failed call left (not a reclaim)."""
         self.unmapped_pages_total += pages
 
+    def shared(self, mappings: int) -> None:
+        """Pages mapped under a second slot (a fork: no memory, no copy)."""
+        self.shared_mappings_total += mappings
+
+    def prefix_hit(self, tokens: int) -> None:
+        self.prefix_hits += 1
+        self.prefix_tokens_saved += tokens
+
     def report(self, cache) -> dict:
         """Memory and activity of ``cache``. Bytes count K and V of all layers; mapped memory splits
         exactly into ``used_bytes`` (tokens stepped by running requests), ``fragmentation_bytes``
         (the rest of the pages those lengths need: the unused end of each request's last page) and
         ``retained_bytes`` (everything else mapped: finished requests' slots under deferred reclaim,
         pages a reused slot holds beyond what its length needs; reclaimable at once);
-        ``waste_bytes`` is the last two together."""
+        ``waste_bytes`` is the last two together. A page mapped under several slots (prefix
+        sharing) counts in each slot's bytes; ``shared_pages`` says how many mappings are of a page
+        mapped elsewhere too (memory saved: ``shared_pages * page_size``), and ``physical_bytes``
+        counts every page once."""
         slots, slabs, pool = cache._slots, cache._slabs, cache.pool
         P, regions = cache.page_size, cache.num_regions
         every = np.arange(cache.max_batch_size)
@@ -68,4 +84,10 @@ class CacheStats:
             "reclaimed_pages_total": self.reclaimed_pages_total,
             "map_seconds": self.map_seconds,
             "page_create_calls": pool.create_calls,
+            "shared_pages": cache.backend.mapped_pages - cache.backend.mapped_handles,
+            "forks": self.forks,
+            "shared_mappings_total": self.shared_mappings_total,
+            "prefix_queries": self.prefix_queries,
+            "prefix_hits": self.prefix_hits,
+            "prefix_tokens_saved": self.prefix_tokens_saved,
         }
