@@ -10,6 +10,8 @@ import numpy as np
 from .backends.base import Backend
 from .errors import OutOfPages
 
+ANY = -1  # in a placement: no page in particular
+
 
 class PagePool:
     """Free physical pages of one backend, so mapping rarely has to create pages on the hot path.
@@ -19,7 +21,9 @@ class PagePool:
       VAs the pages will be mapped at), a backend that places pages (host: the memfd offset follows
       the VA, so a slab stays one mapping) gets exactly the pages :meth:`Backend.placement` names:
       free ones if the pool has them, else new ones, made by moving free pages that sit elsewhere
-      (release one, create one: the total stays) before adding pages under the budget.
+      (release one, create one: the total stays) before adding pages under the budget. A named
+      page that is in use elsewhere (mapped under another slot too: prefix sharing) cannot be
+      had; any free page stands in for it.
     * ``OutOfPages`` from ``take`` says in ``available`` how many pages the pool could have handed
       out: free + budget headroom when the budget refused, free pages only when the device refused
       to create more (pages created before that stay free). Nothing is handed out.
@@ -66,7 +70,12 @@ class PagePool:
             raise OutOfPages(f"need {count} pages: {free} free and the budget allows {self.headroom} more",
                              needed=count, available=free + self.headroom)
         self._stock(count, wanted, make_room=True)
-        taken = list(islice(reversed(self._free), count)) if wanted is None else wanted.tolist()
+        if wanted is None:
+            taken = list(islice(reversed(self._free), count))
+        else:
+            placed = set(wanted.tolist())
+            spare = (h for h in reversed(self._free) if h not in placed)
+            taken = [h if h != ANY else next(spare) for h in wanted.tolist()]
         for h in taken:
             del self._free[h]
         return taken
@@ -98,7 +107,7 @@ class PagePool:
         if wanted is None:
             self._create(want)
         else:
-            spots = [h for h in wanted.tolist() if h not in self._free][:want]
+            spots = [h for h in wanted.tolist() if h != ANY and h not in self._free][:want]
             self._create(len(spots), spots)
             if len(spots) < want:
                 self._create(want - len(spots))
@@ -118,7 +127,14 @@ class PagePool:
 
     # --- helpers -----------------------------------------------------------------------------
     def _wanted(self, at) -> np.ndarray | None:
-        return None if at is None else self.backend.placement(at)
+        """The handles the backend places at ``at``; ``ANY`` for those in use elsewhere."""
+        wanted = None if at is None else self.backend.placement(at)
+        if wanted is not None:
+            busy = self.backend.is_live(wanted)
+            busy[busy] = [h not in self._free for h in wanted[busy].tolist()]
+            if busy.any():
+                wanted = np.where(busy, ANY, wanted)
+        return wanted
 
     def _stock(self, count: int, wanted: np.ndarray | None, make_room: bool) -> None:
         """Create what a request of ``count`` (``wanted`` handles, if placed) lacks, within the
@@ -141,16 +157,22 @@ class PagePool:
                     except OutOfPages as exc2:
                         raise self._refused(count) from exc2
             return
-        missing = [h for h in wanted.tolist() if h not in self._free]
+        placed = [h for h in wanted.tolist() if h != ANY]
+        loose = len(wanted) - len(placed)  # pages any free one will do for
+        missing = [h for h in placed if h not in self._free]
+        keep = set(placed)
+        spare = [h for h in self._free if h not in keep]
         if missing and make_room:  # move free pages that sit elsewhere rather than add pages
-            keep = set(wanted.tolist())
-            self._release([h for h in self._free if h not in keep][:len(missing)])
+            self._release(spare[loose:loose + len(missing)])
         make = missing[:max(0, self.headroom)]
-        if make:
-            try:
+        try:
+            if make:
                 self._create(len(make), make)
-            except OutOfPages as exc:
-                raise self._refused(count) from exc
+            short = min(loose - len(spare), self.headroom)
+            if short > 0:
+                self._create(short)
+        except OutOfPages as exc:
+            raise self._refused(count) from exc
 
     def _refused(self, needed: int) -> OutOfPages:
         return OutOfPages(f"need {needed} pages: the device refused to create more ({len(self._free)} free "

@@ -8,6 +8,7 @@ import errno
 import threading
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from books import check_cache
@@ -137,18 +138,105 @@ class Workload:
         self.cache.trim()
 
 
+class ForkWorkload(Workload):
+    """The Workload with prefix sharing (issue 14): a request forks another's prefix (whole pages
+    shared, the last one copied), both grow, the source finishes first and a new prompt takes its
+    slot over in place, another prompt forks a running request's prefix, then everything finishes
+    and is reclaimed. The model keeps, per slot, which tag each token range holds: ``inherited``
+    ranges below ``written``'s own. Sized for 16 tokens per page, 4 regions, 4 slots of 256
+    tokens and a budget of 64 pages."""
+
+    def __init__(self, cache, data: bool = True):
+        super().__init__(cache, data)
+        self.inherited: dict[int, list[tuple[int, int, int]]] = {}  # slot -> [(tag, start, stop)]
+        self.retained: dict[int, list[tuple[int, int, int]]] = {}  # finished slot -> what it held
+        self.own_from: dict[int, int] = {}  # slot -> first token it wrote itself
+
+    def content(self, slot: int, stop: int, live: bool = True) -> list[tuple[int, int, int]]:
+        """The (tag, start, stop) ranges of ``slot``'s tokens ``[0, stop)``."""
+        if not live:
+            return [(t, a, min(b, stop)) for t, a, b in self.retained[slot] if a < stop]
+        tag, done = self.written[slot]
+        out = [(t, a, min(b, stop)) for t, a, b in self.inherited[slot] if a < stop]
+        if self.own_from[slot] < min(done, stop):
+            out.append((tag, self.own_from[slot], min(done, stop)))
+        return out
+
+    def alloc(self, seq_len: int = 0, tokens=None, source: int | None = None) -> int:
+        slot = self.cache.alloc_slot(seq_len=seq_len, tokens=tokens)
+        cached = self.cache.cached_tokens(slot)
+        self.tags += 1
+        inherited = []
+        if cached:
+            inherited = self.content(source, cached, live=source in self.written and source != slot)
+        self.inherited[slot], self.own_from[slot] = inherited, cached
+        self.written[slot] = (self.tags, cached)
+        return slot
+
+    def fork(self, src: int, num_tokens: int) -> int:
+        slot = self.cache.fork(src, num_tokens)
+        self.tags += 1
+        self.inherited[slot], self.own_from[slot] = self.content(src, num_tokens), num_tokens
+        self.written[slot] = (self.tags, num_tokens)
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.retained[slot] = self.content(slot, self.written[slot][1])
+        super().free(slot)
+
+    def run(self) -> None:
+        c, P = self.cache, self.cache.page_size
+        prompt = np.arange(200) + 1000
+        c.reserve(8 * P)
+        a = self.alloc(tokens=prompt[:70])
+        self.grow({a: 70})
+        b = self.fork(a, 37)  # two pages shared in every region, the third copied
+        self.grow({a: 90, b: 60}, background=True)
+        self.free(a)  # b still maps a's first two pages
+        d = self.alloc(tokens=prompt[:100], source=a)  # a's slot, taken over in place: 64 cached
+        self.grow({d: 100, b: 100})  # the budget's last pages
+        e = self.alloc(tokens=prompt[:90], source=d)  # forks the running d's prefix
+        self.grow({e: 110})
+        self.free(b)
+        c.trim()
+        self.free(d)
+        self.grow({e: 256})  # reclaims d's own pages; those e shares stay
+
+    def check_data(self) -> None:
+        for slot in self.written:
+            if self.data and self.cache._slots.active[slot]:
+                for tag, lo, hi in self.content(slot, self.written[slot][1]):
+                    check(self.cache, slot, tag, hi, lo)
+
+    def finish(self) -> None:
+        self.check_data()
+        for s in list(self.written):
+            if self.cache._slots.active[s]:
+                self.free(s)
+        self.written.clear()
+        slot = self.alloc()
+        self.grow({slot: 90})
+        other = self.fork(slot, 50)
+        self.grow({other: 70})
+        self.check_data()
+        self.free(slot)
+        self.free(other)
+        self.cache.trim()
+
+
 def sweep(make_cache, install, *, error=None, persistent=False, fail=None, data=True,
-          reality=None, after_close=None, before_each=None) -> int:
+          reality=None, after_close=None, before_each=None, workload=Workload) -> int:
     """Run the Workload once per call index of a clean run, with a failure injected there by
     ``install(monkeypatch, cache, injector)``; after each: the books against reality
     (``check_cache``, and ``reality(cache)`` for what only the test knows, such as a stub
     driver's state), the data, the cache serving a new request, then ``close`` and
-    ``after_close(backend)``. Returns how many runs saw the failure."""
+    ``after_close(backend)``. ``workload``: a :class:`Workload` (sub)class. Returns how many runs
+    saw the failure."""
     def one(at: int) -> Injector:
         if before_each is not None:
             before_each(at)
         cache = make_cache()
-        work = Workload(cache, data)
+        work = workload(cache, data)
         injector = Injector(at, error, persistent and at > 0, fail)  # at 0: a clean run
         with pytest.MonkeyPatch.context() as mp:
             install(mp, cache, injector)

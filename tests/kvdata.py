@@ -22,10 +22,10 @@ def write(cache: KVCache, slot: int, tag: int, start: int, stop: int) -> None:
                                           cache.head_dim).to(t.dtype).to(t.device)
 
 
-def check(cache: KVCache, slot: int, tag: int, stop: int) -> None:
-    """Assert tokens [0, stop) of ``slot`` hold what ``write`` put there."""
+def check(cache: KVCache, slot: int, tag: int, stop: int, start: int = 0) -> None:
+    """Assert tokens [start, stop) of ``slot`` hold what ``write`` put there."""
     for layer in range(cache.num_layers):
         for kind, t in enumerate((cache.k[layer], cache.v[layer])):
-            got = t[slot, :stop].float().cpu()
-            want = pattern(tag, layer, kind, 0, stop, cache.num_kv_heads, cache.head_dim)
+            got = t[slot, start:stop].float().cpu()
+            want = pattern(tag, layer, kind, start, stop, cache.num_kv_heads, cache.head_dim)
             assert torch.equal(got, want), f"slot {slot} tag {tag} layer {layer} {'KV'[kind]} differs"
