@@ -2,7 +2,7 @@
 """Soak: a million random operations on host-backend KVCaches, each checked against a model.
 
 The same model as the property test (tests/test_fuzz.py, tests/cachemodel.py): requests arrive
-(best-fit slot, prefill step), decode (dict, tensor, ndarray and list input, foreground and
+(best-fit slot, or a prompt whose prefix the cache may reuse; prefill step), fork, decode (dict, tensor, ndarray and list input, foreground and
 ``step_async``; a request is preempted when the batch runs out of pages), finish, trim, reserve,
 under a budget that forces reclaim, with a failure injected at a random driver call of some
 operations (KeyboardInterrupt or ENOMEM). Every operation checks its outcome (a step the model says
@@ -43,11 +43,13 @@ def operate(model: CacheModel, rng: random.Random, faults: float) -> None:
         args = () if arg is None else (arg,)
         model.with_fault(rng.randrange(1, 6), rng.random() < 0.5, op, *args)
     elif roll < 0.12 or not active:
-        before = set(model.lengths)
         prompt = rng.randrange(1, MAX_LEN + 1)
-        model.alloc(prompt)
-        for slot in set(model.lengths) - before:
+        slot = model.alloc(prompt, rng.randrange(3) if rng.random() < 0.5 else None)  # a family: prefix reuse
+        if slot is not None:
             model.step({slot: prompt})
+    elif roll < 0.15:
+        src = rng.choice(active)
+        model.fork(src, rng.randrange(model.lengths[src] + 1))
     elif roll < 0.70:
         tokens = rng.choice((1, 1, 1, 2, 8, 24))
         form = rng.choice(("dict", "dict", "dict", "tensor", "ndarray", "list"))

@@ -8,6 +8,13 @@ early shows as lost data), whether a step must succeed (its growth against free 
 headroom and reclaimable pages). ``check()`` then compares everything with reality:
 the books against /proc/self/maps and the memfd (``books.check_cache``) and every written token.
 A fault can be injected at any driver call of any operation.
+
+Prefix sharing (issue 14): ``fork`` and ``alloc`` with a prompt from one of a few families (two
+prompts of a family share their leading tokens). The token pattern written at a position of a
+prompt depends only on the family, as a model's KV depends only on the tokens, so whatever
+prefix the cache reuses, and from whichever slot, the check sees the family's pattern there; a
+slot's ``plan`` says which tag each position holds (a fork inherits its source's plan below the
+fork point).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pyvattn import KVCache, OutOfPages, OutOfSlots
 from pyvattn._ffi import libc
 
 TOKENS_PER_PAGE = 16
+FAMILY_TAG = 10_000  # the tag of family f's prompt tokens is FAMILY_TAG + f
 
 
 MAX_LEN, SLOTS = 128, 4
@@ -36,28 +44,70 @@ def small_cache(deferred_reclaim: bool = True, budget_pages: int = 24) -> KVCach
                    backend="host", memory_budget=budget_pages * 4096, deferred_reclaim=deferred_reclaim)
 
 
+def prompt(family: int, length: int) -> np.ndarray:
+    """The first ``length`` tokens of prompt family ``family`` (families differ at token 0)."""
+    return np.arange(length, dtype=np.int64) * 7 + family * 100_000
+
+
 class CacheModel:
     def __init__(self, cache: KVCache):
         self.cache = cache
         self.lengths: dict[int, int] = {}  # active slot -> stepped length
         self.written: dict[int, tuple[int, int]] = {}  # active slot -> (tag, tokens written)
+        self.plans: dict[int, list[tuple[int, int, int]]] = {}  # active slot -> [(tag, lo, hi)]
         self.tags = 0
         self.counts: Counter[str] = Counter()  # what was exercised and checked
         self._faulty = False  # a fault is armed: a step's outcome can no longer be predicted
 
     # --- operations --------------------------------------------------------------------------
-    def alloc(self, hint: int) -> None:
+    def alloc(self, hint: int, family: int | None = None) -> int | None:
+        """A request arrives; with ``family``, its prompt is that family's first ``hint`` tokens
+        and the cache may reuse a prefix of it."""
         full = len(self.lengths) == self.cache.max_batch_size
+        tokens = None if family is None else prompt(family, hint)
         try:
-            slot = self.cache.alloc_slot(seq_len=hint)
+            slot = self.cache.alloc_slot(seq_len=hint, tokens=tokens)
         except OutOfSlots:
             assert full
             self.counts["OutOfSlots"] += 1
-            return
+            return None
         assert not full and slot not in self.lengths
         self.tags += 1
-        self.lengths[slot], self.written[slot] = 0, (self.tags, 0)
+        cached = self.cache.cached_tokens(slot)
+        plan = [(self.tags, 0, MAX_LEN)]
+        if tokens is not None:
+            tpp = self.cache.page_size // self.cache.token_bytes
+            assert cached % tpp == 0 and cached <= max(hint - 1, 0), "reused: whole pages, not the last token"
+            plan = [(FAMILY_TAG + family, 0, hint), (self.tags, hint, MAX_LEN)]
+            self.counts["prefix hit" if cached else "prefix miss"] += 1
+        else:
+            assert cached == 0
+        assert self.cache.seq_len(slot) == cached
+        self.lengths[slot], self.written[slot], self.plans[slot] = cached, (self.tags, cached), plan
         self.counts["alloc"] += 1
+        self.write_all()
+        return slot
+
+    def fork(self, src: int, num_tokens: int) -> None:
+        free = self.cache.max_batch_size - len(self.lengths)
+        num_tokens = min(num_tokens, self.lengths[src])
+        try:
+            slot = self.cache.fork(src, num_tokens)
+        except OutOfSlots:
+            assert not free
+            self.counts["OutOfSlots"] += 1
+            return
+        except OutOfPages:  # the copied last page: the model does not predict it
+            assert set(np.flatnonzero(self.cache._slots.active).tolist()) == set(self.lengths)
+            self.counts["fork OutOfPages"] += 1
+            return
+        assert free and slot not in self.lengths
+        assert self.cache.seq_len(slot) == num_tokens == self.cache.cached_tokens(slot)
+        self.tags += 1
+        plan = [(t, lo, min(hi, num_tokens)) for t, lo, hi in self.plans[src] if lo < num_tokens]
+        self.plans[slot] = plan + [(self.tags, num_tokens, MAX_LEN)]
+        self.lengths[slot], self.written[slot] = num_tokens, (self.tags, num_tokens)
+        self.counts["fork"] += 1
         self.write_all()
 
     def step(self, lens: dict[int, int], form: str = "dict", background: bool = False) -> bool:
@@ -98,12 +148,14 @@ class CacheModel:
         safe = self.cache.mapped_tokens(slot)
         assert safe >= self.lengths[slot]
         if safe > done:
-            write(self.cache, slot, tag, done, safe)
+            for t, lo, hi in self.plans[slot]:
+                if max(lo, done) < min(hi, safe):
+                    write(self.cache, slot, t, max(lo, done), min(hi, safe))
             self.written[slot] = (tag, safe)
             self.counts["tokens written"] += safe - done
 
     def free(self, slot: int) -> None:
-        del self.lengths[slot], self.written[slot]  # freed even if returning its pages fails
+        del self.lengths[slot], self.written[slot], self.plans[slot]  # freed even if returning its pages fails
         self.cache.free_slot(slot)
         self.counts["free"] += 1
 
@@ -151,17 +203,31 @@ class CacheModel:
         keep = {s: slabs.pages_for(n) for s, n in self.lengths.items()}
         for s, p in need.items():
             keep[s] = max(keep[s], p)
-        reclaimable = sum(max(0, int(slabs.held[s]) - keep.get(s, 0)) for s in range(c.max_batch_size))
-        return growth <= c.pool.free_pages + c.pool.headroom + reclaimable * c.num_regions
+        return growth <= c.pool.free_pages + c.pool.headroom + self._freeable(keep)
+
+    def _freeable(self, keep: dict[int, int]) -> int:
+        """Pages that reclaiming everything beyond ``keep`` frees: a page (shared or not) comes
+        free when every VA it is mapped at is given back (from the backend's books, all regions)."""
+        c, slabs = self.cache, self.cache._slabs
+        given = set()
+        for s in range(c.max_batch_size):
+            lo, hi = keep.get(s, 0), int(slabs.held[s])
+            if hi > lo:
+                given.update(slabs.vas(np.array([s]), np.array([lo]), np.array([hi])).tolist())
+        at: dict[int, list[int]] = {}
+        for va, h in c.backend.books()["mapped"].items():
+            at.setdefault(h, []).append(va)
+        return sum(all(va in given for va in vas) for vas in at.values())
 
     # --- the comparison with reality ------------------------------------------------------------
     def check(self) -> None:
         check_cache(self.cache)
         active = self.cache._slots.active
         assert set(np.flatnonzero(active).tolist()) == set(self.lengths)
-        for slot, (tag, n) in self.written.items():
+        for slot, (_, n) in self.written.items():
             assert self.cache.seq_len(slot) == self.lengths[slot]
-            if n:
-                check(self.cache, slot, tag, n)
-                self.counts["tokens checked"] += n
+            for t, lo, hi in self.plans[slot]:
+                if lo < min(hi, n):
+                    check(self.cache, slot, t, min(hi, n), lo)
+            self.counts["tokens checked"] += n
         self.counts["checks"] += 1

@@ -36,6 +36,20 @@ class CacheMachine(RuleBasedStateMachine):
         for slot in set(self.model.lengths) - before:
             self.model.step({slot: prompt})
 
+    @rule(prompt=st.integers(1, MAX_LEN), family=st.integers(0, 2))
+    def admit_prompt(self, prompt, family):
+        """A request whose prompt may share a prefix with earlier ones: the cache reuses it (a
+        finished request's slot in place, or a running request's pages), then the prefill step."""
+        slot = self.model.alloc(prompt, family)
+        if slot is not None:
+            self.model.step({slot: prompt})
+
+    @precondition(lambda self: self.model.lengths)
+    @rule(data=st.data(), share=st.floats(0, 1))
+    def fork(self, data, share):
+        src = data.draw(st.sampled_from(self._active()))
+        self.model.fork(src, int(share * self.model.lengths[src]))
+
     @precondition(lambda self: self.model.lengths)
     @rule(tokens=st.integers(1, 24), background=st.booleans())
     def decode(self, tokens, background):
