@@ -2,8 +2,9 @@
 """Soak: a million random operations on host-backend KVCaches, each checked against a model.
 
 The same model as the property test (tests/test_fuzz.py, tests/cachemodel.py): requests arrive
-(best-fit slot, or a prompt whose prefix the cache may reuse; prefill step), fork, decode (dict, tensor, ndarray and list input, foreground and
-``step_async``; a request is preempted when the batch runs out of pages), finish, trim, reserve,
+(best-fit slot, or a prompt whose prefix the cache may reuse; prefill step), fork, decode (dict,
+tensor, ndarray and list input, foreground and ``step_async``; a request is preempted when the
+batch runs out of pages), finish, trim, reserve,
 under a budget that forces reclaim, with a failure injected at a random driver call of some
 operations (KeyboardInterrupt or ENOMEM). Every operation checks its outcome (a step the model says
 fits must succeed and vice versa; seq_len, mapped_tokens); every ``--check-every`` operations the
