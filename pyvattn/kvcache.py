@@ -110,7 +110,8 @@ class KVCache:
     def alloc_slot(self, seq_len: int = 0, tokens=None) -> int:
         """Claim a free slot. Prefers a slot whose pages are still mapped from an earlier request:
         the smallest one that already covers ``seq_len`` tokens (best fit), else the one with the
-        most pages mapped. Raises ``OutOfSlots`` when all ``max_batch_size`` slots are in use.
+        most pages mapped; a slot holding a prefix that ``tokens`` can find is taken last, the
+        least recently used first. Raises ``OutOfSlots`` when all ``max_batch_size`` slots are in use.
 
         With ``tokens`` (the prompt's token ids), the longest prefix of it that another slot holds
         in whole pages is reused (see README, "Prefix sharing"): a finished request's slot that
@@ -132,10 +133,9 @@ class KVCache:
                 if slot is not None:
                     return slot
                 seq_len = max(int(seq_len), len(tokens))
-            held = self._slabs.held[free]
-            fits = free[held >= self._slabs.pages_for(seq_len)] if seq_len else free[:0]
-            slot = int(fits[np.argmin(self._slabs.held[fits])] if len(fits) else free[np.argmax(held)])
+            slot = self._pick_free(free, seq_len)
             self._claim(slot, 0, chain)
+            return slot
             return slot
 
     def fork(self, src_slot: int, num_tokens: int) -> int:
@@ -356,11 +356,27 @@ class KVCache:
         self._stats.prefix_hit(tokens)
         return slot
 
+    def _pick_free(self, free: np.ndarray, seq_len: int) -> int:
+        """The free slot for a request that reuses no prefix: best fit among those holding no
+        findable prefix (ties to the least recently used), else the least recently used."""
+        used = self._prefix.used[free]
+        retained = np.fromiter((self._held_blocks(s) > 0 for s in free.tolist()), bool, len(free)) \
+            if self._prefix.any() else np.zeros(len(free), bool)
+        if retained.all():
+            return int(free[np.argmin(used)])
+        free, used = free[~retained], used[~retained]
+        held = self._slabs.held[free]
+        fits = held >= self._slabs.pages_for(seq_len) if seq_len else np.zeros(len(free), bool)
+        order = np.lexsort((used[fits], held[fits])) if fits.any() else np.lexsort((used, -held))
+        return int((free[fits] if fits.any() else free)[order[0]])
+
     def _held_blocks(self, slot: int) -> int:
         """Blocks of ``slot``'s prompt chain that it holds written: a running request's up to its
         stepped length, a finished one's up to where it ended, and only while its pages stay."""
+        if not self._prefix.chain(slot):
+            return 0
         length = self._slots.lengths[slot] if self._slots.active[slot] else self._prefix.finished_len[slot]
-        return int(min(length // self._prefix.block, self._slabs.held[slot]))
+        return int(min(length // self._prefix.block, self._slabs.held[slot], len(self._prefix.chain(slot))))
 
     def _claim(self, slot: int, keep: int, chain: list[bytes], cached: int = 0) -> None:
         """Give ``slot`` to a new request that may write from page ``keep`` on: pages from there
@@ -424,7 +440,8 @@ class KVCache:
             short, budget_refused = count - exc.available, exc.available > self.pool.free_pages
         shared = self.backend.mapped_pages != self.backend.mapped_handles
         plan = Reclaim(self._slabs.held, self._slots.active, self.num_regions,
-                       self._slabs.page_table() if shared else None, self._prefix.used)
+                       self._slabs.page_table() if shared else None,
+                       self._prefix.used if self._prefix.any() else None)  # LRU among retained prefixes
         if budget_refused and short <= plan.reclaimable(keep):
             try:  # the budget allows part of it: the device must agree before anything is reclaimed
                 self.pool.stock(count, vas)

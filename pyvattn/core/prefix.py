@@ -49,6 +49,10 @@ class PrefixIndex:
         self.finished_len = np.zeros(slots, dtype=np.int64)  # tokens a finished request left written
         self._tick = 0
 
+    def any(self) -> bool:
+        """Whether any slot holds a prompt chain."""
+        return bool(self._by_first)
+
     def hashes(self, tokens) -> list[bytes]:
         return block_hashes(tokens, self.block) if self.block else []
 
