@@ -380,6 +380,44 @@ def test_stub_kvcache_workload_through_the_cuda_vmm_backend(stub, monkeypatch):
             stub.stub_ctx_refs()) == (0, 0, 0, 0)
 
 
+def test_stub_fork_maps_one_handle_at_two_addresses(stub, monkeypatch):
+    """Prefix sharing on cuda-vmm: a fork maps the source's handles (cuMemMap of the same handle
+    at a second VA) and copies only the partial last page; the stub driver counts one handle and
+    two mappings per shared page; data read back through both slots; everything released at close."""
+    from kvdata import check, write
+    from pyvattn import KVCache
+    from pyvattn.backends.cuda_vmm import CudaVmmBackend
+
+    monkeypatch.setattr(CudaVmmBackend, "tensor", lambda self, base, n: device_tensor(base, n, torch.device("cpu")))
+    # 8 x 4096 fp32 = 128 KiB per token: 16 tokens per 2 MiB page
+    cache = KVCache(1, 8, 4096, max_batch_size=2, max_seq_len=64, dtype=torch.float32, device="cuda",
+                    backend="cuda-vmm")
+    a = cache.alloc_slot()
+    cache.step({a: 40})
+    write(cache, a, 1, 0, 40)
+    in_use = lambda: cache.pool.total_pages - cache.pool.free_pages  # noqa: E731
+    before, maps = in_use(), stub.stub_live_mappings()
+    b = cache.fork(a, 37)  # two whole pages shared, the third copied
+    assert stub.stub_live_mappings() == maps + 3 * cache.num_regions
+    assert in_use() == before + cache.num_regions  # only the copied page is new memory
+    assert stub.stub_live_handles() == cache.pool.total_pages
+    assert cache.stats()["shared_pages"] == 2 * cache.num_regions
+    check(cache, b, 1, 37)
+    cache.step({b: 50, a: 48})
+    write(cache, b, 2, 37, 50)
+    write(cache, a, 1, 40, 48)
+    check(cache, a, 1, 48)
+    check(cache, b, 1, 37)
+    check(cache, b, 2, 50, 37)
+    cache.free_slot(a)
+    cache.trim()
+    check(cache, b, 1, 37)
+    assert stub.stub_live_handles() == stub.stub_live_mappings() == 4 * cache.num_regions
+    cache.close()
+    assert (stub.stub_live_handles(), stub.stub_live_mappings(), stub.stub_live_reservations(),
+            stub.stub_ctx_refs()) == (0, 0, 0, 0)
+
+
 # --- exception safety: a failure at every driver call of a KVCache workload --------------------
 CUDA_DRIVER_CALLS = ("cuMemCreate", "cuMemRelease", "cuMemMap", "cuMemUnmap", "cuMemSetAccess",
                      "cuCtxSynchronize", "cuMemAddressReserve", "cuMemAddressFree")
@@ -396,15 +434,17 @@ class _CountedDriver:
         return self._injector.wrap(name, fn) if name in CUDA_DRIVER_CALLS else fn
 
 
+@pytest.mark.parametrize("workload", ["plain", "fork"])
 @pytest.mark.parametrize("failure", ["KeyboardInterrupt", "driver status"])
 def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_library, tmp_path,
-                                                                          monkeypatch, failure):
+                                                                          monkeypatch, failure, workload):
     """tests/test_exception_safety.py's sweep on cuda-vmm: the workload (growth, step_async,
-    reclaim under a budget, reserve, trim, frees) with one driver call failing, at each index in
+    reclaim under a budget, reserve, trim, frees; with ``fork``, prefix sharing: one handle mapped
+    at two addresses, test_fork.py's workload) with one driver call failing, at each index in
     turn; after each: the books against the stub driver's own state, and everything released at
     close. A fresh stub each run (the stub never reuses its table entries)."""
     from cudastub import install
-    from faults import sweep
+    from faults import ForkWorkload, Workload, sweep
     from pyvattn import KVCache
     from pyvattn.backends.cuda_vmm import CudaVmmBackend
 
@@ -416,7 +456,7 @@ def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_
 
     def make():  # 8 x 4096 fp32 = 128 KiB per token: 16 tokens per 2 MiB page, as the workload wants
         return KVCache(2, 8, 4096, max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cuda",
-                       backend="cuda-vmm", memory_budget=48 * GRAN)
+                       backend="cuda-vmm", memory_budget=(64 if workload == "fork" else 48) * GRAN)
 
     def count_driver_calls(mp, cache, injector):
         mp.setattr(cuda, "_lib", _CountedDriver(cuda._lib, injector))
@@ -434,4 +474,5 @@ def test_stub_kvcache_books_equal_the_driver_after_a_failure_at_every_call(stub_
     fail = None if failure == "KeyboardInterrupt" else \
         (lambda name, fn, args: 2 if name in ("cuMemCreate", "cuMemMap", "cuMemSetAccess") else 999)
     assert sweep(make, count_driver_calls, error=KeyboardInterrupt(), fail=fail, data=False,
-                 reality=reality, after_close=closed, before_each=fresh) > 50
+                 reality=reality, after_close=closed, before_each=fresh,
+                 workload=ForkWorkload if workload == "fork" else Workload) > 50
