@@ -270,3 +270,84 @@ def test_every_driver_call_failing_from_some_point_on_in_the_fork_workload():
 def test_keyboard_interrupt_at_every_backend_and_pool_call_of_the_fork_workload():
     assert sweep(_fork_cache, _backend_and_pool, error=KeyboardInterrupt(), after_close=_host_closed,
                  workload=ForkWorkload) > 10
+
+
+def test_a_driver_cap_on_mappings_per_page_refuses_a_fork_and_prefix_reuse_falls_back():
+    """uvm64k's module maps one page at most ``maxMappingsPerPage`` (16) times; the host has no cap,
+    so one is set here. A fork past it is refused with nothing changed; prefix reuse recomputes."""
+    with _cache(CONFIGS[0].values[0]) as cache:
+        cache.backend.max_mappings = 2
+        prompt = np.arange(64)
+        a = cache.alloc_slot(tokens=prompt)
+        cache.step({a: 64})
+        cache.fork(a, 40)
+        with pytest.raises(ValueError, match="the most"):
+            cache.fork(a, 40)
+        assert cache._slots.active.sum() == 2
+        check_cache(cache)
+        c = cache.alloc_slot(tokens=prompt)
+        assert cache.cached_tokens(c) == 0 and cache.stats()["prefix_hits"] == 0
+        check_cache(cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible to torch")
+def test_cuda_graph_captured_before_a_fork_keeps_working_over_the_forked_slot():
+    """A decode step captured over slots 0 and 1; then slot 1's request finishes and slot 0 is
+    forked into it (the source's pages mapped under slot 1's addresses): replaying the graph gives
+    the reference answer over the shared prefix, with nothing re-captured."""
+    import math
+
+    from test_attention import _rand
+
+    hkv, hq, D = 8, 32, 128  # 2 KiB per token: 1024 tokens per 2 MiB page
+    if attention.backend_name("cuda", dtype=torch.float16, head_dim=D) == "sdpa":
+        pytest.skip("the SDPA path reads lengths on the host, which a CUDA graph cannot capture")
+    gen = torch.Generator().manual_seed(5)
+    with KVCache(1, hkv, D, max_batch_size=2, max_seq_len=4096, dtype=torch.float16, device="cuda",
+                 backend="cuda-vmm") as cache:
+        a, c = cache.alloc_slot(), cache.alloc_slot()
+        lens = [2100, 7]
+        cache.step({a: lens[0], c: lens[1]})
+        for s, n in zip((a, c), lens):
+            cache.k[0][s, :n] = _rand((n, hkv, D), torch.float16, "cuda", gen)
+            cache.v[0][s, :n] = _rand((n, hkv, D), torch.float16, "cuda", gen)
+        slot_t = torch.tensor([a, c], dtype=torch.int32, device="cuda")
+        pos = torch.tensor([n - 1 for n in lens], device="cuda")
+        seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        q = _rand((2, 1, hq, D), torch.float16, "cuda", gen)
+        kv_new = cache.k[0][slot_t.long(), pos].clone()
+
+        def forward():
+            cache.k[0][slot_t.long(), pos] = kv_new
+            cache.v[0][slot_t.long(), pos] = kv_new
+            return attention.decode(q, cache.k[0], cache.v[0], seqlens, slots=slot_t)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = forward()
+        torch.cuda.synchronize()
+
+        cache.free_slot(c)
+        b = cache.fork(a, 2050)  # two whole pages shared, the rest of the third copied
+        assert b == c and cache.stats()["shared_pages"] == 2 * cache.num_regions
+        prefix_k = cache.k[0][a, :2050].clone()
+        lens = [2100, 2050]
+        for _ in range(4):
+            lens = [n + 1 for n in lens]
+            cache.step(dict(zip((a, b), lens)))
+            kv_new.copy_(_rand((2, hkv, D), torch.float16, "cuda", gen))
+            q.copy_(_rand((2, 1, hq, D), torch.float16, "cuda", gen))
+            pos.copy_(torch.tensor([n - 1 for n in lens]))
+            seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            for i, (s, n) in enumerate(zip((a, b), lens)):
+                want = reference(q[i], cache.k[0][s, :n], cache.v[0][s, :n], 1 / math.sqrt(D), None)
+                assert_close(out[i], want, torch.float16)
+        assert torch.equal(cache.k[0][b, :2050], prefix_k) and torch.equal(cache.k[0][a, :2050], prefix_k)

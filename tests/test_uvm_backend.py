@@ -889,14 +889,16 @@ def test_stub_kvcache_workload_through_the_uvm64k_backend(stub, monkeypatch):
 
 
 # --- exception safety: a failure at every ioctl of a KVCache workload -----------------------------
+@pytest.mark.parametrize("workload", ["plain", "fork"])
 @pytest.mark.parametrize("failure", ["KeyboardInterrupt", "ENOMEM"])
-def test_stub_kvcache_books_equal_the_module_after_a_failure_at_every_ioctl(stub, monkeypatch, failure):
-    """tests/test_exception_safety.py's sweep on uvm64k: the workload with one ioctl failing, at
-    each index in turn; after each: the books against the stub module's own mappings (the handle
-    at every VA) and handles, and everything released at close."""
+def test_stub_kvcache_books_equal_the_module_after_a_failure_at_every_ioctl(stub, monkeypatch, failure, workload):
+    """tests/test_exception_safety.py's sweep on uvm64k: the workload (with ``fork``: prefix
+    sharing, one module handle mapped at two VAs, which the module's per-page PTE counts allow)
+    with one ioctl failing, at each index in turn; after each: the books against the stub module's
+    own mappings (the handle at every VA) and handles, and everything released at close."""
     import errno
 
-    from faults import sweep
+    from faults import ForkWorkload, Workload, sweep
     from pyvattn import KVCache
     from pyvattn._ffi import uvm
     from pyvattn._ffi.dlpack import device_tensor
@@ -906,7 +908,7 @@ def test_stub_kvcache_books_equal_the_module_after_a_failure_at_every_ioctl(stub
 
     def make():  # 1 x 1024 fp32 = 4 KiB per token: 16 tokens per 64 KiB page, as the workload wants
         return KVCache(2, 1, 1024, max_batch_size=4, max_seq_len=256, dtype=torch.float32, device="cuda",
-                       backend="uvm64k", memory_budget=48 * K64)
+                       backend="uvm64k", memory_budget=(64 if workload == "fork" else 48) * K64)
 
     def install(mp, cache, injector):
         mp.setattr(uvm, "_libc", types.SimpleNamespace(ioctl=injector.wrap("ioctl", uvm._libc.ioctl)))
@@ -926,7 +928,8 @@ def test_stub_kvcache_books_equal_the_module_after_a_failure_at_every_ioctl(stub
                 stub.stub_ctx_refs()) == (0, 0, 0, 0)
 
     assert sweep(make, install, error=KeyboardInterrupt(), fail=enomem if failure == "ENOMEM" else None,
-                 data=False, reality=reality, after_close=closed) > 20
+                 data=False, reality=reality, after_close=closed,
+                 workload=ForkWorkload if workload == "fork" else Workload) > 20
 
 
 # --- on a GPU with the patched module -------------------------------------------------------------
