@@ -48,6 +48,8 @@ class KVCache:
       pages the slot holds beyond them may be reclaimed by any step. (They are mapped and stay
       mapped, unaliased, whatever other slots do; pages beyond them are left by a longer request
       that used the slot before.)
+    * **prefix sharing** (``fork``, ``alloc_slot(tokens=...)``): tokens below ``cached_tokens(slot)``
+      may lie in pages mapped under other slots too; they are read-only (see ``fork``);
     * ``step`` either maps everything asked for or raises (``OutOfPages``, ``ValueError``) having
       changed nothing another request can observe, and the same holds when any call under it
       raises, ``KeyboardInterrupt`` included;
