@@ -91,10 +91,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", type=benchlib.csv_ints, default=[1000, 4000, 16000],
                     help="prefix lengths in tokens (8 KV heads x 128, fp16: 2 KiB per token per layer's K or V)")
     ap.add_argument("--repeat", type=benchlib.positive_int, default=5)
-    ap.add_argument("--page-size", default="auto")
+    ap.add_argument("--page-size", type=lambda v: v if v == "auto" else benchlib.size_arg(v), default="auto",
+                    help="auto, or a size (64KiB, 2MiB)")
     resultpath.add_output_arguments(ap, "bench_prefix")
     args = ap.parse_args(argv)
-    runs = [measure(args, n) for n in tqdm(args.prefix, desc="prefix lengths")]
+    try:
+        runs = [measure(args, n) for n in tqdm(args.prefix, desc="prefix lengths")]
+    except ValueError as exc:  # the cache names the argument (a page size the backend cannot map...)
+        ap.error(str(exc))
     rows = [(r["prefix_tokens"], *(f"{r['ms'][k]['p50']:.3f}" for k in ("fork", "hit", "copy")),
              *(f"{r['new_bytes'][k] / 2**20:.1f}" for k in ("fork", "hit", "copy"))) for r in runs]
     print(benchlib.table(["prefix tokens", "fork ms", "hit ms", "copy ms", "fork MiB new", "hit MiB new",

@@ -351,3 +351,25 @@ def test_cuda_graph_captured_before_a_fork_keeps_working_over_the_forked_slot():
                 want = reference(q[i], cache.k[0][s, :n], cache.v[0][s, :n], 1 / math.sqrt(D), None)
                 assert_close(out[i], want, torch.float16)
         assert torch.equal(cache.k[0][b, :2050], prefix_k) and torch.equal(cache.k[0][a, :2050], prefix_k)
+
+
+def test_bench_prefix_runs_small_and_refuses_bad_arguments_with_exit_2(tmp_path, capsys):
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        main = runpy.run_path(str(scripts / "bench_prefix.py"))["main"]
+    finally:
+        sys.path.remove(str(scripts))
+    out = tmp_path / "p.json"
+    assert main(["--layers", "1", "--prefix", "70", "--repeat", "1", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["new_bytes"]["hit"] == 0 and run["new_bytes"]["fork"] < run["new_bytes"]["copy"]
+    for argv in (["--prefix", "0"], ["--page-size", "big"], ["--page-size", "1000"], ["--repeat", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--out", str(out)])
+        assert exc.value.code == 2
