@@ -32,7 +32,9 @@ def test_one_page_at_two_addresses_is_one_memory_counted_once(backend):
     a, b = base + 2 * P, base + 9 * P
     (h,) = backend.create_pages(1)
     backend.map([a], [h])
-    backend.map([b], [h])
+    with pytest.raises(ValueError, match="already mapped"):
+        backend.map([b], [h])  # a second mapping must be asked for
+    backend.map([b], [h], share=True)
     assert backend.refs([h]).tolist() == [2]
     assert backend.mapped_pages == 2 and backend.mapped_handles == 1
     _bytes(backend, a)[:] = 7
@@ -53,7 +55,7 @@ def test_unmapping_every_mapping_in_one_batch_returns_the_page_once(backend):
     base = backend.reserve(16 * P)
     hs = backend.create_pages(3)
     backend.map([base, base + P, base + 2 * P], hs)
-    backend.map([base + 8 * P, base + 9 * P], hs[:2])  # a forked prefix of two pages
+    backend.map([base + 8 * P, base + 9 * P], hs[:2], share=True)  # a forked prefix of two pages
     assert sorted(backend.unmap([base + 8 * P, base, base + 9 * P, base + P])) == sorted(hs[:2])
     assert backend.refs(hs).tolist() == [0, 0, 1]
     check_host_backend(backend)
@@ -66,7 +68,7 @@ def test_map_still_refuses_a_handle_twice_in_one_batch_and_a_mapped_va(backend):
         backend.map([base, base + P], [h, h])
     backend.map([base], [h])
     with pytest.raises(ValueError, match="already mapped"):
-        backend.map([base], [h])
+        backend.map([base], [h], share=True)
     check_host_backend(backend)
 
 
@@ -74,10 +76,10 @@ def test_a_driver_cap_on_mappings_per_page_is_a_clear_error(backend):
     backend.max_mappings = 2
     base = backend.reserve(8 * P)
     (h,) = backend.create_pages(1)
-    backend.map([base, ], [h])
-    backend.map([base + P], [h])
+    backend.map([base], [h])
+    backend.map([base + P], [h], share=True)
     with pytest.raises(ValueError, match="at 2 VAs, the most"):
-        backend.map([base + 2 * P], [h])
+        backend.map([base + 2 * P], [h], share=True)
     assert backend.refs([h]).tolist() == [2]
 
 
@@ -85,7 +87,7 @@ def test_close_gives_back_shared_pages(backend):
     base = backend.reserve(8 * P)
     hs = backend.create_pages(2)
     backend.map([base, base + P], hs)
-    backend.map([base + 4 * P, base + 5 * P], hs)
+    backend.map([base + 4 * P, base + 5 * P], hs, share=True)
     backend.close()
     assert backend._fd == -1 and not backend._tables
 
@@ -105,12 +107,12 @@ def test_shared_mappings_at_every_driver_call(monkeypatch, op):
             for i, va in enumerate(src):
                 _bytes(b, va)[:] = i + 1
             if op == "unmap":
-                b.map(dst, hs)
+                b.map(dst, hs, share=True)
             injector = Injector(at, fail=libc_fails_like_the_os if at % 2 else None)
             with monkeypatch.context() as mp:
                 injector.install(mp, libc, HOST_DRIVER_CALLS)
                 try:
-                    b.map(dst, hs) if op == "map" else b.unmap(dst[1:3])
+                    b.map(dst, hs, share=True) if op == "map" else b.unmap(dst[1:3])
                 except EXPECTED:
                     pass
             check_host_backend(b)

@@ -179,10 +179,10 @@ class Backend(abc.ABC):
     * ``map`` returns once the mapping is live for the device (populated, on the host); ``unmap``
       returns once no work issued before it can still touch the pages.
     * Mappings are reference-counted: a live handle may be mapped at several VAs at once (prefix
-      sharing: the same physical page under two requests' slabs), up to ``max_mappings`` (None: no
-      limit) on backends whose driver caps it. ``refs(handles)`` says how many; only a handle
-      mapped nowhere may be released, and ``unmap`` returns, in ``last_unmapped``, the handles
-      whose last mapping it removed (the ones a pool may take back).
+      sharing: the same physical page under two requests' slabs, asked for with ``share=True``),
+      up to ``max_mappings`` (None: no limit) on backends whose driver caps it. ``refs(handles)``
+      says how many; only a handle mapped nowhere may be released, and ``unmap`` returns the
+      handles whose last mapping it removed (the ones a pool may take back).
     * ``close`` releases everything; reservations still viewed by a tensor stay reserved and
       sealed until their last view dies (see the module docstring).
     """
@@ -389,8 +389,10 @@ class Backend(abc.ABC):
             self._release_all(handles)
 
     # --- mapping -----------------------------------------------------------------------------
-    def map(self, vas: Sequence[int], handles: Sequence[int]) -> None:
-        """Map ``handles[i]`` at ``vas[i]`` for every i, in as few driver calls as possible."""
+    def map(self, vas: Sequence[int], handles: Sequence[int], *, share: bool = False) -> None:
+        """Map ``handles[i]`` at ``vas[i]`` for every i, in as few driver calls as possible. A
+        handle already mapped elsewhere is refused unless ``share`` (a second mapping of the same
+        page is then what the caller means: prefix sharing)."""
         self._check_open()
         vas, handles = _int64(vas, "vas"), _int64(handles, "handles")
         if len(vas) != len(handles):
@@ -406,8 +408,9 @@ class Backend(abc.ABC):
         wanted = set(handles.tolist())
         if len(wanted) != len(handles) or not self._live.issuperset(wanted):
             raise ValueError("handles: some are not live, distinct pages of this backend")
-        if self.max_mappings is not None and not wanted.isdisjoint(self._where) \
-                and (self.refs(handles) >= self.max_mappings).any():
+        if not share and not wanted.isdisjoint(self._where):
+            raise ValueError("handles: some are already mapped (share=True maps a page at a second VA)")
+        if share and self.max_mappings is not None and (self.refs(handles) >= self.max_mappings).any():
             raise ValueError(f"handles: some are already mapped at {self.max_mappings} VAs, the most the "
                              f"{self.name} driver allows for one page")
         undo = Undo()

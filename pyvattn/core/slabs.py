@@ -81,7 +81,7 @@ class Slabs:
         handles = self.backend.handles_at(self.vas(np.array([src]), lo, hi))
         vas = self.vas(one, lo, hi)
         self.extent[dst] = pages
-        self.backend.map(vas, handles)  # all or nothing: on error ``settle`` finds nothing to undo
+        self.backend.map(vas, handles, share=True)  # all or nothing: on error ``settle`` finds nothing
         self._set_held(one, hi)
         return len(vas)
 
