@@ -25,6 +25,7 @@ from .core.layout import Layout
 from .core.mapper import BackgroundMapper
 from .core.prefix import PrefixIndex
 from .core.reclaim import Reclaim
+from .core.sharing import PrefixSharing
 from .core.slabs import Slabs
 from .core.slots import SlotTable
 from .core.stats import CacheStats
@@ -99,6 +100,8 @@ class KVCache:
             self._stats = CacheStats()
             whole = self.page_size % self.token_bytes == 0
             self._prefix = PrefixIndex(self.max_batch_size, self.page_size // self.token_bytes if whole else 0)
+            self._sharing = PrefixSharing(self._slots, self._slabs, self._prefix, self._stats, self._grow,
+                                          self._reclaim)
             self._mapper = BackgroundMapper()
             views = [layout.region_view(self.buffer, r) for r in range(self.num_regions)]
         except BaseException as exc:
@@ -125,18 +128,18 @@ class KVCache:
             if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) \
                     or not 0 <= seq_len <= self.max_seq_len:
                 raise ValueError(f"seq_len={seq_len!r} must lie in [0, max_seq_len={self.max_seq_len}]")
-            chain, usable = self._prompt_chain(tokens)
+            chain, usable = self._sharing.chain(tokens)
             free = np.flatnonzero(~self._slots.active)
             if not len(free):
                 raise OutOfSlots(f"all {self.max_batch_size} slots are in use (max_batch_size)")
             if tokens is not None:
                 self._stats.prefix_queries += 1
-                slot = self._reuse_prefix(chain, usable)
+                slot = self._sharing.reuse(chain, usable)
                 if slot is not None:
                     return slot
                 seq_len = max(int(seq_len), len(tokens))
-            slot = self._pick_free(free, seq_len)
-            self._claim(slot, 0, chain)
+            slot = self._sharing.pick_free(free, seq_len)
+            self._sharing.claim(slot, 0, chain)
             return slot
             return slot
 
@@ -163,7 +166,7 @@ class KVCache:
             if not (~self._slots.active).any():
                 raise OutOfSlots(f"all {self.max_batch_size} slots are in use (max_batch_size)")
             chain = self._prefix.chain(src)[:int(num_tokens) // self._prefix.block] if self._prefix.block else []
-            return self._fork(src, int(num_tokens), chain)
+            return self._sharing.fork(src, int(num_tokens), chain)
 
     def cached_tokens(self, slot: int) -> int:
         """Prompt tokens that were already present when ``slot`` was claimed (a reused prefix, or a
@@ -323,100 +326,6 @@ class KVCache:
                                else "this KVCache is closed")
         if not self._mapper.idle:
             self._mapper.wait()
-
-    def _prompt_chain(self, tokens) -> tuple[list[bytes], int]:
-        """The block-hash chain of ``tokens`` (checked), and how many of its blocks may be reused:
-        the last token is always left to compute (its logits start decoding)."""
-        if tokens is None:
-            return [], 0
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach().cpu().numpy()
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ValueError(f"tokens: must be a 1-D sequence of integer token ids, got shape {arr.shape} "
-                             f"dtype {arr.dtype}")
-        if len(arr) > self.max_seq_len:
-            raise ValueError(f"tokens: {len(arr)} tokens exceed max_seq_len={self.max_seq_len}")
-        chain = self._prefix.hashes(arr)
-        return chain, (max(len(arr) - 1, 0) // self._prefix.block if self._prefix.block else 0)
-
-    def _reuse_prefix(self, chain: list[bytes], usable: int) -> int | None:
-        """Claim a slot for a prompt with the longest cached prefix of ``chain[:usable]``: take a
-        finished request's slot over in place, or fork a running one. None if nothing matches."""
-        match = self._prefix.longest(chain[:usable], self._held_blocks)
-        if match is None:
-            return None
-        tokens = match.blocks * self._prefix.block
-        if not self._slots.active[match.slot]:
-            slot = match.slot
-            self._claim(slot, match.blocks, chain, tokens)
-        else:
-            if self.backend.max_mappings is not None and (self.backend.refs(self._slabs.page_table()[
-                    match.slot, :match.blocks]) >= self.backend.max_mappings).any():
-                return None  # the driver maps one page at only so many addresses
-            slot = self._fork(match.slot, tokens, chain)
-        self._stats.prefix_hit(tokens)
-        return slot
-
-    def _pick_free(self, free: np.ndarray, seq_len: int) -> int:
-        """The free slot for a request that reuses no prefix: best fit among those holding no
-        findable prefix (ties to the least recently used), else the least recently used."""
-        used = self._prefix.used[free]
-        retained = np.fromiter((self._held_blocks(s) > 0 for s in free.tolist()), bool, len(free)) \
-            if self._prefix.any() else np.zeros(len(free), bool)
-        if retained.all():
-            return int(free[np.argmin(used)])
-        free, used = free[~retained], used[~retained]
-        held = self._slabs.held[free]
-        fits = held >= self._slabs.pages_for(seq_len) if seq_len else np.zeros(len(free), bool)
-        order = np.lexsort((used[fits], held[fits])) if fits.any() else np.lexsort((used, -held))
-        return int((free[fits] if fits.any() else free)[order[0]])
-
-    def _held_blocks(self, slot: int) -> int:
-        """Blocks of ``slot``'s prompt chain that it holds written: a running request's up to its
-        stepped length, a finished one's up to where it ended, and only while its pages stay."""
-        if not self._prefix.chain(slot):
-            return 0
-        length = self._slots.lengths[slot] if self._slots.active[slot] else self._prefix.finished_len[slot]
-        return int(min(length // self._prefix.block, self._slabs.held[slot], len(self._prefix.chain(slot))))
-
-    def _claim(self, slot: int, keep: int, chain: list[bytes], cached: int = 0) -> None:
-        """Give ``slot`` to a new request that may write from page ``keep`` on: pages from there
-        that another slot maps too are taken away first (they are read-only), then the slot is
-        marked in use, stepped to ``cached`` tokens (present, so never reclaimed)."""
-        if self._slabs.shared(np.array([slot]))[0] > keep:
-            self._stats.unmapped(self._slabs.settle())
-            self._reclaim([(slot, int(self._slabs.extent[slot]) - keep)])
-        self._slots.claim(slot)
-        self._slots.record(np.array([slot]), np.array([cached]))
-        self._prefix.assign(slot, chain, cached)
-
-    def _fork(self, src: int, num_tokens: int, chain: list[bytes]) -> int:
-        """``fork`` (checked): a fresh slab for the new slot, ``src``'s whole pages mapped under
-        it, the rest of the last page mapped and copied; all or nothing."""
-        free = np.flatnonzero(~self._slots.active)
-        dst = int(free[np.lexsort((self._prefix.used[free], self._slabs.held[free]))[0]])
-        whole = num_tokens * self.token_bytes // self.page_size
-        self._claim(dst, 0, chain, 0)
-        try:
-            self._stats.unmapped(self._slabs.settle())
-            self._reclaim([(dst, int(self._slabs.extent[dst]))])  # a fresh slab: its old pages go
-            self._stats.shared(self._slabs.share(dst, src, whole))
-            one = np.array([dst])
-            self._grow(one, np.array([num_tokens]))
-            self._slabs.copy(dst, src, whole * self.page_size, num_tokens * self.token_bytes)
-            self._slots.record(one, np.array([num_tokens]))
-            self._prefix.cached[dst] = num_tokens
-        except BaseException as exc:
-            raise undo_one(exc, self._drop, dst)
-        self._stats.forks += 1
-        return dst
-
-    def _drop(self, slot: int) -> None:
-        """Take back a slot claimed by a call that failed: free, and holding nothing."""
-        self._prefix.forget(slot)
-        self._slots.release(slot)
-        self._reclaim([(slot, int(self._slabs.extent[slot]))])
 
     def _grow_and_record(self, slots: np.ndarray, lens: np.ndarray) -> None:
         self._grow(slots, lens)

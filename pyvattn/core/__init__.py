@@ -6,6 +6,8 @@
 * ``slabs``: :class:`Slabs`, how many pages each slot holds in every region, grown and shrunk
   through the backend (whose books are the truth);
 * ``reclaim``: :class:`Reclaim`, the pure plan of which mapped pages to give back;
+* ``prefix``: :class:`PrefixIndex`, each slot's prompt as a block-hash chain, and last-use ticks;
+* ``sharing``: :class:`PrefixSharing`, forks and prefix reuse (which slot, what it inherits);
 * ``stats``: :class:`CacheStats`, activity counters and the ``stats()`` report;
 * ``mapper``: :class:`BackgroundMapper`, ``step_async``'s one worker thread.
 """
