@@ -129,7 +129,7 @@ class PagePool:
     def _wanted(self, at) -> np.ndarray | None:
         """The handles the backend places at ``at``; ``ANY`` for those in use elsewhere."""
         wanted = None if at is None else self.backend.placement(at)
-        if wanted is not None:
+        if wanted is not None and self.backend.has_shared:  # else a placed page is free or not live
             busy = self.backend.is_live(wanted)
             busy[busy] = [h not in self._free for h in wanted[busy].tolist()]
             if busy.any():

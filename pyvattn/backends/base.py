@@ -205,6 +205,7 @@ class Backend(abc.ABC):
         self._also: dict[int, list[int]] = {}  # shared handle -> the VAs it is mapped at besides
         self._orphans: set[int] = set()  # live handles a failed rollback left behind (freed at close)
         self._watches: dict[int, list[Watch]] = {}  # reservation base -> its tensors' lifetimes
+        self.has_shared = False  # a page was once mapped at a second VA (placement may name a busy page)
         self._sealed: dict[int, tuple[int, list[Watch]]] = {}  # given back while viewed: base -> (nbytes, watches)
         self._closed = False
         self._shut = False
@@ -413,6 +414,7 @@ class Backend(abc.ABC):
         if share and self.max_mappings is not None and (self.refs(handles) >= self.max_mappings).any():
             raise ValueError(f"handles: some are already mapped at {self.max_mappings} VAs, the most the "
                              f"{self.name} driver allows for one page")
+        self.has_shared |= share
         undo = Undo()
         try:
             self._map(batch, undo)
