@@ -29,6 +29,7 @@ _LAZY = {
     "KVCache": (".kvcache", "KVCache"),
     "VirtualBuffer": (".buffer", "VirtualBuffer"),
     "PagePool": (".pool", "PagePool"),
+    "MemoryBudget": (".budget", "MemoryBudget"),
     "backend_names": (".backends", "backend_names"),
     "select_backend": (".backends", "select"),
 }
@@ -52,7 +53,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "KVCache", "VirtualBuffer", "PagePool", "backend_names", "select_backend", "info",
+    "KVCache", "VirtualBuffer", "PagePool", "MemoryBudget", "backend_names", "select_backend", "info",
     "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
     "CudaError", "UvmError",
 ]
