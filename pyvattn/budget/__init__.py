@@ -17,5 +17,6 @@ creates physical pages, releases it when it frees them::
 
 from .account import UNLIMITED, AccountRow, Budget, BudgetAccount
 from .memory import MemoryBudget
+from .shared import SharedBudget
 
-__all__ = ["UNLIMITED", "AccountRow", "Budget", "BudgetAccount", "MemoryBudget"]
+__all__ = ["UNLIMITED", "AccountRow", "Budget", "BudgetAccount", "MemoryBudget", "SharedBudget"]
