@@ -10,9 +10,14 @@ from ..errors import BudgetLimitConflict, LedgerFull
 from .account import UNLIMITED, AccountRow, Budget, BudgetAccount, checked_limit
 from .ledger import LABEL_BYTES, NO_LIMIT, SLOTS, Ledger, pid_namespace, start_time
 
-LEDGER_DIR = Path("/dev/shm")
 PREFIX = "pyvattn-"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def ledger_dir() -> Path:
+    """Where ledgers live: ``$PYVATTN_BUDGET_DIR``, else ``/dev/shm`` (shared memory, so a ledger
+    costs no disk). Processes share a budget only if they see the same directory."""
+    return Path(os.environ.get("PYVATTN_BUDGET_DIR") or "/dev/shm")
 
 
 def ledger_path(name: str) -> Path:
@@ -20,17 +25,19 @@ def ledger_path(name: str) -> Path:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"name={name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
                          f"letter or digit")
-    return LEDGER_DIR / f"{PREFIX}{name}"
+    return ledger_dir() / f"{PREFIX}{name}"
 
 
 def ledger_names() -> list[str]:
     """Names of the ledgers on this machine."""
-    return sorted(p.name[len(PREFIX):] for p in LEDGER_DIR.glob(f"{PREFIX}*") if _NAME.fullmatch(p.name[len(PREFIX):]))
+    names = (p.name[len(PREFIX):] for p in ledger_dir().glob(f"{PREFIX}*"))
+    return sorted(name for name in names if _NAME.fullmatch(name))
 
 
 class SharedBudget(Budget):
     """A limit that the caches of several processes grow within together, kept in a small ledger
-    in shared memory (``/dev/shm/pyvattn-<name>``) that every process maps.
+    in shared memory (``/dev/shm/pyvattn-<name>``; ``$PYVATTN_BUDGET_DIR`` instead of ``/dev/shm``
+    if set) that every process maps.
 
     Opening: the first process creates the ledger with ``limit`` (``None``: unlimited). Later
     processes attach; ``limit=None`` or the ledger's own limit attaches, any other limit raises
