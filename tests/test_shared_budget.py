@@ -4,10 +4,13 @@ files that are not what they should be."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -169,6 +172,24 @@ def test_opening_reaps_the_dead(ledger_name):
     child.join(60)
     with SharedBudget(ledger_name) as budget:
         assert budget.used() == 0 and budget.rows() == []
+
+
+def test_a_process_that_exits_without_closing_gives_its_share_back_at_once(ledger_name):
+    with SharedBudget(ledger_name, 10 * UNIT) as budget:
+        code = f"from pyvattn import SharedBudget\nassert SharedBudget({ledger_name!r}).open_account('x').try_charge(7)"
+        assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+        assert budget.rows() == [] and budget.used() == 0  # rows() and used() do not reap: it gave back
+
+
+def test_a_budget_dropped_unclosed_gives_its_share_back(ledger_name):
+    with SharedBudget(ledger_name) as observer:
+        kept = SharedBudget(ledger_name).open_account("kept")
+        dropped = SharedBudget(ledger_name).open_account("dropped")
+        assert kept.try_charge(5) and dropped.try_charge(7) and observer.used() == 12
+        del dropped
+        gc.collect()
+        assert [(r.label, r.charged) for r in observer.rows()] == [("kept", 5)]
+        kept.close()
 
 
 def test_a_limit_changed_while_processes_charge_holds_at_once(ledger_name):

@@ -157,7 +157,10 @@ class Ledger:
         """Unmap and close (idempotent); the file stays for the other processes."""
         self.header = self.slots = None
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # a view of it still lives (a traceback's frame): unmapped when it dies
+                pass
             self._map = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from pathlib import Path
 
 from ..errors import BudgetLimitConflict, LedgerFull
@@ -62,6 +63,7 @@ class SharedBudget(Budget):
         limit = checked_limit(limit)
         self.name = name
         self._accounts: list[BudgetAccount] = []
+        self._keys: set[tuple[int, int]] = set()  # (slot, pid) of the accounts open through this object
         self._me = self._identity()
         self._ledger = Ledger(path, create=create, limit=limit)
         try:
@@ -75,6 +77,8 @@ class SharedBudget(Budget):
         except BaseException:
             self._ledger.close()
             raise
+        # At exit, or when dropped unclosed, the slots go back at once rather than when reaped.
+        self._finalizer = weakref.finalize(self, _give_back, self._ledger, self._keys)
 
     @property
     def path(self) -> Path:
@@ -156,6 +160,7 @@ class SharedBudget(Budget):
                 raise LedgerFull(f"budget {self.name!r}: all {SLOTS} accounts are held by live processes")
             index = int(free.argmax())
             slots[index] = (pid, started, ns, 0, 0, 0, label.encode()[:LABEL_BYTES])
+            self._keys.add((index, pid))
         return index, pid
 
     def _slot(self, key: tuple[int, int]):
@@ -205,16 +210,15 @@ class SharedBudget(Budget):
             return  # a forked child's copy of its parent's account, or the ledger already closed
         with self._ledger.locked():
             self._ledger.slots[key[0]] = 0
+            self._keys.discard(key)
 
     def close(self) -> None:
         """Close this process's accounts of this budget (giving their shares back) and unmap the
         ledger; idempotent. The ledger stays for the other processes."""
-        if self._ledger.closed:
-            return
         for account in self._accounts:
             account.close()
         self._accounts.clear()
-        self._ledger.close()
+        self._finalizer()
 
     def __enter__(self) -> SharedBudget:
         return self
@@ -224,3 +228,16 @@ class SharedBudget(Budget):
 
     def __repr__(self) -> str:
         return f"SharedBudget({self.name!r}, limit={None if self._ledger.closed else self.limit!r})"
+
+
+def _give_back(ledger: Ledger, keys: set[tuple[int, int]]) -> None:
+    """Free the slots in ``keys`` that this process opened, then unmap the ledger."""
+    mine = [index for index, pid in keys if pid == os.getpid()]
+    try:
+        if mine and not ledger.closed:
+            with ledger.locked():
+                for index in mine:
+                    ledger.slots[index] = 0
+        keys.clear()
+    finally:
+        ledger.close()
