@@ -204,18 +204,20 @@ def test_the_table_full_is_a_typed_error_and_a_closed_slot_is_reused(ledger_name
         assert len(budget.rows()) == SLOTS
 
 
-def _plant_dead_slots(budget: SharedBudget, count: int, nbytes: int) -> None:
-    """Slots of processes that are gone: this pid with another start time (a reused pid)."""
+def _plant_dead_slots(budget: SharedBudget, count: int, nbytes: int, *, pid: int | None = None) -> None:
+    """Slots of processes that are gone: ``pid`` with another start time (a reused pid), or by
+    default pids past the kernel's largest (2**22), each its own."""
     with budget._ledger.locked():
         slots = budget._ledger.slots
         for i in range(count):
             j = int((slots["pid"] == 0).argmax())
-            slots[j] = (os.getpid(), 1 + i, ledger.pid_namespace(), nbytes, 0, 0, f"dead{i}".encode())
+            slots[j] = ((1 << 22) + 1 + i if pid is None else pid, 1 + i, ledger.pid_namespace(), nbytes, 0, 0,
+                        f"dead{i}".encode())
 
 
 def test_a_reused_pid_does_not_keep_a_dead_share(ledger_name):
     with SharedBudget(ledger_name, 1000) as budget:
-        _plant_dead_slots(budget, 2, 400)
+        _plant_dead_slots(budget, 2, 400, pid=os.getpid())
         account = budget.open_account("alive")
         assert budget.used() == 800
         assert [r.alive for r in budget.rows()] == [False, False, True]
@@ -223,7 +225,7 @@ def test_a_reused_pid_does_not_keep_a_dead_share(ledger_name):
         assert [r.label for r in budget.rows()] == ["alive"] and budget.used() == 900
 
 
-@pytest.mark.parametrize("at", range(1, 5))
+@pytest.mark.parametrize("at", range(1, 4))
 def test_an_exception_at_any_step_of_a_reaping_charge_leaves_the_books_true(ledger_name, monkeypatch, at):
     """KeyboardInterrupt at the n-th liveness check while a charge reaps: the charge does not
     happen, the lock is free again, and the next charge reaps and succeeds."""
