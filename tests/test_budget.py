@@ -242,3 +242,38 @@ def test_an_exception_at_any_step_of_a_reaping_charge_leaves_the_books_true(ledg
         rows = {r.label: r.charged for r in budget.rows()}
         assert rows["alive"] == 100 and budget.used() == sum(rows.values())
         assert account.try_charge(500) and budget.used() == 600
+
+
+def _locks_are_free(name: str) -> bool:
+    """Another open of the ledger (its own flock) and this process's threads can lock it now."""
+    result = []
+    probe = threading.Thread(target=lambda: result.append(SharedBudget(name).used()), daemon=True)
+    probe.start()
+    probe.join(10)
+    return bool(result)
+
+
+@pytest.mark.parametrize("at", range(1, 13))
+def test_an_exception_at_any_lock_call_leaves_no_lock_held_and_the_books_true(ledger_name, monkeypatch, at):
+    """KeyboardInterrupt at the n-th flock call of an account's life: whichever call it hits,
+    no lock stays held (another open of the ledger gets it at once), every slot's charge is what
+    its account holds, and closing gives it all back."""
+    import fcntl
+
+    budget = SharedBudget(ledger_name, 1000)
+    injector = Injector(at)
+    injector.install(monkeypatch, fcntl, ["flock"])
+    accounts = []
+    with pytest.raises(KeyboardInterrupt):
+        accounts.append(budget.open_account("a"))
+        accounts[0].try_charge(300)
+        accounts[0].release(100)
+        accounts[0].headroom()
+        accounts[0].close()
+        budget.open_account("b").try_charge(5)
+    monkeypatch.undo()
+    assert injector.fired == 1
+    assert _locks_are_free(ledger_name)
+    assert budget.used() == sum(r.charged for r in budget.rows()) <= 1000
+    budget.close()
+    assert SharedBudget(ledger_name).used() == 0 and SharedBudget(ledger_name).rows() == []

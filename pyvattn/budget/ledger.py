@@ -136,14 +136,22 @@ class Ledger:
         self._thread_lock.acquire()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
+        except BaseException:  # Ctrl-C may land after the kernel granted it: never keep it
+            self._unlock()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        """Drop the flock, then the thread lock. An exception (Ctrl-C) at the unlock would leave
+        every other process locked out until this one exits: unlock once more, then raise it."""
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except BaseException:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            raise
         finally:
             self._thread_lock.release()
 
