@@ -10,6 +10,9 @@ import threading
 import uuid
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from faults import Injector
 from pyvattn import LedgerFull, MemoryBudget, SharedBudget
@@ -277,3 +280,76 @@ def test_an_exception_at_any_lock_call_leaves_no_lock_held_and_the_books_true(le
     assert budget.used() == sum(r.charged for r in budget.rows()) <= 1000
     budget.close()
     assert SharedBudget(ledger_name).used() == 0 and SharedBudget(ledger_name).rows() == []
+
+
+class BudgetModel(RuleBasedStateMachine):
+    """Random sequences of the budget's calls against a model of what each account holds: every
+    answer (a charge taken or refused, a release refused, headroom, used, rows) as the model says."""
+
+    kind = "memory"
+    accounts = Bundle("accounts")
+
+    def __init__(self):
+        super().__init__()
+        self.name = f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.limit = 64
+        self.budget = MemoryBudget(self.limit) if self.kind == "memory" else SharedBudget(self.name, self.limit)
+        self.held: dict[int, int] = {}  # id(account) -> bytes, open accounts only
+
+    def teardown(self):
+        if isinstance(self.budget, SharedBudget):
+            self.budget.close()
+            SharedBudget.remove(self.name)
+
+    @rule(target=accounts, label=st.sampled_from(["a", "b", "c"]))
+    def open(self, label):
+        account = self.budget.open_account(label)
+        self.held[id(account)] = 0
+        return account
+
+    @rule(account=accounts, nbytes=st.integers(0, 40))
+    def charge(self, account, nbytes):
+        if id(account) not in self.held:
+            with pytest.raises(ValueError, match="is closed"):
+                account.try_charge(nbytes)
+            return
+        fits = self.limit is None or sum(self.held.values()) + nbytes <= self.limit or nbytes == 0
+        assert account.try_charge(nbytes) == fits
+        self.held[id(account)] += nbytes * fits
+
+    @rule(account=accounts, nbytes=st.integers(0, 40))
+    def release(self, account, nbytes):
+        if id(account) in self.held and nbytes > self.held[id(account)]:
+            with pytest.raises(ValueError, match="more than account"):
+                account.release(nbytes)
+        else:
+            account.release(nbytes)  # a closed account: nothing happens
+            if id(account) in self.held:
+                self.held[id(account)] -= nbytes
+
+    @rule(account=accounts)
+    def close(self, account):
+        account.close()
+        self.held.pop(id(account), None)
+
+    @rule(limit=st.one_of(st.none(), st.integers(0, 100)))
+    def set_limit(self, limit):
+        self.budget.set_limit(limit)
+        self.limit = limit
+
+    @invariant()
+    def books_equal_the_model(self):
+        used = sum(self.held.values())
+        assert self.budget.used() == used
+        assert self.budget.headroom() == (UNLIMITED if self.limit is None else max(0, self.limit - used))
+        assert sorted(r.charged for r in self.budget.rows()) == sorted(self.held.values())
+
+
+class SharedBudgetModel(BudgetModel):
+    kind = "shared"
+
+
+TestMemoryBudgetModel = BudgetModel.TestCase
+TestSharedBudgetModel = SharedBudgetModel.TestCase
+for _case in (TestMemoryBudgetModel, TestSharedBudgetModel):
+    _case.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
