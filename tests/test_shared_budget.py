@@ -264,6 +264,19 @@ def test_the_limit_rule_when_the_ledger_exists(ledger_name):
             assert now_same.limit == first.limit == 2 << 30
 
 
+def test_a_closed_budget_says_so(ledger_name):
+    budget = SharedBudget(ledger_name, 100)
+    account = budget.open_account("a")
+    budget.close()
+    budget.close()  # idempotent
+    for call in (lambda: budget.limit, budget.used, budget.rows, budget.headroom, lambda: budget.set_limit(5),
+                 lambda: budget.open_account("b")):
+        with pytest.raises(ValueError, match="is closed"):
+            call()
+    with pytest.raises(ValueError, match="'a' is closed"):
+        account.try_charge(1)
+
+
 def test_create_false_does_not_create(ledger_name):
     with pytest.raises(LedgerNotFound, match=ledger_name):
         SharedBudget(ledger_name, create=False)

@@ -130,7 +130,12 @@ class Ledger:
         A plain ``__enter__``/``__exit__`` pair, not a generator: this is every charge's cost."""
         return self
 
+    def check_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError(f"budget ledger {self.path} is closed in this process")
+
     def __enter__(self) -> Ledger:
+        self.check_open()
         if os.getpid() != self._pid:
             self._reopen_after_fork()
         self._thread_lock.acquire()

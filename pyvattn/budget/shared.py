@@ -47,11 +47,12 @@ class SharedBudget(Budget):
     :class:`BudgetLimitConflict` (change a running limit with ``set_limit``, which every process
     sees at its next charge). ``create=False`` raises :class:`LedgerNotFound` instead of creating.
 
-    Dead processes: a process that dies, however it dies, leaves its slots behind; they are
-    reclaimed (their charge returned to the pool) when a process opens the ledger, when a charge
-    would otherwise fail, when ``headroom()`` would answer 0, and by ``reap()``. A process is its
-    pid plus its start time, so a reused pid does not keep a dead share alive. Processes must see
-    each other's pids: slots opened from another pid namespace are never reclaimed from this one.
+    Processes that end: one that exits, or drops the budget unclosed, gives its slots back at once.
+    One that is killed leaves them behind; they are reclaimed (their charge returned to the
+    budget) when a process opens the ledger, when a charge would otherwise fail, when
+    ``headroom()`` would answer 0, and by ``reap()``. A process is its pid plus its start time, so
+    a reused pid does not keep a dead share alive. Processes must see each other's pids: slots
+    opened from another pid namespace are never reclaimed from this one.
 
     ``set_limit`` below ``used()`` is allowed: it takes nothing back, it makes ``headroom()`` 0 and
     every charge fail until releases bring the use under the new limit. At most
@@ -100,6 +101,7 @@ class SharedBudget(Budget):
     # --- the limit and the total -----------------------------------------------------------------
     @property
     def limit(self) -> int | None:
+        self._ledger.check_open()
         limit = int(self._ledger.limit)
         return None if limit == NO_LIMIT else limit
 
@@ -242,7 +244,8 @@ class SharedBudget(Budget):
         self.close()
 
     def __repr__(self) -> str:
-        return f"SharedBudget({self.name!r}, limit={None if self._ledger.closed else self.limit!r})"
+        return f"SharedBudget({self.name!r}, closed)" if self._ledger.closed else \
+            f"SharedBudget({self.name!r}, limit={self.limit!r})"
 
 
 def _give_back(ledger: Ledger, keys: set[tuple[int, int]]) -> None:
