@@ -87,14 +87,15 @@ def unit_tokens(exp: Experiment, scheme: Scheme) -> float:
 def hidden_loss_bound(exp: Experiment, scheme: Scheme, shared: PrefixResult,
                       reference_tokens: int = 16) -> float | None:
     """The most that the trace's 512-token resolution can hide of ``scheme``'s loss against
-    ``reference_tokens``-token blocks, as a fraction of the tokens it saved: if shared prefixes ended
-    anywhere inside a 512-token block, a unit of G tokens (G dividing 512) leaves up to G - 1 of the
-    shared tokens there unshared, the reference up to reference - 1: at most G - reference tokens per
-    admission with a hit. None where G does not divide 512 (the loss is then already measured)."""
+    ``reference_tokens``-token blocks, as a fraction of the prompt tokens it shared: if shared
+    prefixes ended anywhere inside a 512-token block, a unit of G tokens (G dividing 512) leaves up
+    to G - 1 of the shared tokens there unshared, the reference up to reference - 1: at most
+    G - reference tokens per prompt with a hit (half that if the ends were uniform). None where G
+    does not divide 512 (the loss is then already measured)."""
     g = unit_tokens(exp, scheme)
-    if scheme.kind == "static" or g != int(g) or HASH_BLOCK_TOKENS % int(g) or not shared.saved_tokens:
+    if scheme.kind == "static" or g != int(g) or HASH_BLOCK_TOKENS % int(g) or not shared.saved_prompt_tokens:
         return None
-    return max(0.0, (g - reference_tokens) * shared.admissions_with_hit / shared.saved_tokens)
+    return max(0.0, (g - reference_tokens) * shared.prompts_with_hit / shared.saved_prompt_tokens)
 
 
 def _gib(nbytes: float) -> str:
@@ -104,21 +105,23 @@ def _gib(nbytes: float) -> str:
 def markdown_table(pairs: list[tuple[PrefixResult, PrefixResult]], exp: Experiment) -> str:
     """One row per scheme: tokens saved, memory, concurrency, throughput (without -> with sharing)."""
     ref = next((w.summary() for w, _ in pairs if w.scheme == REFERENCE), None)
-    rows = ["| scheme | tokens per unit | prefill tokens saved | vs paged 16 | hidden-loss bound vs paged 16 | "
+    rows = ["| scheme | tokens per unit | prompt tokens shared with earlier requests | vs paged 16 | "
+            "hidden-loss bound vs paged 16 | recomputation saved after preemption | "
             "memory in use: mean / peak | of which sharing saves (mean) | prefix cache (mean) | "
             "concurrent (mean), no sharing -> sharing | served per 1k steps, no sharing -> sharing | "
             "preemptions | evicted units |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     schemes = {s.name: s for s in PREFIX_SCHEMES}
     for shared, alone in pairs:
         s, a = shared.summary(), alone.summary()
         scheme = schemes.get(shared.scheme)
         tokens = f"{unit_tokens(exp, scheme):g}" if scheme else "—"
-        vs = (f"{s['saved_tokens'] / ref['saved_tokens'] - 1:+.2%}" if ref and ref["saved_tokens"] else "—")
+        vs = (f"{s['saved_prompt_tokens'] / ref['saved_prompt_tokens'] - 1:+.2%}"
+              if ref and ref["saved_prompt_tokens"] else "—")
         bound = hidden_loss_bound(exp, scheme, shared) if scheme else None
         rows.append(
-            f"| {shared.scheme} | {tokens} | {s['saved_tokens']:,} ({s['saved_fraction']:.2%}) | {vs} | "
-            f"{'—' if bound is None else f'{bound:.2%}'} | "
+            f"| {shared.scheme} | {tokens} | {s['saved_prompt_tokens']:,} ({s['saved_prompt_fraction']:.2%}) | "
+            f"{vs} | {'—' if bound is None else f'{bound:.2%}'} | {s['saved_recompute_tokens']:,} | "
             f"{_gib(s['mean_in_use_bytes'])} / {_gib(s['peak_in_use_bytes'])} | "
             f"{_gib(s['mean_shared_saving_bytes'])} | "
             f"{_gib(s['mean_cached_bytes'])} | {a['mean_concurrent']:.1f} -> {s['mean_concurrent']:.1f} | "
@@ -147,7 +150,7 @@ def save_json(path: Path, pairs: list[tuple[PrefixResult, PrefixResult]], exp: E
 
 def plot(path: Path, pairs: list[tuple[PrefixResult, PrefixResult]], exp: Experiment) -> Path:
     """Three panels, one bar per scheme (values printed, so that small ones stay readable):
-    prefill tokens saved, mean memory in use with and without sharing, mean concurrency with and
+    prompt tokens shared, mean memory in use with and without sharing, mean concurrency with and
     without sharing."""
     import matplotlib
 
@@ -162,8 +165,9 @@ def plot(path: Path, pairs: list[tuple[PrefixResult, PrefixResult]], exp: Experi
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 2.8), sharey=True)
     gib = 2.0**30
     panels = (  # (axis, [(values, stacked on, colour, label)], x label, value format)
-        (axes[0], [([100 * r["saved_fraction"] for r in s], None, "tab:green", "prefill tokens saved")],
-         "% of prefill tokens found in the cache", lambda v: f"{v:.2f}%"),
+        (axes[0], [([100 * r["saved_prompt_fraction"] for r in s], None, "tab:green",
+                    "prompt tokens found in the cache at first admission")],
+         "% of prompt tokens shared with earlier requests", lambda v: f"{v:.2f}%"),
         (axes[1], [([r["mean_in_use_bytes"] / gib for r in a], None, "tab:gray", "without sharing"),
                    ([r["mean_in_use_bytes"] / gib for r in s], None, "tab:blue", "with sharing"),
                    ([r["mean_cached_bytes"] / gib for r in s], "with sharing", "lightsteelblue",

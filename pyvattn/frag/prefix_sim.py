@@ -37,10 +37,11 @@ class PrefixResult:
     rejected: dict[str, int] = field(default_factory=lambda: {REJECT_CONTEXT: 0, REJECT_BUDGET: 0})
     preemptions: int = 0
     admissions: int = 0
-    admissions_with_hit: int = 0
+    prompts_with_hit: int = 0  # first admissions that found part of their prompt in the cache
     prompt_tokens: int = 0  # first admissions' prompts
     prefill_tokens: int = 0  # filled at admission (prompts, and prompt + generated after preemption)
     saved_tokens: int = 0  # of those, found in the cache
+    saved_prompt_tokens: int = 0  # of those, at first admissions: shared with earlier requests
     evictions: int = 0
     sum_in_use: int = 0
     sum_cached: int = 0
@@ -71,10 +72,13 @@ class PrefixResult:
             "scheme": self.scheme, "sharing": self.sharing, "unit_bytes": unit, "steps": self.steps,
             "served": self.served, "rejected": sum(self.rejected.values()),
             "rejected_by_reason": dict(self.rejected), "preemptions": self.preemptions,
-            "admissions": self.admissions, "admissions_with_hit": self.admissions_with_hit,
+            "admissions": self.admissions, "prompts_with_hit": self.prompts_with_hit,
             "prompt_tokens": self.prompt_tokens, "prefill_tokens": self.prefill_tokens,
             "saved_tokens": self.saved_tokens,
             "saved_fraction": self.saved_tokens / self.prefill_tokens if self.prefill_tokens else 0.0,
+            "saved_prompt_tokens": self.saved_prompt_tokens,
+            "saved_prompt_fraction": self.saved_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "saved_recompute_tokens": self.saved_tokens - self.saved_prompt_tokens,
             "computed_tokens": self.prefill_tokens - self.saved_tokens, "evictions": self.evictions,
             "mean_in_use_bytes": self.sum_in_use * unit / steps, "peak_in_use_bytes": self.peak_in_use * unit,
             "mean_cached_bytes": self.sum_cached * unit / steps,
@@ -201,12 +205,13 @@ class _SharedServer:
             self.running.append(r)
             saved = unit.tokens(hits)
             out.admissions += 1
-            out.admissions_with_hit += saved > 0
             out.prefill_tokens += tokens
             out.saved_tokens += saved
             if not self.admitted_once[r]:
                 self.admitted_once[r] = True
                 out.prompt_tokens += int(self.prompt[r])
+                out.saved_prompt_tokens += saved
+                out.prompts_with_hit += saved > 0
         if self.waiting and len(self.running) >= self.policy.max_batch:
             self.stuck = True
 
