@@ -57,7 +57,7 @@ def hand(tmp_path):
 def test_hand_computed_tokens_saved_per_scheme(hand, scheme):
     exp, chains = hand
     shared, alone = simulate_prefix(exp, chains, scheme), simulate_prefix(exp, chains, scheme, sharing=False)
-    assert shared.saved_tokens == shared.saved_prompt_tokens == HAND_SAVED[scheme.name]
+    assert shared.saved_tokens == shared.saved_prompt_tokens == shared.unbounded_tokens == HAND_SAVED[scheme.name]
     assert alone.saved_tokens == 0 and shared.served == alone.served == 4
     assert shared.prefill_tokens == alone.prefill_tokens == shared.prompt_tokens == sum(n for n, _ in HAND)
 
@@ -97,7 +97,7 @@ def test_closed_form_on_the_shipped_mooncake_sample():
                            (Scheme("vattn", page_bytes=2 * MiB), 1024)):
         r = simulate_prefix(exp, chains, scheme)
         assert (r.served, r.preemptions, r.evictions) == (300, 0, 0)
-        assert r.saved_tokens == r.saved_prompt_tokens == closed_form_saved(records, tokens) > 0
+        assert r.saved_tokens == r.saved_prompt_tokens == r.unbounded_tokens == closed_form_saved(records, tokens) > 0
 
 
 def test_pool_evicts_least_recently_used_and_a_request_tail_first():
@@ -135,7 +135,7 @@ def test_books_equal_reality_every_step_under_eviction_and_preemption(scheme):
 
     r = simulate_prefix(exp, chains, scheme, on_step=check)
     alone = simulate_prefix(exp, chains, scheme, sharing=False)
-    assert r.preemptions > 0 and r.evictions > 0 and r.saved_tokens > 0
+    assert r.preemptions > 0 and r.evictions > 0 and 0 < r.saved_prompt_tokens < r.unbounded_tokens
     assert r.served + r.rejected_total == alone.served + alone.rejected_total == 150
 
 

@@ -120,6 +120,24 @@ class UnitKeys:
         return ((chain[last_token // HASH_BLOCK_TOKENS] << _KEY_SHIFT) | k).tolist()
 
 
+def unbounded_shared_tokens(chains: list[np.ndarray], prompts: np.ndarray, keys: "UnitKeys") -> int:
+    """Prompt tokens that requests would share with earlier ones, in trace order, if nothing
+    were ever evicted: the upper bound the budget and the serving order leave room under. Each
+    request shares its longest run of full 512-token blocks seen (as full blocks) before, in
+    whole units, at most :meth:`UnitKeys.max_hits` units."""
+    if not keys.shareable:
+        return 0
+    seen: set[int] = set()
+    total = 0
+    for chain, prompt in zip(chains, prompts.tolist()):
+        full = chain[:prompt // HASH_BLOCK_TOKENS].tolist()
+        matched = next((i for i, c in enumerate(full) if c not in seen), len(full))
+        units = min(keys.full_units(HASH_BLOCK_TOKENS * matched), keys.max_hits(prompt))
+        total += keys.tokens(units)
+        seen.update(full)
+    return total
+
+
 class PrefixPool:
     """``capacity`` units (per region; every region alike) shared by reference count, with the
     cache of retained prefixes. Units are either free, *referenced* (by running requests: shared

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..units import format_size
-from .prefix import HASH_BLOCK_TOKENS, UnitKeys
+from .prefix import HASH_BLOCK_TOKENS, UnitKeys, unbounded_shared_tokens
 from .prefix_sim import PrefixResult, serve_shared
 from .report import Experiment, _init_worker, _worker_progress, warnings
 from .schemes import DEFAULT_SCHEMES, Scheme
@@ -26,14 +26,20 @@ PREFIX_SCHEMES: tuple[Scheme, ...] = tuple(s for s in DEFAULT_SCHEMES if not s.d
 REFERENCE = "paged 16-token blocks"  # what "vs" columns compare with
 
 
+def unit_keys(exp: Experiment, scheme: Scheme, sharing: bool = True) -> UnitKeys:
+    """What ``scheme`` can share on ``exp`` (static: nothing)."""
+    return UnitKeys(exp.unit_bytes(scheme), exp.model.token_bytes(exp.tp), sharing and scheme.kind != "static")
+
+
 def simulate_prefix(exp: Experiment, chains, scheme: Scheme, sharing: bool = True, progress=None,
                     on_step=None) -> PrefixResult:
-    """One scheme on ``exp`` (its trace's hash ``chains``), with or without sharing."""
-    token_bytes, regions = exp.model.token_bytes(exp.tp), 2 * exp.model.num_layers
-    unit = exp.unit_bytes(scheme)
-    keys = UnitKeys(unit, token_bytes, sharing and scheme.kind != "static")
-    return serve_shared(exp.trace, chains, keys, exp.budget_bytes // (unit * regions), exp.policy,
-                        scheme.name, unit * regions, progress, on_step)
+    """One scheme on ``exp`` (its trace's hash ``chains``), with or without sharing; the result's
+    ``unbounded_tokens`` is what it would share with nothing evicted."""
+    regions, unit, keys = 2 * exp.model.num_layers, exp.unit_bytes(scheme), unit_keys(exp, scheme, sharing)
+    result = serve_shared(exp.trace, chains, keys, exp.budget_bytes // (unit * regions), exp.policy,
+                          scheme.name, unit * regions, progress, on_step)
+    result.unbounded_tokens = unbounded_shared_tokens(chains, exp.trace.prompt, keys)
+    return result
 
 
 def _in_worker(exp: Experiment, chains, scheme: Scheme, sharing: bool) -> PrefixResult:
@@ -106,12 +112,13 @@ def markdown_table(pairs: list[tuple[PrefixResult, PrefixResult]], exp: Experime
     """One row per scheme: tokens saved, memory, concurrency, throughput (without -> with sharing)."""
     ref = next((w.summary() for w, _ in pairs if w.scheme == REFERENCE), None)
     rows = ["| scheme | tokens per unit | prompt tokens shared with earlier requests | vs paged 16 | "
-            "hidden-loss bound vs paged 16 | recomputation saved after preemption | "
+            "hidden-loss bound vs paged 16 | unbounded cache | recomputation saved after preemption | "
             "memory in use: mean / peak | of which sharing saves (mean) | prefix cache (mean) | "
             "concurrent (mean), no sharing -> sharing | served per 1k steps, no sharing -> sharing | "
             "preemptions | evicted units |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     schemes = {s.name: s for s in PREFIX_SCHEMES}
+    trace_prompt = max(1, int(exp.trace.prompt.sum()))  # the unbounded share counts every request
     for shared, alone in pairs:
         s, a = shared.summary(), alone.summary()
         scheme = schemes.get(shared.scheme)
@@ -121,7 +128,8 @@ def markdown_table(pairs: list[tuple[PrefixResult, PrefixResult]], exp: Experime
         bound = hidden_loss_bound(exp, scheme, shared) if scheme else None
         rows.append(
             f"| {shared.scheme} | {tokens} | {s['saved_prompt_tokens']:,} ({s['saved_prompt_fraction']:.2%}) | "
-            f"{vs} | {'—' if bound is None else f'{bound:.2%}'} | {s['saved_recompute_tokens']:,} | "
+            f"{vs} | {'—' if bound is None else f'{bound:.2%}'} | {s['unbounded_tokens'] / trace_prompt:.2%} | "
+            f"{s['saved_recompute_tokens']:,} | "
             f"{_gib(s['mean_in_use_bytes'])} / {_gib(s['peak_in_use_bytes'])} | "
             f"{_gib(s['mean_shared_saving_bytes'])} | "
             f"{_gib(s['mean_cached_bytes'])} | {a['mean_concurrent']:.1f} -> {s['mean_concurrent']:.1f} | "

@@ -42,6 +42,7 @@ class PrefixResult:
     prefill_tokens: int = 0  # filled at admission (prompts, and prompt + generated after preemption)
     saved_tokens: int = 0  # of those, found in the cache
     saved_prompt_tokens: int = 0  # of those, at first admissions: shared with earlier requests
+    unbounded_tokens: int = 0  # what first admissions would share if nothing were evicted
     evictions: int = 0
     sum_in_use: int = 0
     sum_cached: int = 0
@@ -79,6 +80,7 @@ class PrefixResult:
             "saved_prompt_tokens": self.saved_prompt_tokens,
             "saved_prompt_fraction": self.saved_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "saved_recompute_tokens": self.saved_tokens - self.saved_prompt_tokens,
+            "unbounded_tokens": self.unbounded_tokens,
             "computed_tokens": self.prefill_tokens - self.saved_tokens, "evictions": self.evictions,
             "mean_in_use_bytes": self.sum_in_use * unit / steps, "peak_in_use_bytes": self.peak_in_use * unit,
             "mean_cached_bytes": self.sum_cached * unit / steps,
