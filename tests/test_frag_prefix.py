@@ -196,3 +196,17 @@ def test_compare_prefix_runs_equal_units_once_and_static_without_sharing(hand):
     static, static_alone = by_name["static (max length)"]
     assert static.summary() == static_alone.summary() and not static.sharing
     assert np.isclose(by_name["paged 16-token blocks"][0].summary()["saved_fraction"], 2544 / 4024)
+
+
+@pytest.mark.parametrize("scheme", [Scheme("paged", block_tokens=32), Scheme("vattn", page_bytes=2 * MiB)],
+                         ids=lambda s: s.name)
+def test_jumps_equal_a_step_by_step_run(monkeypatch, scheme):
+    from pyvattn.frag import prefix_sim
+
+    trace, chains = load_hashed_trace("mooncake", 60)
+    exp = experiment(trace, ModelConfig("llama-3.1-8b", 32, 8, 128, 2, 131_072), budget=2 << 30,
+                     max_context=131_072, watermark=0.01)
+    jumped = simulate_prefix(exp, chains, scheme).summary()
+    monkeypatch.setattr(prefix_sim._SharedServer, "_jump", lambda self: None)
+    stepped = simulate_prefix(exp, chains, scheme).summary()
+    assert jumped == stepped and jumped["evictions"] > 0 and jumped["steps"] > 1000
