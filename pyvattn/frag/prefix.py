@@ -109,7 +109,7 @@ class UnitKeys:
         return units * self.unit_bytes // self.token_bytes
 
     def max_hits(self, tokens: int) -> int:
-        return self.full_units(tokens - 1)
+        return self.full_units(max(0, tokens - 1))
 
     def keys(self, chain: np.ndarray, prompt: int) -> list[int]:
         if not self.shareable:
