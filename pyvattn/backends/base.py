@@ -269,6 +269,11 @@ class Backend(abc.ABC):
         mapped = {va: h for h, va in self._where.items()}
         return {"mapped": mapped, "live": set(self._live), "orphans": set(self._orphans)}
 
+    @property
+    def orphan_pages(self) -> int:
+        """How many live pages a failed rollback left behind (see ``adopt_orphans``)."""
+        return len(self._orphans)
+
     def adopt_orphans(self) -> list[int]:
         """Hand over the pages a failed rollback left created (live, and nobody's): the caller owns
         them from now on (the pool takes them in the next time it needs pages)."""
