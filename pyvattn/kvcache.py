@@ -241,8 +241,9 @@ class KVCache:
         ``keep=True`` the running requests' KV (their ``mapped_tokens``) is first copied to host
         memory (pinned on a GPU) and ``wake`` restores it; without, no slot may be allocated
         (``ValueError``). Until ``wake()`` every other call but ``stats``, ``seq_len``,
-        ``set_memory_budget`` and ``close`` raises ``CacheAsleep``. If releasing fails part-way the
-        cache is asleep with what was released gone: ``sleep()`` again finishes it."""
+        ``set_memory_budget`` and ``close`` raises ``CacheAsleep``; the tensors' memory is unmapped
+        meanwhile (touching it is the same fault as an unmapped token). If releasing fails
+        part-way the cache is asleep with what was released gone: ``sleep()`` again finishes it."""
         if not isinstance(keep, (bool, np.bool_)):
             raise ValueError(f"keep={keep!r} must be True or False")
         with self._lock:
