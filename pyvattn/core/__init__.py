@@ -7,5 +7,7 @@
   through the backend (whose books are the truth);
 * ``reclaim``: :class:`Reclaim`, the pure plan of which mapped pages to give back;
 * ``stats``: :class:`CacheStats`, activity counters and the ``stats()`` report;
-* ``mapper``: :class:`BackgroundMapper`, ``step_async``'s one worker thread.
+* ``mapper``: :class:`BackgroundMapper`, ``step_async``'s one worker thread;
+* ``elastic``: what a new request can still get (``free_tokens``/``can_admit``), a budget changed
+  at run time, and sleep/wake with :class:`SavedKV`, the running requests' KV kept in host memory.
 """
