@@ -153,10 +153,10 @@ def build_parser() -> Parser:
                     "read back. The same requests under static reservation are shown side by side."))
     add_top_arguments(sub.add_parser(
         "top", help="the SharedBudget ledgers, live: bytes each process's caches use, retain and charge",
-        description="The SharedBudget ledgers in /dev/shm, refreshed every --interval seconds (Ctrl-C\n"
-                    "exits): for each account its process, label, and bytes used / retained / charged;\n"
-                    "for each budget its limit and headroom. Processes that exited are marked; their\n"
-                    "share returns to the budget at the next charge that needs it."))
+        description="The SharedBudget ledgers in /dev/shm (or $PYVATTN_BUDGET_DIR), refreshed every\n"
+                    "--interval seconds until Ctrl-C: for each account its process, label, and bytes\n"
+                    "used / retained / charged; for each budget its limit and headroom. Processes that\n"
+                    "exited are marked; their share returns to the budget at the next charge that needs it."))
     sub.add_parser("frag", add_help=False, help="fragmentation of allocation schemes on request traces (frag --help)")
     sub.add_parser("serve", add_help=False, help="a model served by pyvattn's continuous-batching engine "
                                                  "(serve --help)")

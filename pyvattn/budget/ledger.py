@@ -20,12 +20,10 @@ orders them, and a forked child opens the file anew before it locks.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +64,8 @@ def pid_namespace() -> int:
 
 
 class Ledger:
-    """The ledger file of one name, mapped: ``header`` and ``slots`` are numpy views on it.
+    """The ledger file of one name, mapped: ``header`` and ``slots`` are numpy views on it, and
+    ``limit``, ``pid`` and ``charged`` views of their fields.
 
     Read-modify-write only inside ``with ledger.locked():``.
     """
@@ -82,7 +81,7 @@ class Ledger:
         self._pid = os.getpid()
         self._map = None
         try:
-            with self._flock():
+            with self.locked():
                 size = os.fstat(self._fd).st_size
                 fresh = size == 0 and create
                 if fresh:
@@ -93,6 +92,8 @@ class Ledger:
                 self._map = mmap.mmap(self._fd, FILE_BYTES)
                 self.header = np.ndarray((), HEADER, self._map, 0)
                 self.slots = np.ndarray((SLOTS,), SLOT, self._map, HEADER.itemsize)
+                # column views, made once: a field lookup costs more than the lock
+                self.limit, self.pid, self.charged = self.header["limit"], self.slots["pid"], self.slots["charged"]
                 if fresh:
                     self.header[()] = (MAGIC, VERSION, SLOTS, NO_LIMIT if limit is None else limit, b"")
                 self._validate()
@@ -123,21 +124,41 @@ class Ledger:
             raise LedgerCorrupt(f"{self.path}: damaged header or slots (slots={int(h['slots'])}, "
                                 f"limit={int(h['limit'])})")
 
-    @contextlib.contextmanager
-    def _flock(self) -> Iterator[None]:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def locked(self) -> Ledger:
+        """``with ledger.locked():`` exclusive against every thread and process using this ledger.
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive against every thread and process using this ledger."""
+        A plain ``__enter__``/``__exit__`` pair, not a generator: this is every charge's cost."""
+        return self
+
+    def check_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError(f"budget ledger {self.path} is closed in this process")
+
+    def __enter__(self) -> Ledger:
+        self.check_open()
         if os.getpid() != self._pid:
             self._reopen_after_fork()
-        with self._thread_lock, self._flock():
-            yield
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:  # Ctrl-C may land after the kernel granted it: never keep it
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        """Drop the flock, then the thread lock. An exception (Ctrl-C) at the unlock would leave
+        every other process locked out until this one exits: unlock once more, then raise it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except BaseException:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            raise
+        finally:
+            self._thread_lock.release()
 
     def _reopen_after_fork(self) -> None:
         """A forked child shares its parent's open file, and so its flock: open the file anew."""
@@ -155,9 +176,12 @@ class Ledger:
 
     def close(self) -> None:
         """Unmap and close (idempotent); the file stays for the other processes."""
-        self.header = self.slots = None
+        self.header = self.slots = self.limit = self.pid = self.charged = None
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # a view of it still lives (a traceback's frame): unmapped when it dies
+                pass
             self._map = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -7,7 +7,7 @@ import time
 
 from ..errors import LedgerError, LedgerNotFound
 from ..units import format_size
-from .shared import SharedBudget, ledger_names, ledger_path
+from .shared import SharedBudget, ledger_dir, ledger_names, ledger_path
 
 
 def render(budget: SharedBudget) -> str:
@@ -46,7 +46,7 @@ class Top:
                 parts.append(render(self._open[name]))
             except LedgerError as exc:
                 parts.append(f"budget {name}: {exc}")
-        return "\n\n".join(parts) if parts else f"no pyvattn budget ledgers ({ledger_path('x').parent})"
+        return "\n\n".join(parts) if parts else f"no pyvattn budgets in {ledger_dir()}"
 
     def close(self) -> None:
         for budget in self._open.values():
