@@ -1,7 +1,7 @@
 """Elastic memory: what a new request can still get, a budget changed at run time, sleep and wake.
 
-``KVCache.free_tokens``, ``can_admit``, ``set_memory_budget``, ``sleep`` and ``wake`` hold the
-cache's lock and call these; they read and change the cache's books only through its parts
+:class:`ElasticMemory` is the public side (``KVCache`` inherits it); it holds the cache's lock and
+calls the functions here, which read and change the cache's books only through its parts
 (``SlotTable``, ``Slabs``, ``PagePool``) and its own ``_supply``/``_reclaim``, so what they say
 matches what ``step`` then does.
 """
@@ -12,7 +12,91 @@ import numpy as np
 import torch
 
 from ..errors import BudgetTooSmall
+from ..units import parse_size
 from .reclaim import Reclaim
+
+
+class ElasticMemory:
+    """``KVCache``'s methods that give memory back and take it again (issue 15). A cache's tensors
+    keep their addresses through all of them."""
+
+    def free_tokens(self) -> int:
+        """Tokens a new request could still get mapped: ``alloc_slot`` then a ``step`` to at most
+        this many succeeds (``can_admit``). Counts free pool pages, budget headroom and every page
+        held beyond what running requests need, in whole pages of every region; 0 when no slot is
+        free. A snapshot: other threads, and other caches on a shared budget, move it; the device
+        itself may still refuse pages the budget allows (``OutOfPages`` from the step)."""
+        with self._lock:
+            self._ready()
+            return int(self._slabs.tokens_in(admissible_pages(self)))
+
+    def can_admit(self, seq_len: int) -> bool:
+        """Whether a new request of ``seq_len`` tokens fits now: True means ``slot =
+        alloc_slot(seq_len)`` and ``step({slot: seq_len})`` succeed (as ``free_tokens`` says)."""
+        with self._lock:
+            self._ready()
+            if isinstance(seq_len, (bool, np.bool_)) or not isinstance(seq_len, (int, np.integer)) \
+                    or not 0 <= seq_len <= self.max_seq_len:
+                raise ValueError(f"seq_len={seq_len!r} must lie in [0, max_seq_len={self.max_seq_len}]")
+            return not self._slots.active.all() and \
+                int(self._slabs.pages_for(int(seq_len))) <= admissible_pages(self)
+
+    def set_memory_budget(self, size: int | str | None, when_free: bool = False) -> None:
+        """Change the cache's own memory budget (bytes, ``"8GiB"``, or None for none) while it runs.
+        Growing takes effect at once. Shrinking releases free pool pages, then retained pages
+        (finished requests' first), until the pages that exist fit. If running requests hold more
+        than ``size``: ``BudgetTooSmall`` and nothing changes; with ``when_free=True`` the budget
+        holds at once for growth and what is over it is released as requests finish. A shared
+        budget given as ``memory_budget=`` is changed with its own ``set_limit``; both apply."""
+        if not isinstance(when_free, (bool, np.bool_)):
+            raise ValueError(f"when_free={when_free!r} must be True or False")
+        budget = None if size is None else parse_size(size, "size")
+        if budget is not None and budget < 0:
+            raise ValueError(f"size={size!r} must be >= 0")
+        with self._lock:
+            self._ready(asleep_ok=True)
+            set_budget(self, None if budget is None else budget // self.page_size, bool(when_free))
+            self._after_change()
+
+    def sleep(self, keep: bool = False) -> None:
+        """Release every physical page (mapped, retained and pooled) back to the device or OS;
+        ``k``/``v`` keep their addresses (and CUDA graphs captured over them stay valid). With
+        ``keep=True`` the running requests' KV (their ``mapped_tokens``) is first copied to host
+        memory (pinned on a GPU) and ``wake`` restores it; without, no slot may be allocated
+        (``ValueError``). Until ``wake()`` every other call but ``stats``, ``seq_len``,
+        ``set_memory_budget`` and ``close`` raises ``CacheAsleep``; the tensors' memory is unmapped
+        meanwhile (touching it is the same fault as an unmapped token). If releasing fails
+        part-way the cache is asleep with what was released gone: ``sleep()`` again finishes it."""
+        if not isinstance(keep, (bool, np.bool_)):
+            raise ValueError(f"keep={keep!r} must be True or False")
+        with self._lock:
+            self._ready(asleep_ok=True)
+            if self._asleep is None:
+                running = np.flatnonzero(self._slots.active)
+                if len(running) and not keep:
+                    raise ValueError(f"sleep(keep=False) would drop the KV of the requests in slots "
+                                     f"{running[:8].tolist()}: free_slot() them first, or sleep(keep=True)")
+                self._asleep = SavedKV.save(self, running)
+            release_everything(self)
+            self._after_change()
+
+    def wake(self) -> None:
+        """Make a sleeping cache usable again: map what the kept requests need (``OutOfPages``, still
+        asleep and nothing mapped, if the budget or device no longer has it) and copy their KV
+        back; everything else maps on demand as before. A cache that is awake: nothing to do."""
+        with self._lock:
+            self._ready(asleep_ok=True)
+            if self._asleep is None:
+                return
+            restore_pages(self, self._asleep)
+            self._asleep = None
+            self._after_change()
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep is not None
+
+
 
 
 def admissible_pages(cache) -> int:
