@@ -266,3 +266,17 @@ def test_sleep_and_wake_from_another_thread_while_one_decodes_in_the_background(
         assert not errors and sleeps > 0
         check(cache, a, 1, 96)
         check_cache(cache)
+
+
+def test_closing_a_sleeping_cache_gives_everything_back():
+    budget = MemoryBudget(None)
+    cache = KVCache(2, 1, 64, 4, 128, torch.float32, device="cpu", page_size=P, backend="host",
+                    memory_budget=budget)
+    a = cache.alloc_slot()
+    cache.step({a: 50})
+    cache.sleep(keep=True)
+    backend = cache.backend
+    cache.close()
+    assert backend._fd == -1 and not backend._tables and budget.rows() == []
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.wake()
