@@ -64,12 +64,6 @@ class PagePool:
             return own
         return min(own, self.account.headroom() // self.page_size)
 
-    @property
-    def available(self) -> int:
-        """Pages ``take`` can hand out now without reclaiming anything: free ones plus what the
-        budget allows (a snapshot: a shared budget's headroom moves with other caches)."""
-        return max(0, len(self._free) + self.headroom)
-
     def free_handles(self) -> list[int]:
         """The free pages' handles (a copy)."""
         return list(self._free)

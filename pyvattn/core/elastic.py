@@ -8,6 +8,8 @@ matches what ``step`` then does.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -94,9 +96,8 @@ class ElasticMemory:
 
     @property
     def asleep(self) -> bool:
+        """Whether ``sleep()`` released the cache's memory and ``wake()`` has not yet run."""
         return self._asleep is not None
-
-
 
 
 def admissible_pages(cache) -> int:
@@ -185,8 +186,9 @@ def restore_pages(cache, saved: "SavedKV") -> None:
     keep = np.where(slots.active, slabs.pages_for(slots.lengths), 0)
     growing = need > slabs.held[saved.slots]
     if growing.any():
+        t0 = time.perf_counter()
         pages = slabs.grow(saved.slots[growing], need[growing], lambda n, vas: cache._supply(n, vas, keep))
-        cache._stats.mapped(pages, 0.0)
+        cache._stats.mapped(pages, time.perf_counter() - t0)
     saved.restore(cache)
 
 
@@ -216,10 +218,6 @@ class SavedKV:
         for tensor, chunk in self._pairs(cache):
             tensor.copy_(chunk, non_blocking=True)
         cache.backend.synchronize()
-
-    @property
-    def nbytes(self) -> int:
-        return self.store.numel() * self.store.element_size()
 
     def _pairs(self, cache):
         """(slot's tokens in one region's tensor, its chunk of ``store``), region by region."""
