@@ -152,7 +152,9 @@ class CacheModel:
         for s, p in need.items():
             keep[s] = max(keep[s], p)
         reclaimable = sum(max(0, int(slabs.held[s]) - keep.get(s, 0)) for s in range(c.max_batch_size))
-        return growth <= c.pool.free_pages + c.pool.headroom + reclaimable * c.num_regions
+        # (a budget lowered under what exists makes the headroom negative: a step that maps
+        # nothing still fits)
+        return growth == 0 or growth <= c.pool.free_pages + c.pool.headroom + reclaimable * c.num_regions
 
     # --- the comparison with reality ------------------------------------------------------------
     def check(self) -> None:

@@ -1,6 +1,7 @@
 """Admission ahead of time (issue 15): ``free_tokens()`` and ``can_admit()`` say exactly what
 ``alloc_slot`` + ``step`` then do, whatever the cache went through (growth, reclaim, a budget
-changed at run time, faults), and ``set_memory_budget`` never breaks the model's books or data.
+changed at run time, sleep and wake, faults), and neither ``set_memory_budget`` nor sleep/wake
+breaks the model's books or data.
 A hypothesis state machine over the shared cache model (tests/cachemodel.py)."""
 
 from __future__ import annotations
@@ -76,6 +77,22 @@ class AdmissionMachine(RuleBasedStateMachine):
     def step_with_a_fault(self, data, at, enomem):
         slot = data.draw(st.sampled_from(self._active()))
         self.model.with_fault(at, enomem, self.model.step, {slot: data.draw(st.integers(0, MAX_LEN))})
+
+    @rule(keep=st.booleans(), at=st.integers(0, 8), enomem=st.booleans())
+    def sleep_and_wake(self, keep, at, enomem):
+        """Sleep (a fault at the ``at``-th libc call, 0: none) releases everything; wake gives
+        back a cache the model cannot tell from the one before."""
+        cache = self.model.cache
+        if self.model.lengths and not keep:
+            with pytest.raises(ValueError, match="keep=True"):
+                cache.sleep()
+            return
+        if at:
+            self.model.with_fault(at, enomem, cache.sleep, keep)
+        if cache.asleep or not at:
+            cache.sleep(keep=keep)  # finishes what a fault left
+        assert cache.backend.allocated_bytes() == 0 and cache.pool.total_pages == 0
+        cache.wake()
 
     @invariant()
     def books_equal_reality(self):

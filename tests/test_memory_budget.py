@@ -211,3 +211,18 @@ def test_processes_share_a_shared_budget_and_a_killed_one_gives_its_share_back(t
         child.kill()
         child.wait()
         SharedBudget.remove(name)
+
+
+def test_a_cache_asleep_under_a_budget_lowered_with_when_free_wakes_with_its_requests():
+    """Running requests keep what they need under a when_free budget, across sleep too."""
+    with small_cache(budget_pages=40) as cache:
+        a = _two_requests(cache)
+        cache.set_memory_budget(0, when_free=True)
+        cache.sleep(keep=True)
+        assert cache.backend.allocated_bytes() == 0
+        cache.wake()
+        assert cache.pool.budget_pages == 0 and cache.pool.total_pages == 16
+        check(cache, a, 1, 64)
+        cache.free_slot(a)
+        assert cache.backend.allocated_bytes() == 0
+        check_cache(cache)

@@ -179,16 +179,24 @@ def release_everything(cache) -> None:
 
 
 def restore_pages(cache, saved: "SavedKV") -> None:
-    """Map again what the requests ``saved`` holds need (all or nothing), then copy their KV back."""
-    slots, slabs = cache._slots, cache._slabs
+    """Map again what the requests ``saved`` holds need (all or nothing), then copy their KV back.
+    The cache's own budget lets running requests have what they need even when it was lowered
+    under that with ``when_free`` (they held it before sleeping); a shared budget may refuse."""
+    slots, slabs, pool = cache._slots, cache._slabs, cache.pool
     cache._stats.unmapped(slabs.settle())
     need = slabs.pages_for(slots.lengths[saved.slots])
     keep = np.where(slots.active, slabs.pages_for(slots.lengths), 0)
     growing = need > slabs.held[saved.slots]
     if growing.any():
-        t0 = time.perf_counter()
-        pages = slabs.grow(saved.slots[growing], need[growing], lambda n, vas: cache._supply(n, vas, keep))
-        cache._stats.mapped(pages, time.perf_counter() - t0)
+        budget = pool.budget_pages
+        if budget is not None:
+            pool.budget_pages = max(budget, needed_pages(cache))
+        try:
+            t0 = time.perf_counter()
+            pages = slabs.grow(saved.slots[growing], need[growing], lambda n, vas: cache._supply(n, vas, keep))
+            cache._stats.mapped(pages, time.perf_counter() - t0)
+        finally:
+            pool.budget_pages = budget
     saved.restore(cache)
 
 
