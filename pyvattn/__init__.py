@@ -15,6 +15,8 @@ demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer
 from .errors import (
     BackendUnavailable,
     BudgetLimitConflict,
+    BudgetTooSmall,
+    CacheAsleep,
     CudaError,
     DriverError,
     LedgerCorrupt,
@@ -62,6 +64,7 @@ __all__ = [
     "KVCache", "VirtualBuffer", "PagePool", "MemoryBudget", "SharedBudget", "backend_names", "select_backend",
     "info", "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
     "CudaError", "UvmError", "LedgerError", "LedgerNotFound", "LedgerCorrupt", "LedgerFull", "BudgetLimitConflict",
+    "BudgetTooSmall", "CacheAsleep",
 ]
 
 

@@ -204,10 +204,12 @@ class Scheduler:
         return arrived
 
     def _admit_each(self, arrived: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
-        """As many of ``arrived`` as memory allows, in order; the rest wait for memory to free."""
+        """As many of ``arrived`` as memory allows, in order; the rest wait for memory to free.
+        ``can_admit`` answers ahead of time, so a request that does not fit costs no slot claimed
+        and freed again."""
         admitted = []
         for item in arrived:
-            if not self._admit_all([item]):
+            if not self.kv.can_admit(item[1]) or not self._admit_all([item]):
                 break
             admitted.append(item)
         return admitted

@@ -86,5 +86,19 @@ class UvmError(DriverError):
     """A pyvattn UVM ioctl failed; ``status`` is the NV_STATUS name (``NV_ERR_...``)."""
 
 
+class BudgetTooSmall(PyvattnError, ValueError):
+    """``set_memory_budget`` was asked for less than the running requests hold; nothing changed.
+    ``needed`` and ``available`` are bytes: what they hold, and the budget asked for."""
+
+    def __init__(self, message: str, *, needed: int = 0, available: int = 0):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+class CacheAsleep(PyvattnError, RuntimeError):
+    """The cache is asleep (``sleep()``): its memory is released until ``wake()``."""
+
+
 class OutOfSlots(PyvattnError, RuntimeError):
     """Every request slot (``max_batch_size`` of them) is in use."""

@@ -20,7 +20,10 @@ import torch
 
 from . import backends
 from .backends.base import undo_one
+from .budget import Budget
 from .buffer import VirtualBuffer
+from .core import elastic
+from .core.elastic import ElasticMemory
 from .core.layout import Layout
 from .core.mapper import BackgroundMapper
 from .core.prefix import PrefixIndex
@@ -29,14 +32,14 @@ from .core.sharing import PrefixSharing
 from .core.slabs import Slabs
 from .core.slots import SlotTable
 from .core.stats import CacheStats
-from .errors import DriverError, OutOfPages, OutOfSlots
+from .errors import CacheAsleep, DriverError, OutOfPages, OutOfSlots
 from .pool import PagePool
 from .units import parse_size
 
 SeqLens = Mapping[int, int] | Sequence[int] | np.ndarray | torch.Tensor
 
 
-class KVCache:
+class KVCache(ElasticMemory):
     """KV tensors for ``max_batch_size`` request slots, growing page by page as requests grow.
 
     Lifecycle of a request: ``slot = alloc_slot()``; before every forward pass ``step({slot: n})``
@@ -64,12 +67,15 @@ class KVCache:
 
     On the host an unmapped token reads as zero (printing a tensor is safe) and writing it faults;
     on a GPU touching one is an illegal-address fault.
+
+    Elastic memory (``free_tokens``, ``can_admit``, ``set_memory_budget``, ``sleep``, ``wake``):
+    see :class:`pyvattn.core.elastic.ElasticMemory`.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_batch_size: int,
                  max_seq_len: int, dtype: torch.dtype = torch.float16,
                  device: str | torch.device = "cpu", page_size: int | str = "auto",
-                 backend: str = "auto", memory_budget: int | str | None = None,
+                 backend: str = "auto", memory_budget: int | str | Budget | None = None,
                  deferred_reclaim: bool = True):
         if not isinstance(deferred_reclaim, (bool, np.bool_)):
             raise ValueError(f"deferred_reclaim={deferred_reclaim!r} must be True or False")
@@ -79,21 +85,28 @@ class KVCache:
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device={device!r} is not a device: {exc}") from None
         self.selection = backends.select(backend, self.device)
+        shared = memory_budget if isinstance(memory_budget, Budget) else None
         layout = Layout.of(self.selection.cls, self.device, num_layers, num_kv_heads, head_dim,
-                           max_batch_size, max_seq_len, dtype, page_size, memory_budget)
+                           max_batch_size, max_seq_len, dtype, page_size, None if shared else memory_budget)
         self.__dict__.update(layout.as_dict())  # num_layers, ..., page_size, token_bytes, slot_bytes
 
         self._lock = threading.Lock()
         self._closed = True  # until everything below exists
         self._forked = False
+        self._asleep: elastic.SavedKV | None = None  # what sleep() kept, while asleep
+        self._account = None
         self.backend = self.selection.cls(self.device, self.page_size)
         try:
+            if shared is not None:  # one account per cache: the pool charges it for every page
+                self._account = shared.open_account(f"KVCache {num_layers}x{num_kv_heads}x{head_dim} "
+                                                    f"batch={max_batch_size} seq={max_seq_len}"[:64])
             layout.check_mapping_room(self.backend, self.selection.name)
             try:
                 self.buffer = VirtualBuffer(self.backend, layout.reservation_bytes)
             except (DriverError, OutOfPages) as exc:
                 raise layout.reservation_error(exc) from exc
-            self.pool = PagePool(self.backend, self.budget_pages, grow_pages=self.num_regions * 4)
+            self.pool = PagePool(self.backend, self.budget_pages, grow_pages=self.num_regions * 4,
+                                 account=self._account)
             self._slots = SlotTable(self.max_batch_size, self.max_seq_len)
             self._slabs = Slabs(self.buffer, self.pool, self.num_regions, self.max_batch_size,
                                 self.pages_per_slot, self.token_bytes, self.max_seq_len)
@@ -190,6 +203,7 @@ class KVCache:
             self._slots.release(slot)
             if not self.deferred_reclaim:
                 self._reclaim([(slot, int(self._slabs.extent[slot]))])
+            self._after_change()
 
     # --- growth ------------------------------------------------------------------------------
     def step(self, seq_lens: SeqLens) -> None:
@@ -204,6 +218,8 @@ class KVCache:
             if grows:
                 self._grow(slots, lens)
             self._slots.record(slots, lens)
+            if grows:
+                self._after_change()
 
     def step_async(self, seq_lens: SeqLens) -> None:
         """Like ``step`` but on a background thread: call it while the current forward pass runs,
@@ -245,7 +261,7 @@ class KVCache:
         """The largest length ``slot`` was stepped to since ``alloc_slot`` (a step with a smaller
         length does not shrink it: pages holding written tokens are never reclaimed)."""
         with self._lock:
-            self._ready()
+            self._ready(asleep_ok=True)
             return int(self._slots.lengths[self._slots.check_slot(slot)])
 
     def mapped_tokens(self, slot: int) -> int:
@@ -274,8 +290,8 @@ class KVCache:
         everything else mapped (finished requests' slots, pages a reused slot holds beyond its
         length: reclaimable at once). ``waste_bytes`` is the last two together."""
         with self._lock:
-            self._ready()
-            return self._stats.report(self)
+            self._ready(asleep_ok=True)
+            return {**self._stats.report(self), "asleep": self._asleep is not None}
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -292,9 +308,14 @@ class KVCache:
         """Drop the cache's own views, then unmap, release and unreserve everything (a range that
         tensors kept from ``k``/``v`` still view stays reserved and sealed until they die)."""
         self.k, self.v = [], []
-        if getattr(self, "buffer", None) is not None:
-            self.buffer.close_views()
-        self.backend.close()
+        self._asleep = None
+        try:
+            if getattr(self, "buffer", None) is not None:
+                self.buffer.close_views()
+            self.backend.close()
+        finally:
+            if self._account is not None:
+                self._account.close()  # gives the shared budget back everything this cache held
 
     def __enter__(self) -> "KVCache":
         return self
@@ -317,19 +338,31 @@ class KVCache:
                 f"dtype={self.dtype}, backend={self.selection.name}, page_size={self.page_size})")
 
     # --- helpers: they run with the lock held, or on the mapper while every caller waits ------
-    def _ready(self) -> None:
-        """Raise if closed; wait for ``step_async``'s mapping and raise its error (to the thread
-        that asked for it)."""
+    def _ready(self, asleep_ok: bool = False) -> None:
+        """Raise if closed (or asleep, unless ``asleep_ok``); wait for ``step_async``'s mapping and
+        raise its error (to the thread that asked for it)."""
         if self._closed:
             raise RuntimeError("this KVCache belongs to the parent process: a forked child must not "
                                "use it (its pages are shared with the parent)" if self._forked
                                else "this KVCache is closed")
         if not self._mapper.idle:
             self._mapper.wait()
+        if self._asleep is not None and not asleep_ok:
+            raise CacheAsleep("this KVCache is asleep (sleep() released its memory): wake() it first")
+
+    def _after_change(self) -> None:
+        """After pages were mapped or given back: release what a budget lowered with ``when_free``
+        no longer allows, and tell a shared budget's ledger what the pages do (for ``top``)."""
+        elastic.enforce_budget(self)
+        if self._account is not None:
+            needed = elastic.needed_pages(self)
+            self._account.report(used=needed * self.page_size,
+                                 retained=(self.buffer.mapped_pages - needed) * self.page_size)
 
     def _grow_and_record(self, slots: np.ndarray, lens: np.ndarray) -> None:
         self._grow(slots, lens)
         self._slots.record(slots, lens)
+        self._after_change()
 
     def _grow(self, slots: np.ndarray, lens: np.ndarray) -> None:
         """Map what ``lens`` needs beyond what each slot holds; all or nothing."""

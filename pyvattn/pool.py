@@ -29,16 +29,23 @@ class PagePool:
       to create more (pages created before that stay free). Nothing is handed out.
     * ``give(handles)`` takes pages back (they must be unmapped); ``reserve(nbytes, at=None)``
       creates pages up front (vAttention's ``reserve_physical_pages``); ``trim`` releases free ones.
-    * ``budget_pages`` caps the pages that exist at once (free + handed out); ``None`` = no cap.
+    * ``budget_pages`` caps the pages that exist at once (free + handed out); ``None`` = no cap. It
+      may be lowered below ``total_pages`` (``KVCache.set_memory_budget``): nothing is taken back,
+      the headroom is negative until pages are released.
+    * ``account`` (a :class:`pyvattn.budget.BudgetAccount`, optional): a budget shared with other
+      caches or processes. Pages are charged to it before they are created and released from it
+      when they are released; the headroom is the smaller of the two budgets'.
     """
 
-    def __init__(self, backend: Backend, budget_pages: int | None = None, grow_pages: int = 64):
+    def __init__(self, backend: Backend, budget_pages: int | None = None, grow_pages: int = 64,
+                 account=None):
         if budget_pages is not None and budget_pages < 0:
             raise ValueError(f"budget_pages={budget_pages} must be >= 0")
         if grow_pages < 1:
             raise ValueError(f"grow_pages={grow_pages} must be >= 1")
         self.backend = backend
         self.budget_pages = budget_pages
+        self.account = account
         self.grow_pages = grow_pages
         self._free: dict[int, None] = {}  # an ordered set: newest last
         self.total_pages = 0  # pages that exist: free + handed out
@@ -54,8 +61,12 @@ class PagePool:
 
     @property
     def headroom(self) -> int:
-        """Pages that may still be created under the budget."""
-        return (1 << 62) if self.budget_pages is None else self.budget_pages - self.total_pages
+        """Pages that may still be created under the budget(s): negative when a lowered
+        ``budget_pages`` is below ``total_pages``."""
+        own = (1 << 62) if self.budget_pages is None else self.budget_pages - self.total_pages
+        if self.account is None:
+            return own
+        return min(own, self.account.headroom() // self.page_size)
 
     def free_handles(self) -> list[int]:
         """The free pages' handles (a copy)."""
@@ -125,6 +136,13 @@ class PagePool:
         """Release every free page. Pages still handed out are the caller's to give back first."""
         self.trim(0)
 
+    def adopt_orphans(self) -> None:
+        """Take in the pages a failed rollback left created (they exist: use or release them)."""
+        orphans = self.backend.adopt_orphans()
+        if orphans:
+            self._free.update(dict.fromkeys(orphans))
+            self.total_pages += len(orphans)
+
     # --- helpers -----------------------------------------------------------------------------
     def _wanted(self, at) -> np.ndarray | None:
         """The handles the backend places at ``at``; ``ANY`` for those in use elsewhere."""
@@ -139,10 +157,7 @@ class PagePool:
     def _stock(self, count: int, wanted: np.ndarray | None, make_room: bool) -> None:
         """Create what a request of ``count`` (``wanted`` handles, if placed) lacks, within the
         budget; with ``make_room``, release free pages that are not wanted to stay within it."""
-        orphans = self.backend.adopt_orphans()  # pages a failed rollback left: they exist, use them
-        if orphans:
-            self._free.update(dict.fromkeys(orphans))
-            self.total_pages += len(orphans)
+        self.adopt_orphans()  # pages a failed rollback left: they exist, use them
         if wanted is None:
             short = count - len(self._free)
             if short > 0 and self.headroom > 0:
@@ -163,7 +178,8 @@ class PagePool:
         keep = set(placed)
         spare = [h for h in self._free if h not in keep]
         if missing and make_room:  # move free pages that sit elsewhere rather than add pages
-            self._release(spare[loose:loose + len(missing)])
+            # (and, over a lowered budget, release what it is over by)
+            self._release(spare[loose:loose + len(missing) + max(0, -self.headroom)])
         make = missing[:max(0, self.headroom)]
         try:
             if make:
@@ -180,7 +196,18 @@ class PagePool:
                           needed=needed, available=len(self._free))
 
     def _create(self, count: int, at: list[int] | None = None) -> None:
-        handles = self.backend.create_pages(count, None if at is None else np.asarray(at, np.int64))
+        nbytes = count * self.page_size
+        if self.account is not None and not self.account.try_charge(nbytes):
+            raise OutOfPages(f"need {count} pages: the shared memory budget refused {nbytes} bytes "
+                             f"({self.account.headroom()} bytes left in it)", needed=count,
+                             available=len(self._free))
+        orphans = self.backend.orphan_pages
+        try:
+            handles = self.backend.create_pages(count, None if at is None else np.asarray(at, np.int64))
+        except BaseException:
+            if self.account is not None:  # pages a failed rollback left stay charged: they exist
+                self.account.release(nbytes - (self.backend.orphan_pages - orphans) * self.page_size)
+            raise
         self.create_calls += 1
         self._free.update(dict.fromkeys(handles))
         self.total_pages += count
@@ -198,3 +225,5 @@ class PagePool:
         for h in handles:
             del self._free[h]
         self.total_pages -= len(handles)
+        if self.account is not None:
+            self.account.release(len(handles) * self.page_size)

@@ -203,7 +203,9 @@ class CacheModel:
         keep = {s: slabs.pages_for(n) for s, n in self.lengths.items()}
         for s, p in need.items():
             keep[s] = max(keep[s], p)
-        return growth <= c.pool.free_pages + c.pool.headroom + self._freeable(keep)
+        # (a budget lowered under what exists makes the headroom negative: a step that maps
+        # nothing still fits)
+        return growth == 0 or growth <= c.pool.free_pages + c.pool.headroom + self._freeable(keep)
 
     def _freeable(self, keep: dict[int, int]) -> int:
         """Pages that reclaiming everything beyond ``keep`` frees: a page (shared or not) comes

@@ -291,6 +291,11 @@ class Backend(abc.ABC):
         mapped.update((va, h) for h, vas in self._also.items() for va in vas)
         return {"mapped": mapped, "live": set(self._live), "orphans": set(self._orphans)}
 
+    @property
+    def orphan_pages(self) -> int:
+        """How many live pages a failed rollback left behind (see ``adopt_orphans``)."""
+        return len(self._orphans)
+
     def adopt_orphans(self) -> list[int]:
         """Hand over the pages a failed rollback left created (live, and nobody's): the caller owns
         them from now on (the pool takes them in the next time it needs pages)."""

@@ -9,5 +9,7 @@
 * ``prefix``: :class:`PrefixIndex`, each slot's prompt as a block-hash chain, and last-use ticks;
 * ``sharing``: :class:`PrefixSharing`, forks and prefix reuse (which slot, what it inherits);
 * ``stats``: :class:`CacheStats`, activity counters and the ``stats()`` report;
-* ``mapper``: :class:`BackgroundMapper`, ``step_async``'s one worker thread.
+* ``mapper``: :class:`BackgroundMapper`, ``step_async``'s one worker thread;
+* ``elastic``: what a new request can still get (``free_tokens``/``can_admit``), a budget changed
+  at run time, and sleep/wake with :class:`SavedKV`, the running requests' KV kept in host memory.
 """
