@@ -382,10 +382,7 @@ class KVCache(ElasticMemory):
             return self.pool.take(count, vas)
         except OutOfPages as exc:
             short, budget_refused = count - exc.available, exc.available > self.pool.free_pages
-        shared = self.backend.mapped_pages != self.backend.mapped_handles
-        plan = Reclaim(self._slabs.held, self._slots.active, self.num_regions,
-                       self._slabs.page_table() if shared else None,
-                       self._prefix.used if self._prefix.any() else None)  # LRU among retained prefixes
+        plan = self._reclaim_plan()
         if budget_refused and short <= plan.reclaimable(keep):
             try:  # the budget allows part of it: the device must agree before anything is reclaimed
                 self.pool.stock(count, vas)
@@ -399,6 +396,14 @@ class KVCache(ElasticMemory):
                 available=count - short + plan.reclaimable(keep)) from None
         self._reclaim(plan.plan(short, keep))
         return self.pool.take(count, vas)
+
+    def _reclaim_plan(self) -> Reclaim:
+        """The reclaim plan over the slabs as they are now (shared pages and retained prefixes' LRU
+        taken into account): what ``step``, ``free_tokens`` and a lowered budget all count from."""
+        shared = self.backend.mapped_pages != self.backend.mapped_handles
+        return Reclaim(self._slabs.held, self._slots.active, self.num_regions,
+                       self._slabs.page_table() if shared else None,
+                       self._prefix.used if self._prefix.any() else None)  # LRU among retained prefixes
 
     def _reclaim(self, plan: list[tuple[int, int]]) -> None:
         """Give back ``pages`` (per region) from the top of each ``slot`` in the plan."""

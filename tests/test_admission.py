@@ -45,6 +45,26 @@ class AdmissionMachine(RuleBasedStateMachine):
         if not admitted:
             self.model.free(slot)
 
+    @rule(prompt=st.integers(0, MAX_LEN), family=st.integers(0, 2))
+    def admit_with_prefix(self, prompt, family):
+        """The same with prefix reuse (issue 14): what can_admit promises still holds when part
+        of the prompt is found in a finished or running request's pages."""
+        cache = self.model.cache
+        expect = cache.can_admit(prompt)
+        slot = self.model.alloc(prompt, family)
+        if slot is None:
+            return
+        admitted = self.model.step({slot: prompt})
+        if expect:
+            assert admitted, f"can_admit({prompt}) said it fits; with a prefix hit the step failed"
+        if not admitted:
+            self.model.free(slot)
+
+    @precondition(lambda self: self.model.lengths)
+    @rule(data=st.data(), tokens=st.integers(0, MAX_LEN))
+    def fork(self, data, tokens):
+        self.model.fork(data.draw(st.sampled_from(self._active())), tokens)
+
     @precondition(lambda self: self.model.lengths)
     @rule(tokens=st.integers(1, 40))
     def decode(self, tokens):

@@ -15,7 +15,6 @@ import torch
 
 from ..errors import BudgetTooSmall
 from ..units import parse_size
-from .reclaim import Reclaim
 
 
 class ElasticMemory:
@@ -114,8 +113,10 @@ def admissible_pages(cache) -> int:
         return 0
     keep = np.where(slots.active, slabs.pages_for(slots.lengths), 0)
     strays = int(slabs.mapped(slots.every).sum()) - int(slabs.held.sum()) * cache.num_regions
-    reclaimable = Reclaim(slabs.held, slots.active, cache.num_regions).reclaimable(keep)
-    shared = (pool.free_pages + pool.headroom + strays + reclaimable) // cache.num_regions
+    plan = cache._reclaim_plan()
+    shared = (pool.free_pages + pool.headroom + strays + plan.reclaimable(keep)) // cache.num_regions
+    if plan.pages is not None:  # a free slot drops pages it shares before a new request writes there
+        return int(min(cache.pages_per_slot, shared))
     return int(min(cache.pages_per_slot, max(shared, int(slabs.held[free].max()))))
 
 
@@ -164,7 +165,7 @@ def release_over(cache, pages: int) -> None:
     over -= pool.trim(max(0, pool.free_pages - over))
     if over > 0:
         keep = np.where(slots.active, slabs.pages_for(slots.lengths), 0)
-        cache._reclaim(Reclaim(slabs.held, slots.active, cache.num_regions).plan(over, keep))
+        cache._reclaim(cache._reclaim_plan().plan(over, keep))
         pool.trim(max(0, pool.free_pages - over))
 
 
