@@ -49,7 +49,6 @@ class UnitMemory:
         self.active = np.zeros(max_batch, dtype=bool)
         self.units = np.zeros(max_batch, dtype=np.int64)  # per region, per slot
         self.total_units = 0  # == units.sum(), kept up to date (summing every step is a hot spot)
-        self.lens = np.zeros(max_batch, dtype=np.int64)  # tokens each active slot last grew to
         self.need = np.zeros(max_batch, dtype=np.int64)  # units_for(lens) of active slots, else 0
         self.needed_units = 0  # == need.sum(): units <= total_units; the rest is retained
         self.reclaimed_units = 0
@@ -83,7 +82,6 @@ class UnitMemory:
             if self.active[slot]:
                 return None
             self.active[slot] = True
-            self.lens[slot] = 0
             return slot
         free = (~self.active).nonzero()[0]
         if len(free) == 0:
@@ -92,7 +90,6 @@ class UnitMemory:
         fits = free[units >= self.units_for(length)] if length else free[:0]
         slot = int(fits[np.argmin(self.units[fits])] if len(fits) else free[np.argmax(units)])
         self.active[slot] = True
-        self.lens[slot] = 0
         return slot
 
     def admit(self, length: int) -> int | None:
@@ -111,17 +108,17 @@ class UnitMemory:
         if added > 0:  # the common case, without arrays: fits the unspent budget
             self.units[slot] += added
             self.total_units += added
-        self.lens[slot] = length
         self.need[slot] = need
         self.needed_units += need
         return slot
 
     def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:
-        need = np.maximum(self.units_for(lens), self.need[slots])  # lengths never shrink
-        growing = need > self.units[slots]
-        if growing.any():
-            g_slots, g_need = slots[growing], need[growing]
-            added = int((g_need - self.units[g_slots]).sum())
+        before = self.need[slots]
+        need = np.maximum(self.units_for(lens), before)  # lengths never shrink
+        held = self.units[slots]
+        more = need - held
+        added = int(more[more > 0].sum())
+        if added:
             if self.budget_units is not None:
                 short = (added + self.total_units) * self.regions - self.budget_units
                 if short > 0:
@@ -129,19 +126,27 @@ class UnitMemory:
                     keep[slots] = need
                     if not self._reclaim(short, keep):
                         return False
-            self.units[g_slots] = g_need
+                    held = self.units[slots]  # a donor may be one of them
+            self.units[slots] = np.maximum(held, need)
             self.total_units += added
-        self.lens[slots] = np.maximum(self.lens[slots], lens)
-        self.needed_units += int((need - self.need[slots]).sum())
+        self.needed_units += int(need.sum()) - int(before.sum())
         self.need[slots] = need
         return True
 
     def _reclaim(self, short: int, keep: np.ndarray) -> bool:
         # KVCache._take_pages: finished slots first, then active slots' excess; most first
+        per_region = -(-short // self.regions)
+        # Usually the finished slot with the most (the lowest among equals) covers it alone
+        finished = np.where(self.active, 0, self.units - keep)
+        first = int(finished.argmax())
+        if finished[first] >= per_region:
+            self.units[first] -= per_region
+            self.total_units -= per_region
+            self.reclaimed_units += per_region * self.regions
+            return True
         excess = np.maximum(self.units - keep, 0)
         if short > int(excess.sum()) * self.regions:
             return False
-        per_region = -(-short // self.regions)
         # Usually the first donor covers it: that is the finished slot with the most excess (else
         # the active one); argmax picks the lowest slot among equals, as the stable sort does.
         finished = np.where(self.active, 0, excess)
@@ -184,9 +189,10 @@ class UnitMemory:
         for as many steps ``k <= horizon`` as can run without a preemption, exactly as that many
         :meth:`grow` calls would: within the unspent budget and, with deferred reclaim, with each
         shortfall reclaimed as :meth:`_reclaim` would take it. Returns the allocated and the
-        retained bytes after each of those steps (two arrays of length k)."""
+        retained bytes after each of those steps (two arrays of length k; retained None where
+        nothing is retained, without deferred reclaim)."""
         horizon = min(horizon, self.max_len - int(lens.max()), _MAX_JUMP)
-        held, total0 = self.units[slots].copy(), self.total_units
+        held, total0 = self.units[slots], self.total_units  # a copy (fancy indexing)
         spare = None if self.budget_units is None else self.budget_units - self.total_units * self.regions
         may_reclaim = self.deferred_reclaim and self.total_units * self.regions > 0
         if spare is not None and spare < self.regions:
@@ -215,12 +221,11 @@ class UnitMemory:
         grown = np.maximum(held, need[:, -1])  # held: after any reclaims from these slots
         self.total_units = total0 - int(reclaimed[-1]) + int(added[-1])
         self.units[slots] = grown
-        self.lens[slots] = lens + steps
         self.needed_units += int((need[:, -1] - self.need[slots]).sum())
         self.need[slots] = need[:, -1]
         allocated = (total0 - reclaimed + added) * self.regions * self.unit_bytes
         if not self.deferred_reclaim:
-            return allocated, np.zeros(steps, dtype=np.int64)
+            return allocated, None
         # retained: finished slots' units (less what was taken from them) + the advancing slots'
         # units beyond their need (which shrink as they grow into them, or are taken)
         mine = np.maximum(held[:, None] - need, 0).sum(axis=0)
@@ -235,7 +240,8 @@ class UnitMemory:
         the jump is no longer than one unit: each slot then needs one more unit at most once, at
         the step its length first passes what it holds, so sorting those steps replaces the
         (slots x steps) array. Same result; the common case, so worth the second path."""
-        crossing = np.sort(held * self._tokens_per_unit - lens + 1)  # step at which each needs one more
+        crosses_at = held * self._tokens_per_unit - lens + 1  # step at which each needs one more
+        crossing = np.sort(crosses_at)
         steps = horizon
         if spare is not None:
             affordable = spare // self.regions  # units per region the budget still allows
@@ -244,13 +250,12 @@ class UnitMemory:
         if steps <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         added = np.searchsorted(crossing, np.arange(1, steps + 1), side="right")  # cumulative
-        grown = held + (held * self._tokens_per_unit - lens + 1 <= steps)
+        grown = held + (crosses_at <= steps)
         total0 = self.total_units
         self.total_units += int(added[-1])
         self.needed_units += int(added[-1])  # without deferred reclaim every unit is needed
         self.units[slots] = self.need[slots] = grown
-        self.lens[slots] = lens + steps
-        return (total0 + added) * self.regions * self.unit_bytes, np.zeros(steps, dtype=np.int64)
+        return (total0 + added) * (self.regions * self.unit_bytes), None
 
     def _advance_deferred_by_crossings(self, slots, lens, held, horizon: int, spare: int | None,
                                        may_reclaim: bool):
@@ -290,7 +295,6 @@ class UnitMemory:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         self.total_units = total0 - taken + added_total
         self.units[slots] = held_now
-        self.lens[slots] = lens + steps
         self.needed_units += int((need_now - need0).sum())
         self.need[slots] = need_now
         return np.array(alloc, dtype=np.int64), np.array(kept, dtype=np.int64)
