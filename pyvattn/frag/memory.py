@@ -14,6 +14,7 @@ import heapq
 import numpy as np
 
 _MAX_JUMP = 4096  # steps simulated at once: bounds a (slots x steps) array to a few MiB
+_NONE = np.iinfo(np.int64).max  # a masked-out slot in a best-fit search
 _RECLAIM_JUMP = 256  # steps past the unspent budget one advance looks at when it may reclaim
 
 
@@ -83,12 +84,16 @@ class UnitMemory:
                 return None
             self.active[slot] = True
             return slot
-        free = (~self.active).nonzero()[0]
-        if len(free) == 0:
-            return None
-        units = self.units[free]
-        fits = free[units >= self.units_for(length)] if length else free[:0]
-        slot = int(fits[np.argmin(self.units[fits])] if len(fits) else free[np.argmax(units)])
+        # best fit: the free slot with the fewest units that cover ``length``, else the one with
+        # the most; the lowest slot among equals
+        units = self.units
+        covering = np.where(self.active | (units < self.units_for(length)), _NONE, units) if length else None
+        slot = int(covering.argmin()) if length else 0
+        if not length or covering[slot] == _NONE:
+            largest = np.where(self.active, -1, units)
+            slot = int(largest.argmax())
+            if largest[slot] < 0:
+                return None
         self.active[slot] = True
         return slot
 
@@ -99,14 +104,16 @@ class UnitMemory:
             return None
         need = self.units_for(length)
         added = need - int(self.units[slot])
-        if added > 0 and self.budget_units is not None \
-                and (added + self.total_units) * self.regions > self.budget_units:
-            if not self.grow(np.array([slot]), np.array([length])):  # reclaims, as grow() does
-                self.free(slot)
-                return None
-            return slot
-        if added > 0:  # the common case, without arrays: fits the unspent budget
-            self.units[slot] += added
+        if added > 0:
+            short = -1 if self.budget_units is None else \
+                (added + self.total_units) * self.regions - self.budget_units
+            if short > 0:  # reclaim as grow() would (this slot, short of its need, gives nothing)
+                keep = self.need.copy()
+                keep[slot] = need
+                if not self._reclaim(short, keep):
+                    self.free(slot)
+                    return None
+            self.units[slot] = need
             self.total_units += added
         self.need[slot] = need
         self.needed_units += need
@@ -275,17 +282,22 @@ class UnitMemory:
             affordable = spare // regions
             if affordable < len(crossing) and crossing[affordable] <= horizon:
                 free_steps = int(crossing[affordable]) - 1
-        t_axis = np.arange(1, free_steps + 1)
-        added = np.searchsorted(crossing, t_axis, side="right")  # cumulative units per region
-        mine0 = int((held - need0).sum())  # units the advancing slots hold beyond their need
-        shrinks = np.sort(grows_at[held > need0])
-        mine = mine0 - np.searchsorted(shrinks, t_axis, side="right")
-        total0, finished0 = self.total_units, self.retained_units() // regions - mine0
-        alloc = ((total0 + added) * regions * self.unit_bytes).tolist()
-        kept = ((finished0 + mine) * regions * self.unit_bytes).tolist()
-        held_now = held + (held * T - lens + 1 <= free_steps)
-        need_now = need0 + (grows_at <= free_steps)
-        added_total, taken = int(added[-1]) if free_steps else 0, 0
+        total0 = self.total_units
+        if free_steps:
+            t_axis = np.arange(1, free_steps + 1)
+            added = np.searchsorted(crossing, t_axis, side="right")  # cumulative units per region
+            mine0 = int((held - need0).sum())  # units the advancing slots hold beyond their need
+            shrinks = np.sort(grows_at[held > need0])
+            mine = mine0 - np.searchsorted(shrinks, t_axis, side="right")
+            finished0 = self.retained_units() // regions - mine0
+            alloc = ((total0 + added) * regions * self.unit_bytes).tolist()
+            kept = ((finished0 + mine) * regions * self.unit_bytes).tolist()
+            held_now = held + (held * T - lens + 1 <= free_steps)
+            need_now = need0 + (grows_at <= free_steps)
+            added_total = int(added[-1])
+        else:  # the budget is spent (the usual case with deferred reclaim): every step reclaims
+            alloc, kept, held_now, need_now, added_total = [], [], held, need0.copy(), 0
+        taken = 0
         if free_steps < horizon and may_reclaim:
             added_total, taken = self._deferred_steps(held_now, need_now, grows_at, free_steps,
                                                       min(horizon, free_steps + _RECLAIM_JUMP), added_total,
@@ -307,9 +319,9 @@ class UnitMemory:
         region grown (cumulative, from the jump's start) and taken from donors (already taken
         from the finished ones in ``self.units``)."""
         regions, budget, total0 = self.regions, self.budget_units, self.total_units
-        order = np.argsort(grows_at, kind="stable")
-        events = order[grows_at[order] > start].tolist()
-        when = grows_at.tolist()
+        due = ((grows_at > start) & (grows_at <= stop)).nonzero()[0]
+        order = due[np.argsort(grows_at[due], kind="stable")]
+        events, when = order.tolist(), grows_at[order].tolist()  # rows whose need grows, and when
         i = 0
         heap = None
         taken = 0
@@ -318,7 +330,7 @@ class UnitMemory:
         unit_bytes = self.unit_bytes
         for step in range(start + 1, stop + 1):
             crossing, shrinking = [], 0
-            while i < len(events) and when[events[i]] == step:
+            while i < len(events) and when[i] == step:
                 row = events[i]
                 i += 1
                 if need[row] + 1 > held[row]:
@@ -374,9 +386,9 @@ class UnitMemory:
         the heap's top ranks after it, the heap is no longer the true order. A jump takes a few
         units at most, so the few largest donors are enough."""
         units = np.where(self.active, 0, self.units)
-        order = np.argsort(-units, kind="stable")  # the most first; the lowest slot among equals
-        heap = [(-int(units[s]), int(s)) for s in order[:size] if units[s] > 0]
-        beyond = (-int(units[order[size]]), int(order[size])) if len(order) > size and units[order[size]] > 0 else None
+        order = np.argsort(-units, kind="stable")[:size + 1]  # the most first; the lowest slot among equals
+        best = [(-u, s) for u, s in zip(units[order].tolist(), order.tolist()) if u > 0]
+        heap, beyond = best[:size], (best[size] if len(best) > size else None)
         heapq.heapify(heap)
         return heap, beyond
 
