@@ -58,7 +58,7 @@ class UnitMemory:
 
     def units_for(self, lens: np.ndarray | int) -> np.ndarray | int:
         """Units per region that ``lens`` tokens occupy."""
-        return -(-lens * self.token_bytes // self.unit_bytes)
+        return (lens * self.token_bytes + (self.unit_bytes - 1)) // self.unit_bytes
 
     def need_units(self, lens: np.ndarray | int) -> np.ndarray | int:
         """Units in all regions that a request of ``lens`` tokens holds."""
@@ -123,9 +123,9 @@ class UnitMemory:
         before = self.need[slots]
         need = np.maximum(self.units_for(lens), before)  # lengths never shrink
         held = self.units[slots]
-        more = need - held
-        added = int(more[more > 0].sum())
-        if added:
+        growing = need > held
+        if growing.any():
+            added = int((need - held)[growing].sum())
             if self.budget_units is not None:
                 short = (added + self.total_units) * self.regions - self.budget_units
                 if short > 0:

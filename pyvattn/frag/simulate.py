@@ -425,16 +425,16 @@ class _Server:
 
     def _complete(self, done: np.ndarray, at_step: int) -> None:
         """Requests in ``done`` (slots) reached their length at ``at_step``: record and free them."""
-        out, memory, req = self.out, self.memory, self.req
-        r, tokens = req[done], self.length[done]
-        out.completion_step[r] = at_step
-        out.completion_alloc[r] = memory.held_bytes(done)
-        out.completion_used[r] = tokens * self.bytes_per_token
-        out.completion_needed[r] = memory.need_bytes(tokens)
-        self.live_tokens -= int(tokens.sum())
-        for slot in done.tolist():
-            memory.free(slot)
-        req[done] = -1
+        out, memory, length, req = self.out, self.memory, self.length, self.req
+        for s, held in zip(done.tolist(), memory.held_bytes(done).tolist()):  # usually one
+            r, tokens = int(req[s]), int(length[s])
+            out.completion_step[r] = at_step
+            out.completion_alloc[r] = held
+            out.completion_used[r] = tokens * self.bytes_per_token
+            out.completion_needed[r] = int(memory.need_bytes(tokens))
+            self.live_tokens -= tokens
+            memory.free(s)
+            req[s] = -1
         self.finished += len(done)
         self.stuck = False
         self.last_progress = at_step
