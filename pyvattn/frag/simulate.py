@@ -470,7 +470,7 @@ class _Server:
         n_run = len(slots)
         out.series.add_run(allocated, retained, (self.live_tokens + n_run) * self.bytes_per_token,
                            n_run * self.bytes_per_token, n_run)
-        self.length[slots] += jump
+        self.length[slots] = lens + jump
         self.live_tokens += jump * n_run
         self.step += jump
         if jump == first_done:  # the last step jumped over is a completion step
