@@ -276,7 +276,8 @@ class UnitMemory:
         T, regions = self._tokens_per_unit, self.regions
         need0 = self.need[slots]
         grows_at = need0 * T - lens + 1  # step at which each slot's need grows by one unit
-        crossing = np.sort(held * T - lens + 1)  # ... and at which it needs more than it holds
+        crosses_at = held * T - lens + 1  # ... and at which it needs more than it holds
+        crossing = np.sort(crosses_at)
         free_steps = horizon
         if spare is not None:
             affordable = spare // regions
@@ -290,26 +291,26 @@ class UnitMemory:
             shrinks = np.sort(grows_at[held > need0])
             mine = mine0 - np.searchsorted(shrinks, t_axis, side="right")
             finished0 = self.retained_units() // regions - mine0
-            alloc = ((total0 + added) * regions * self.unit_bytes).tolist()
-            kept = ((finished0 + mine) * regions * self.unit_bytes).tolist()
-            held_now = held + (held * T - lens + 1 <= free_steps)
+            unit_bytes = regions * self.unit_bytes
+            alloc, kept = (total0 + added) * unit_bytes, (finished0 + mine) * unit_bytes
+            held_now = held + (crosses_at <= free_steps)
             need_now = need0 + (grows_at <= free_steps)
             added_total = int(added[-1])
         else:  # the budget is spent (the usual case with deferred reclaim): every step reclaims
             alloc, kept, held_now, need_now, added_total = [], [], held, need0.copy(), 0
         taken = 0
         if free_steps < horizon and may_reclaim:
+            alloc, kept = list(alloc), list(kept)  # the step-by-step part appends to them
             added_total, taken = self._deferred_steps(held_now, need_now, grows_at, free_steps,
                                                       min(horizon, free_steps + _RECLAIM_JUMP), added_total,
                                                       alloc, kept)
-        steps = len(alloc)
-        if not steps:
+        if not len(alloc):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         self.total_units = total0 - taken + added_total
         self.units[slots] = held_now
         self.needed_units += int((need_now - need0).sum())
         self.need[slots] = need_now
-        return np.array(alloc, dtype=np.int64), np.array(kept, dtype=np.int64)
+        return np.asarray(alloc, dtype=np.int64), np.asarray(kept, dtype=np.int64)
 
     def _deferred_steps(self, held, need, grows_at, start: int, stop: int, added: int,
                         alloc: list, kept: list) -> tuple[int, int]:
