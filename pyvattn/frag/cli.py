@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests of the scaled measured run (default: enough that the budget binds)")
     p.add_argument("--backend", default="host", help="KVCache backend of the measured run (host, cuda-vmm, uvm64k)")
     p.add_argument("--device", default="cpu", help="device of the measured run (cpu, cuda)")
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="compare prefill tokens saved, memory and concurrency with prefix sharing (block "
+                        "sharing, page aliasing) on a trace with block hashes (Mooncake JSONL hash_ids)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="directory for the JSON and PNGs ($XDG_CACHE_HOME/pyvattn/frag by default)")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
@@ -70,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.step_ms is not None and args.arrivals != "timestamps":
         parser.error("--step-ms applies only with --arrivals timestamps")
+    if args.prefix_sharing:
+        if args.measured:
+            parser.error("--measured does not apply with --prefix-sharing (it simulates only)")
+        from .prefix_report import main as prefix_main
+
+        return prefix_main(args)
     from ..units import parse_size
     from .models import get_model
     from .report import Experiment, compare, markdown_table, plot, save_json, warnings
