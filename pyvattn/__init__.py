@@ -14,8 +14,13 @@ demand, so unmodified attention kernels run on the plain tensors ``cache.k[layer
 
 from .errors import (
     BackendUnavailable,
+    BudgetLimitConflict,
     CudaError,
     DriverError,
+    LedgerCorrupt,
+    LedgerError,
+    LedgerFull,
+    LedgerNotFound,
     OSCallError,
     OutOfPages,
     OutOfSlots,
@@ -29,6 +34,8 @@ _LAZY = {
     "KVCache": (".kvcache", "KVCache"),
     "VirtualBuffer": (".buffer", "VirtualBuffer"),
     "PagePool": (".pool", "PagePool"),
+    "MemoryBudget": (".budget", "MemoryBudget"),
+    "SharedBudget": (".budget", "SharedBudget"),
     "backend_names": (".backends", "backend_names"),
     "select_backend": (".backends", "select"),
 }
@@ -52,9 +59,9 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "KVCache", "VirtualBuffer", "PagePool", "backend_names", "select_backend", "info",
-    "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
-    "CudaError", "UvmError",
+    "KVCache", "VirtualBuffer", "PagePool", "MemoryBudget", "SharedBudget", "backend_names", "select_backend",
+    "info", "PyvattnError", "OutOfPages", "OutOfSlots", "BackendUnavailable", "DriverError", "OSCallError",
+    "CudaError", "UvmError", "LedgerError", "LedgerNotFound", "LedgerCorrupt", "LedgerFull", "BudgetLimitConflict",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Command line: python -m pyvattn {info,demo,frag,serve} ...
+"""Command line: python -m pyvattn {info,demo,top,frag,serve} ...
 
 The parsers are built without importing torch, so --help answers at once; a command imports what
 it needs when it runs. Bad arguments are one line on stderr and exit status 2.
@@ -115,6 +115,23 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     arg("--backend", choices=BACKENDS, default="auto", help="where physical pages come from")
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def add_top_arguments(p: argparse.ArgumentParser) -> None:
+    arg = p.add_argument
+    arg("--name", default=None, metavar="NAME", help="the SharedBudget to show; default: every one on this machine")
+    arg("--once", action="store_true", help="print one frame and exit (for scripts)")
+    arg("--interval", type=positive_seconds, default=1.0, metavar="S", help="seconds between frames")
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="python -m pyvattn",
@@ -122,6 +139,7 @@ def build_parser() -> Parser:
         epilog="examples:\n"
                "  python -m pyvattn info              which backends run here, and which one auto picks\n"
                "  python -m pyvattn demo              KV tensors growing for requests of a real trace\n"
+               "  python -m pyvattn top               processes sharing a SharedBudget, and their bytes\n"
                "  python -m pyvattn frag --help       memory wasted by allocation schemes on real traces\n"
                "  python -m pyvattn serve --help      a model served on pyvattn's continuous-batching engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -133,6 +151,12 @@ def build_parser() -> Parser:
         description="Admits requests from a real trace into a KVCache, prefills and decodes them, and\n"
                     "prints where the memory goes (legend in the output). Every K/V value is written and\n"
                     "read back. The same requests under static reservation are shown side by side."))
+    add_top_arguments(sub.add_parser(
+        "top", help="the SharedBudget ledgers, live: bytes each process's caches use, retain and charge",
+        description="The SharedBudget ledgers in /dev/shm (or $PYVATTN_BUDGET_DIR), refreshed every\n"
+                    "--interval seconds until Ctrl-C: for each account its process, label, and bytes\n"
+                    "used / retained / charged; for each budget its limit and headroom. Processes that\n"
+                    "exited are marked; their share returns to the budget at the next charge that needs it."))
     sub.add_parser("frag", add_help=False, help="fragmentation of allocation schemes on request traces (frag --help)")
     sub.add_parser("serve", add_help=False, help="a model served by pyvattn's continuous-batching engine "
                                                  "(serve --help)")
@@ -156,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         facts = collect(args.device)
         print(json.dumps(facts, indent=2) if args.json else render(facts))
         return 0
+    if args.command == "top":
+        from .budget.top import main as top_main
+
+        return top_main(args.name, args.once, args.interval)
     from .demo import run
 
     try:

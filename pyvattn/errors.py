@@ -24,6 +24,26 @@ class OutOfPages(PyvattnError, MemoryError):
         self.available = available
 
 
+class LedgerError(PyvattnError, RuntimeError):
+    """A :class:`pyvattn.SharedBudget` ledger cannot be used as it is."""
+
+
+class LedgerNotFound(LedgerError, FileNotFoundError):
+    """No ledger of that name (``SharedBudget(name, create=False)``, ``python -m pyvattn top --name``)."""
+
+
+class LedgerCorrupt(LedgerError):
+    """The ledger file is not a pyvattn budget ledger of this version (bad magic, version or size)."""
+
+
+class LedgerFull(LedgerError):
+    """Every account slot of the ledger belongs to a live process."""
+
+
+class BudgetLimitConflict(PyvattnError, ValueError):
+    """A :class:`pyvattn.SharedBudget` was opened with a limit other than the one its ledger has."""
+
+
 class BackendUnavailable(PyvattnError, RuntimeError):
     """The requested backend cannot run here (no GPU, no libcuda, module not loaded, ...)."""
 
