@@ -2,12 +2,14 @@
 """Time the fragmentation simulation: all 12 schemes on whole traces, up to a million requests.
 
 For each trace: wall time, CPU time of this process and its workers (user + sys), peak resident
-memory of the largest process, steps simulated. Prints a table and saves JSON (default
-benchmarks/results/bench_frag.json). Synthetic traces (``synthetic:N``, seeded) are generated in
-memory, never written to disk.
+memory of the largest process, steps simulated. Prints a table and writes JSON to
+bench-results/bench_frag.json (git-ignored; ``--out PATH`` elsewhere), or with ``--save`` to the
+committed benchmarks/results/bench_frag.json. Synthetic traces (``synthetic:N``, seeded) are
+generated in memory, never written to disk.
 
     python scripts/bench_frag.py                                  # sharegpt, azure-conv, synthetic:1000000
     python scripts/bench_frag.py --trace /path/to/bwb.csv --trace synthetic:100000
+    python scripts/bench_frag.py --save                           # update the committed results
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import resultpath
+from pyvattn.argtypes import positive_int
 from pyvattn.frag.models import get_model
 from pyvattn.frag.report import Experiment, compare
 from pyvattn.frag.traces import load_trace
@@ -48,15 +52,27 @@ def bench(trace: str, model: str, budget: int, jobs: int | None) -> dict:
             "served": min(r.served for r in results), "rejected": max(r.rejected_total for r in results)}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", action="append", help="trace (repeatable)")
     ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--budget-gib", type=int, default=40)
-    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU)")
-    ap.add_argument("--out", default="benchmarks/results/bench_frag.json")
-    args = ap.parse_args()
+    ap.add_argument("--budget-gib", type=positive_int, default=40)
+    ap.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: one per CPU)")
+    resultpath.add_output_arguments(ap, "bench_frag")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     traces = args.trace or ["sharegpt", "azure-conv", "synthetic:1000000"]
+    try:
+        get_model(args.model)
+        for trace in traces:  # every name checked before the first (long) run
+            load_trace(trace, 1)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    load_before = os.getloadavg()
     rows = []
     for trace in traces:
         rows.append(bench(trace, args.model, args.budget_gib << 30, args.jobs))
@@ -65,6 +81,7 @@ def main() -> int:
               f"{r['cpu_s']:>7.1f} s CPU  {r['peak_rss_mib']:>6} MiB peak  {r['steps']:>12,} steps", flush=True)
     load = os.getloadavg()
     doc = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                       "load_average_before": [round(x, 2) for x in load_before],
                        "load_average_after": [round(x, 2) for x in load]},
            "note": "12 schemes per trace in worker processes (one per CPU); cpu_s counts all of them; "
                    "the machine may be shared: compare cpu_s / cpus with wall_s",

@@ -14,6 +14,7 @@ import heapq
 import numpy as np
 
 _MAX_JUMP = 4096  # steps simulated at once: bounds a (slots x steps) array to a few MiB
+_NONE = np.iinfo(np.int64).max  # a masked-out slot in a best-fit search
 _RECLAIM_JUMP = 256  # steps past the unspent budget one advance looks at when it may reclaim
 
 
@@ -49,7 +50,6 @@ class UnitMemory:
         self.active = np.zeros(max_batch, dtype=bool)
         self.units = np.zeros(max_batch, dtype=np.int64)  # per region, per slot
         self.total_units = 0  # == units.sum(), kept up to date (summing every step is a hot spot)
-        self.lens = np.zeros(max_batch, dtype=np.int64)  # tokens each active slot last grew to
         self.need = np.zeros(max_batch, dtype=np.int64)  # units_for(lens) of active slots, else 0
         self.needed_units = 0  # == need.sum(): units <= total_units; the rest is retained
         self.reclaimed_units = 0
@@ -58,7 +58,7 @@ class UnitMemory:
 
     def units_for(self, lens: np.ndarray | int) -> np.ndarray | int:
         """Units per region that ``lens`` tokens occupy."""
-        return -(-lens * self.token_bytes // self.unit_bytes)
+        return (lens * self.token_bytes + (self.unit_bytes - 1)) // self.unit_bytes
 
     def need_units(self, lens: np.ndarray | int) -> np.ndarray | int:
         """Units in all regions that a request of ``lens`` tokens holds."""
@@ -83,16 +83,18 @@ class UnitMemory:
             if self.active[slot]:
                 return None
             self.active[slot] = True
-            self.lens[slot] = 0
             return slot
-        free = (~self.active).nonzero()[0]
-        if len(free) == 0:
-            return None
-        units = self.units[free]
-        fits = free[units >= self.units_for(length)] if length else free[:0]
-        slot = int(fits[np.argmin(self.units[fits])] if len(fits) else free[np.argmax(units)])
+        # best fit: the free slot with the fewest units that cover ``length``, else the one with
+        # the most; the lowest slot among equals
+        units = self.units
+        covering = np.where(self.active | (units < self.units_for(length)), _NONE, units) if length else None
+        slot = int(covering.argmin()) if length else 0
+        if not length or covering[slot] == _NONE:
+            largest = np.where(self.active, -1, units)
+            slot = int(largest.argmax())
+            if largest[slot] < 0:
+                return None
         self.active[slot] = True
-        self.lens[slot] = 0
         return slot
 
     def admit(self, length: int) -> int | None:
@@ -102,26 +104,28 @@ class UnitMemory:
             return None
         need = self.units_for(length)
         added = need - int(self.units[slot])
-        if added > 0 and self.budget_units is not None \
-                and (added + self.total_units) * self.regions > self.budget_units:
-            if not self.grow(np.array([slot]), np.array([length])):  # reclaims, as grow() does
-                self.free(slot)
-                return None
-            return slot
-        if added > 0:  # the common case, without arrays: fits the unspent budget
-            self.units[slot] += added
+        if added > 0:
+            short = -1 if self.budget_units is None else \
+                (added + self.total_units) * self.regions - self.budget_units
+            if short > 0:  # reclaim as grow() would (this slot, short of its need, gives nothing)
+                keep = self.need.copy()
+                keep[slot] = need
+                if not self._reclaim(short, keep):
+                    self.free(slot)
+                    return None
+            self.units[slot] = need
             self.total_units += added
-        self.lens[slot] = length
         self.need[slot] = need
         self.needed_units += need
         return slot
 
     def grow(self, slots: np.ndarray, lens: np.ndarray) -> bool:
-        need = np.maximum(self.units_for(lens), self.need[slots])  # lengths never shrink
-        growing = need > self.units[slots]
+        before = self.need[slots]
+        need = np.maximum(self.units_for(lens), before)  # lengths never shrink
+        held = self.units[slots]
+        growing = need > held
         if growing.any():
-            g_slots, g_need = slots[growing], need[growing]
-            added = int((g_need - self.units[g_slots]).sum())
+            added = int((need - held)[growing].sum())
             if self.budget_units is not None:
                 short = (added + self.total_units) * self.regions - self.budget_units
                 if short > 0:
@@ -129,19 +133,27 @@ class UnitMemory:
                     keep[slots] = need
                     if not self._reclaim(short, keep):
                         return False
-            self.units[g_slots] = g_need
+                    held = self.units[slots]  # a donor may be one of them
+            self.units[slots] = np.maximum(held, need)
             self.total_units += added
-        self.lens[slots] = np.maximum(self.lens[slots], lens)
-        self.needed_units += int((need - self.need[slots]).sum())
+        self.needed_units += int(need.sum()) - int(before.sum())
         self.need[slots] = need
         return True
 
     def _reclaim(self, short: int, keep: np.ndarray) -> bool:
         # KVCache._take_pages: finished slots first, then active slots' excess; most first
+        per_region = -(-short // self.regions)
+        # Usually the finished slot with the most (the lowest among equals) covers it alone
+        finished = np.where(self.active, 0, self.units - keep)
+        first = int(finished.argmax())
+        if finished[first] >= per_region:
+            self.units[first] -= per_region
+            self.total_units -= per_region
+            self.reclaimed_units += per_region * self.regions
+            return True
         excess = np.maximum(self.units - keep, 0)
         if short > int(excess.sum()) * self.regions:
             return False
-        per_region = -(-short // self.regions)
         # Usually the first donor covers it: that is the finished slot with the most excess (else
         # the active one); argmax picks the lowest slot among equals, as the stable sort does.
         finished = np.where(self.active, 0, excess)
@@ -184,9 +196,10 @@ class UnitMemory:
         for as many steps ``k <= horizon`` as can run without a preemption, exactly as that many
         :meth:`grow` calls would: within the unspent budget and, with deferred reclaim, with each
         shortfall reclaimed as :meth:`_reclaim` would take it. Returns the allocated and the
-        retained bytes after each of those steps (two arrays of length k)."""
+        retained bytes after each of those steps (two arrays of length k; retained None where
+        nothing is retained, without deferred reclaim)."""
         horizon = min(horizon, self.max_len - int(lens.max()), _MAX_JUMP)
-        held, total0 = self.units[slots].copy(), self.total_units
+        held, total0 = self.units[slots], self.total_units  # a copy (fancy indexing)
         spare = None if self.budget_units is None else self.budget_units - self.total_units * self.regions
         may_reclaim = self.deferred_reclaim and self.total_units * self.regions > 0
         if spare is not None and spare < self.regions:
@@ -215,12 +228,11 @@ class UnitMemory:
         grown = np.maximum(held, need[:, -1])  # held: after any reclaims from these slots
         self.total_units = total0 - int(reclaimed[-1]) + int(added[-1])
         self.units[slots] = grown
-        self.lens[slots] = lens + steps
         self.needed_units += int((need[:, -1] - self.need[slots]).sum())
         self.need[slots] = need[:, -1]
         allocated = (total0 - reclaimed + added) * self.regions * self.unit_bytes
         if not self.deferred_reclaim:
-            return allocated, np.zeros(steps, dtype=np.int64)
+            return allocated, None
         # retained: finished slots' units (less what was taken from them) + the advancing slots'
         # units beyond their need (which shrink as they grow into them, or are taken)
         mine = np.maximum(held[:, None] - need, 0).sum(axis=0)
@@ -235,7 +247,8 @@ class UnitMemory:
         the jump is no longer than one unit: each slot then needs one more unit at most once, at
         the step its length first passes what it holds, so sorting those steps replaces the
         (slots x steps) array. Same result; the common case, so worth the second path."""
-        crossing = np.sort(held * self._tokens_per_unit - lens + 1)  # step at which each needs one more
+        crosses_at = held * self._tokens_per_unit - lens + 1  # step at which each needs one more
+        crossing = np.sort(crosses_at)
         steps = horizon
         if spare is not None:
             affordable = spare // self.regions  # units per region the budget still allows
@@ -244,13 +257,12 @@ class UnitMemory:
         if steps <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         added = np.searchsorted(crossing, np.arange(1, steps + 1), side="right")  # cumulative
-        grown = held + (held * self._tokens_per_unit - lens + 1 <= steps)
+        grown = held + (crosses_at <= steps)
         total0 = self.total_units
         self.total_units += int(added[-1])
         self.needed_units += int(added[-1])  # without deferred reclaim every unit is needed
         self.units[slots] = self.need[slots] = grown
-        self.lens[slots] = lens + steps
-        return (total0 + added) * self.regions * self.unit_bytes, np.zeros(steps, dtype=np.int64)
+        return (total0 + added) * (self.regions * self.unit_bytes), None
 
     def _advance_deferred_by_crossings(self, slots, lens, held, horizon: int, spare: int | None,
                                        may_reclaim: bool):
@@ -264,36 +276,41 @@ class UnitMemory:
         T, regions = self._tokens_per_unit, self.regions
         need0 = self.need[slots]
         grows_at = need0 * T - lens + 1  # step at which each slot's need grows by one unit
-        crossing = np.sort(held * T - lens + 1)  # ... and at which it needs more than it holds
+        crosses_at = held * T - lens + 1  # ... and at which it needs more than it holds
+        crossing = np.sort(crosses_at)
         free_steps = horizon
         if spare is not None:
             affordable = spare // regions
             if affordable < len(crossing) and crossing[affordable] <= horizon:
                 free_steps = int(crossing[affordable]) - 1
-        t_axis = np.arange(1, free_steps + 1)
-        added = np.searchsorted(crossing, t_axis, side="right")  # cumulative units per region
-        mine0 = int((held - need0).sum())  # units the advancing slots hold beyond their need
-        shrinks = np.sort(grows_at[held > need0])
-        mine = mine0 - np.searchsorted(shrinks, t_axis, side="right")
-        total0, finished0 = self.total_units, self.retained_units() // regions - mine0
-        alloc = ((total0 + added) * regions * self.unit_bytes).tolist()
-        kept = ((finished0 + mine) * regions * self.unit_bytes).tolist()
-        held_now = held + (held * T - lens + 1 <= free_steps)
-        need_now = need0 + (grows_at <= free_steps)
-        added_total, taken = int(added[-1]) if free_steps else 0, 0
+        total0 = self.total_units
+        if free_steps:
+            t_axis = np.arange(1, free_steps + 1)
+            added = np.searchsorted(crossing, t_axis, side="right")  # cumulative units per region
+            mine0 = int((held - need0).sum())  # units the advancing slots hold beyond their need
+            shrinks = np.sort(grows_at[held > need0])
+            mine = mine0 - np.searchsorted(shrinks, t_axis, side="right")
+            finished0 = self.retained_units() // regions - mine0
+            unit_bytes = regions * self.unit_bytes
+            alloc, kept = (total0 + added) * unit_bytes, (finished0 + mine) * unit_bytes
+            held_now = held + (crosses_at <= free_steps)
+            need_now = need0 + (grows_at <= free_steps)
+            added_total = int(added[-1])
+        else:  # the budget is spent (the usual case with deferred reclaim): every step reclaims
+            alloc, kept, held_now, need_now, added_total = [], [], held, need0.copy(), 0
+        taken = 0
         if free_steps < horizon and may_reclaim:
+            alloc, kept = list(alloc), list(kept)  # the step-by-step part appends to them
             added_total, taken = self._deferred_steps(held_now, need_now, grows_at, free_steps,
                                                       min(horizon, free_steps + _RECLAIM_JUMP), added_total,
                                                       alloc, kept)
-        steps = len(alloc)
-        if not steps:
+        if not len(alloc):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         self.total_units = total0 - taken + added_total
         self.units[slots] = held_now
-        self.lens[slots] = lens + steps
         self.needed_units += int((need_now - need0).sum())
         self.need[slots] = need_now
-        return np.array(alloc, dtype=np.int64), np.array(kept, dtype=np.int64)
+        return np.asarray(alloc, dtype=np.int64), np.asarray(kept, dtype=np.int64)
 
     def _deferred_steps(self, held, need, grows_at, start: int, stop: int, added: int,
                         alloc: list, kept: list) -> tuple[int, int]:
@@ -303,9 +320,9 @@ class UnitMemory:
         region grown (cumulative, from the jump's start) and taken from donors (already taken
         from the finished ones in ``self.units``)."""
         regions, budget, total0 = self.regions, self.budget_units, self.total_units
-        order = np.argsort(grows_at, kind="stable")
-        events = order[grows_at[order] > start].tolist()
-        when = grows_at.tolist()
+        due = ((grows_at > start) & (grows_at <= stop)).nonzero()[0]
+        order = due[np.argsort(grows_at[due], kind="stable")]
+        events, when = order.tolist(), grows_at[order].tolist()  # rows whose need grows, and when
         i = 0
         heap = None
         taken = 0
@@ -314,7 +331,7 @@ class UnitMemory:
         unit_bytes = self.unit_bytes
         for step in range(start + 1, stop + 1):
             crossing, shrinking = [], 0
-            while i < len(events) and when[events[i]] == step:
+            while i < len(events) and when[i] == step:
                 row = events[i]
                 i += 1
                 if need[row] + 1 > held[row]:
@@ -370,9 +387,9 @@ class UnitMemory:
         the heap's top ranks after it, the heap is no longer the true order. A jump takes a few
         units at most, so the few largest donors are enough."""
         units = np.where(self.active, 0, self.units)
-        order = np.argsort(-units, kind="stable")  # the most first; the lowest slot among equals
-        heap = [(-int(units[s]), int(s)) for s in order[:size] if units[s] > 0]
-        beyond = (-int(units[order[size]]), int(order[size])) if len(order) > size and units[order[size]] > 0 else None
+        order = np.argsort(-units, kind="stable")[:size + 1]  # the most first; the lowest slot among equals
+        best = [(-u, s) for u, s in zip(units[order].tolist(), order.tolist()) if u > 0]
+        heap, beyond = best[:size], (best[size] if len(best) > size else None)
         heapq.heapify(heap)
         return heap, beyond
 

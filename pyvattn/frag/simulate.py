@@ -96,20 +96,24 @@ class StepSeries:
         if len(self._pending_alloc) >= self._width:
             self._fold()
 
-    def add_run(self, alloc: np.ndarray, retained: np.ndarray, used: np.ndarray, running: int) -> None:
-        """Consecutive steps with the same number of running requests."""
+    def add_run(self, alloc: np.ndarray, retained: np.ndarray | None, used_first: int, used_step: int,
+                running: int) -> None:
+        """Consecutive steps with the same number of running requests; used bytes grow by
+        ``used_step`` a step from ``used_first``; ``retained`` None: nothing retained."""
         k = len(alloc)
         if not k:
             return
         self.steps += k
         self.sum_alloc += int(alloc.sum())
-        self.sum_retained += int(retained.sum())
-        self.sum_used += int(used.sum())
+        if retained is not None:
+            self.sum_retained += int(retained.sum())
+        self.sum_used += used_first * k + used_step * (k * (k - 1) // 2)
         self.sum_running += running * k
         self.peak_alloc = max(self.peak_alloc, int(alloc.max()))
         self.max_running = max(self.max_running, running)
         if self._keep:
-            self._full.append((alloc, np.asarray(retained), used, np.full(k, running)))
+            self._full.append((alloc, np.zeros(k, np.int64) if retained is None else np.asarray(retained),
+                               used_first + used_step * np.arange(k, dtype=np.int64), np.full(k, running)))
         if k > 4 * self._width:  # fold in bulk: finish the open bucket, then whole buckets at once
             head = self._width - len(self._pending_alloc)
             self._pending_alloc += alloc[:head].tolist()
@@ -295,6 +299,7 @@ class _Server:
         self.resume = trace.prompt.copy()  # tokens a request is (re)filled with at admission
         self.req = np.full(policy.max_batch, -1, dtype=np.int64)  # request in each slot, -1 = none
         self.length = np.zeros(policy.max_batch, dtype=np.int64)
+        self.target = np.zeros(policy.max_batch, dtype=np.int64)  # the running request's total tokens
         self.admitted_at = np.zeros(policy.max_batch, dtype=np.int64)  # the newest is preempted
         self.slots = np.zeros(0, dtype=np.int64)  # running slots, ascending
         self.out = RunResult(scheme, StepSeries(keep_series), np.full(n, -1, dtype=np.int64),
@@ -390,6 +395,7 @@ class _Server:
                                       f"({tokens} tokens) but the memory model refused it")
             waiting.popleft()
             self.req[slot], self.length[slot], self.admitted_at[slot] = r, tokens, self.seq
+            self.target[slot] = self.total[r]
             self.seq += 1
             self.live_tokens += tokens
             admitted += 1
@@ -408,7 +414,7 @@ class _Server:
     def _complete_due(self) -> None:
         """Requests that reached their length this step leave; the watchdog checks progress."""
         slots = self.slots
-        done = slots[self.length[slots] >= self.total[self.req[slots]]] if len(slots) else slots
+        done = slots[self.length[slots] >= self.target[slots]] if len(slots) else slots
         if len(done):
             self._complete(done, self.step)
         elif not len(slots) and not self.waiting:
@@ -420,7 +426,7 @@ class _Server:
     def _complete(self, done: np.ndarray, at_step: int) -> None:
         """Requests in ``done`` (slots) reached their length at ``at_step``: record and free them."""
         out, memory, length, req = self.out, self.memory, self.length, self.req
-        for s, held in zip(done.tolist(), memory.held_bytes(done).tolist()):
+        for s, held in zip(done.tolist(), memory.held_bytes(done).tolist()):  # usually one
             r, tokens = int(req[s]), int(length[s])
             out.completion_step[r] = at_step
             out.completion_alloc[r] = held
@@ -444,15 +450,14 @@ class _Server:
             if not self.waiting and next_arrival is not None and next_arrival > self.step:
                 gap = next_arrival - self.step
                 out.series.add_run(np.full(gap, memory.allocated_bytes(), dtype=np.int64),
-                                   np.full(gap, memory.retained_bytes(), dtype=np.int64),
-                                   np.zeros(gap, dtype=np.int64), 0)
+                                   np.full(gap, memory.retained_bytes(), dtype=np.int64), 0, 0, 0)
                 self.step += gap
                 self.last_progress = self.step
             return
         if self.waiting and not self.stuck:
             return
         lens = self.length[slots]
-        left = self.total[self.req[slots]] - lens
+        left = self.target[slots] - lens
         horizon = first_done = int(left.min())
         if not self.waiting and next_arrival is not None:
             horizon = min(horizon, next_arrival - self.step)
@@ -463,9 +468,9 @@ class _Server:
         if not jump:
             return
         n_run = len(slots)
-        used = (self.live_tokens + np.arange(1, jump + 1, dtype=np.int64) * n_run) * self.bytes_per_token
-        out.series.add_run(allocated, retained, used, n_run)
-        self.length[slots] += jump
+        out.series.add_run(allocated, retained, (self.live_tokens + n_run) * self.bytes_per_token,
+                           n_run * self.bytes_per_token, n_run)
+        self.length[slots] = lens + jump
         self.live_tokens += jump * n_run
         self.step += jump
         if jump == first_done:  # the last step jumped over is a completion step
