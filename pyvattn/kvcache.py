@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import warnings
 import weakref
 from typing import Mapping, Sequence
@@ -24,10 +23,10 @@ from .budget import Budget
 from .buffer import VirtualBuffer
 from .core import elastic
 from .core.elastic import ElasticMemory
+from .core.growth import MappingEngine
 from .core.layout import Layout
 from .core.mapper import BackgroundMapper
 from .core.prefix import PrefixIndex
-from .core.reclaim import Reclaim
 from .core.sharing import PrefixSharing
 from .core.slabs import Slabs
 from .core.slots import SlotTable
@@ -39,7 +38,7 @@ from .units import parse_size
 SeqLens = Mapping[int, int] | Sequence[int] | np.ndarray | torch.Tensor
 
 
-class KVCache(ElasticMemory):
+class KVCache(ElasticMemory, MappingEngine):
     """KV tensors for ``max_batch_size`` request slots, growing page by page as requests grow.
 
     Lifecycle of a request: ``slot = alloc_slot()``; before every forward pass ``step({slot: n})``
@@ -363,55 +362,6 @@ class KVCache(ElasticMemory):
         self._grow(slots, lens)
         self._slots.record(slots, lens)
         self._after_change()
-
-    def _grow(self, slots: np.ndarray, lens: np.ndarray) -> None:
-        """Map what ``lens`` needs beyond what each slot holds; all or nothing."""
-        self._stats.unmapped(self._slabs.settle())
-        need = self._slabs.pages_for(lens)
-        keep = np.where(self._slots.active, self._slabs.pages_for(self._slots.lengths), 0)
-        keep[slots] = np.maximum(keep[slots], need)
-        growing = need > self._slabs.held[slots]
-        t0 = time.perf_counter()
-        pages = self._slabs.grow(slots[growing], need[growing], lambda n, vas: self._supply(n, vas, keep))
-        self._stats.mapped(pages, time.perf_counter() - t0)
-
-    def _supply(self, count: int, vas: np.ndarray, keep: np.ndarray) -> list[int]:
-        """``count`` pages for ``vas`` from the pool, reclaiming mapped pages beyond ``keep`` when
-        the pool and budget fall short, but only once it is sure the reclaim makes it fit."""
-        try:
-            return self.pool.take(count, vas)
-        except OutOfPages as exc:
-            short, budget_refused = count - exc.available, exc.available > self.pool.free_pages
-        plan = self._reclaim_plan()
-        if budget_refused and short <= plan.reclaimable(keep):
-            try:  # the budget allows part of it: the device must agree before anything is reclaimed
-                self.pool.stock(count, vas)
-            except OutOfPages:
-                short = count - self.pool.free_pages
-        if short > plan.reclaimable(keep):
-            raise OutOfPages(
-                f"step needs {count} pages of {self.page_size} bytes: {count - short} available, "
-                f"{plan.reclaimable(keep)} reclaimable (finished requests' pages, and pages a reused "
-                f"slot holds beyond its length)", needed=count,
-                available=count - short + plan.reclaimable(keep)) from None
-        self._reclaim(plan.plan(short, keep))
-        return self.pool.take(count, vas)
-
-    def _reclaim_plan(self) -> Reclaim:
-        """The reclaim plan over the slabs as they are now (shared pages and retained prefixes' LRU
-        taken into account): what ``step``, ``free_tokens`` and a lowered budget all count from."""
-        shared = self.backend.mapped_pages != self.backend.mapped_handles
-        return Reclaim(self._slabs.held, self._slots.active, self.num_regions,
-                       self._slabs.page_table() if shared else None,
-                       self._prefix.used if self._prefix.any() else None)  # LRU among retained prefixes
-
-    def _reclaim(self, plan: list[tuple[int, int]]) -> None:
-        """Give back ``pages`` (per region) from the top of each ``slot`` in the plan."""
-        if not plan:
-            return
-        slots = np.array([s for s, _ in plan], dtype=np.int64)
-        pages = np.array([p for _, p in plan], dtype=np.int64)
-        self._stats.reclaimed(self._slabs.shrink(slots, np.maximum(self._slabs.extent[slots] - pages, 0)))
 
 
 _caches: weakref.WeakSet[KVCache] = weakref.WeakSet()

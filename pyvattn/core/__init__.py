@@ -5,6 +5,7 @@
   and the one parser of ``step()`` input;
 * ``slabs``: :class:`Slabs`, how many pages each slot holds in every region, grown and shrunk
   through the backend (whose books are the truth);
+* ``growth``: :class:`MappingEngine`, what a step maps and what it reclaims when pages fall short;
 * ``reclaim``: :class:`Reclaim`, the pure plan of which mapped pages to give back;
 * ``prefix``: :class:`PrefixIndex`, each slot's prompt as a block-hash chain, and last-use ticks;
 * ``sharing``: :class:`PrefixSharing`, forks and prefix reuse (which slot, what it inherits);
