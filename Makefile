@@ -40,8 +40,8 @@ test: lint pytest driver-check driver-harness
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-pytest: $(STAMP)
-	$(PY) -m pytest -q
+pytest: $(STAMP)  # one worker per core, at most 4 (-n: pytest-xdist)
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 ## Host benchmark into bench-results/bench_host.json (SAVE=1: benchmarks/results/, the committed results).
 bench: $(STAMP)

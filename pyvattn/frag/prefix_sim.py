@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .prefix import PrefixPool, UnitKeys
-from .simulate import REJECT_BUDGET, REJECT_CONTEXT, ServePolicy, SimulationStuck, arrival_steps
+from .simulate import REJECT_BUDGET, REJECT_CONTEXT, ServePolicy, ServingLoop, SimulationStuck, arrival_steps
 from .traces import Trace
 
 _MAX_JUMP = 2048  # steps looked at by one jump: bounds a (requests x steps) array
@@ -98,7 +98,7 @@ def serve_shared(trace: Trace, chains: list[np.ndarray], keys: UnitKeys, capacit
     return _SharedServer(trace, chains, keys, capacity, policy, scheme, unit_bytes, progress, on_step).run()
 
 
-class _SharedServer:
+class _SharedServer(ServingLoop):
     """One run: batch slots, queue, pool; one method per phase of a step, as in :mod:`.simulate`."""
 
     def __init__(self, trace, chains, keys, capacity, policy, scheme, unit_bytes, progress, on_step):
@@ -126,19 +126,7 @@ class _SharedServer:
         self.report_every = max(1, self.n // 1000)
 
     def run(self) -> PrefixResult:
-        while self.finished < self.n:
-            self._arrive()
-            preempted = self._decode()
-            self._admit(preempted)
-            self._record()
-            self._complete_due()
-            if self.progress is not None and self.finished - self.reported >= self.report_every:
-                self.progress(self.finished - self.reported)
-                self.reported = self.finished
-            self.step += 1
-            self._jump()
-        if self.progress is not None and self.finished > self.reported:
-            self.progress(self.finished - self.reported)
+        self._serve()
         self.out.evictions = self.pool.evictions
         return self.out
 

@@ -279,7 +279,29 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
     return _Server(trace, memory, bytes_per_token, policy, scheme, progress, on_step, keep_series).run()
 
 
-class _Server:
+class ServingLoop:
+    """The step loop both simulators share (this module's and ``prefix_sim``'s): arrivals, decode,
+    admission, the step's record, completions, progress, then the jump over growth-only steps.
+    Subclasses supply the phases and ``n``, ``finished``, ``step``, ``progress``, ``reported``,
+    ``report_every``."""
+
+    def _serve(self) -> None:
+        while self.finished < self.n:
+            self._arrive()
+            preempted = self._decode()
+            self._admit(preempted)
+            self._record()
+            self._complete_due()
+            if self.progress is not None and self.finished - self.reported >= self.report_every:
+                self.progress(self.finished - self.reported)
+                self.reported = self.finished
+            self.step += 1
+            self._jump()
+        if self.progress is not None and self.finished > self.reported:
+            self.progress(self.finished - self.reported)
+
+
+class _Server(ServingLoop):
     """One serving run: the batch slots, the queue and the outcomes; one method per phase of a
     step (see the module docstring), and the jump over steps in which only growth happens."""
 
@@ -313,19 +335,7 @@ class _Server:
         self.report_every = max(1, n // 1000)
 
     def run(self) -> RunResult:
-        while self.finished < self.n:
-            self._arrive()
-            preempted = self._decode()
-            self._admit(preempted)
-            self._record()
-            self._complete_due()
-            if self.progress is not None and self.finished - self.reported >= self.report_every:
-                self.progress(self.finished - self.reported)
-                self.reported = self.finished
-            self.step += 1
-            self._jump()
-        if self.progress is not None and self.finished > self.reported:
-            self.progress(self.finished - self.reported)
+        self._serve()
         if hasattr(self.memory, "reclaimed_units"):
             self.out.reclaimed_bytes = self.memory.reclaimed_units * self.memory.unit_bytes
         return self.out
