@@ -7,7 +7,7 @@ start, set-up included; a part that outlives its box is killed, with everything 
 the next one runs):
 
     part      value  box   what
-    tests         1  150s  python -m pytest -m "not driver": the whole test suite on the GPU
+    tests         1  150s  python -m pytest -n 8 -m "not driver": the whole test suite on the GPU
     vmm           4   45s  scripts/bench_vmm.py: p50/p99 per VMM call, 1-8 threads; access experiment
     growth        8   30s  scripts/bench_growth.py: strategies for one-page growth under 1 ms
     kvcached     16   70s  scripts/bench_kvcached.py: pyvattn next to kvcached (built from its
@@ -79,8 +79,8 @@ class Part:
 
 
 PARTS = [
-    Part("tests", 1, 150, "the test suite on the GPU (pytest -m 'not driver')",
-         [["-m", "pytest", "-q", "-m", "not driver", "-p", "no:cacheprovider"]]),
+    Part("tests", 1, 150, "the test suite on the GPU (pytest -m 'not driver', 8 xdist workers)",
+         [["-m", "pytest", "-q", "-n", "8", "-m", "not driver", "-p", "no:cacheprovider"]]),
     Part("vmm", 4, 45, "p50/p99 per VMM call from 1-8 threads; does access outlive an unmap",
          [["scripts/bench_vmm.py", "--out", "{R}/bench_vmm.json"]],
          [["scripts/bench_vmm.py", "--driver-lib", "{lib}", "--threads", "1,2", "--sizes", "2MiB,4MiB",
