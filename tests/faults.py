@@ -131,11 +131,17 @@ class Workload:
             if self.cache._slots.active[s]:
                 self.free(s)
         self.written.clear()
+        served = self.serve_new()
+        self.check_data()
+        for slot in served:
+            self.free(slot)
+        self.cache.trim()
+
+    def serve_new(self) -> list[int]:
+        """The new requests ``finish`` serves end to end (their slots, to be freed)."""
         slot = self.alloc()
         self.grow({slot: 90})
-        self.check_data()
-        self.free(slot)
-        self.cache.trim()
+        return [slot]
 
 
 class ForkWorkload(Workload):
@@ -208,20 +214,12 @@ class ForkWorkload(Workload):
                 for tag, lo, hi in self.content(slot, self.written[slot][1]):
                     check(self.cache, slot, tag, hi, lo)
 
-    def finish(self) -> None:
-        self.check_data()
-        for s in list(self.written):
-            if self.cache._slots.active[s]:
-                self.free(s)
-        self.written.clear()
+    def serve_new(self) -> list[int]:
         slot = self.alloc()
         self.grow({slot: 90})
         other = self.fork(slot, 50)
         self.grow({other: 70})
-        self.check_data()
-        self.free(slot)
-        self.free(other)
-        self.cache.trim()
+        return [slot, other]
 
 
 def sweep(make_cache, install, *, error=None, persistent=False, fail=None, data=True,

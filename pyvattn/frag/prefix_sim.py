@@ -130,16 +130,6 @@ class _SharedServer(ServingLoop):
         self.out.evictions = self.pool.evictions
         return self.out
 
-    def _arrive(self) -> None:
-        while self.next_arrival < self.n and self.arrive[self.order[self.next_arrival]] <= self.step:
-            r = int(self.order[self.next_arrival])
-            self.next_arrival += 1
-            if self.beyond[r] or self.never[r]:
-                self.out.rejected[REJECT_CONTEXT if self.beyond[r] else REJECT_BUDGET] += 1
-                self.finished += 1
-            else:
-                self.waiting.append(r)
-
     def _decode(self) -> bool:
         """Every running request grows by one token; the newest are preempted until that fits."""
         running, preempted = self.running, False

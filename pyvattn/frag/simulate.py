@@ -282,8 +282,9 @@ def serve(trace: Trace, memory, bytes_per_token: int, policy: ServePolicy, schem
 class ServingLoop:
     """The step loop both simulators share (this module's and ``prefix_sim``'s): arrivals, decode,
     admission, the step's record, completions, progress, then the jump over growth-only steps.
-    Subclasses supply the phases and ``n``, ``finished``, ``step``, ``progress``, ``reported``,
-    ``report_every``."""
+    Subclasses supply the other phases and ``n``, ``finished``, ``step``, ``progress``, ``reported``,
+    ``report_every``; arrivals (``arrive``, ``order``, ``beyond``, ``never``, ``waiting``,
+    ``out.rejected``) are handled here alike."""
 
     def _serve(self) -> None:
         while self.finished < self.n:
@@ -299,6 +300,18 @@ class ServingLoop:
             self._jump()
         if self.progress is not None and self.finished > self.reported:
             self.progress(self.finished - self.reported)
+
+    def _arrive(self) -> None:
+        """Queue the requests that arrived by now; reject those that could never complete."""
+        arrive, order, n = self.arrive, self.order, self.n
+        while self.next_arrival < n and arrive[order[self.next_arrival]] <= self.step:
+            r = int(order[self.next_arrival])
+            self.next_arrival += 1
+            if self.beyond[r] or self.never[r]:
+                self.out.rejected[REJECT_CONTEXT if self.beyond[r] else REJECT_BUDGET] += 1
+                self.finished += 1
+            else:
+                self.waiting.append(r)
 
 
 class _Server(ServingLoop):
@@ -339,18 +352,6 @@ class _Server(ServingLoop):
         if hasattr(self.memory, "reclaimed_units"):
             self.out.reclaimed_bytes = self.memory.reclaimed_units * self.memory.unit_bytes
         return self.out
-
-    def _arrive(self) -> None:
-        """Queue the requests that arrived by now; reject those that could never complete."""
-        arrive, order, n = self.arrive, self.order, self.n
-        while self.next_arrival < n and arrive[order[self.next_arrival]] <= self.step:
-            r = int(order[self.next_arrival])
-            self.next_arrival += 1
-            if self.beyond[r] or self.never[r]:
-                self.out.rejected[REJECT_CONTEXT if self.beyond[r] else REJECT_BUDGET] += 1
-                self.finished += 1
-            else:
-                self.waiting.append(r)
 
     def _decode(self) -> bool:
         """Every running request grows by one token, preempting the newest until that fits;
