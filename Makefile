@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | prereqs
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install -qq -e ".[test,hf]"  # -qq: without setuptools' banner about editable installs
+	$(PY) -m pip install -qq -e ".[test,hf,frag]"  # -qq: without setuptools' banner about editable installs
 	touch $(STAMP)
 
 venv: $(STAMP)

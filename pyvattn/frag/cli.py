@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from . import compiled
+
+    if not compiled.enabled() and len(trace) > 10_000:
+        print("note: numba is not installed: the Python serving loop runs, about 20x slower "
+              "(pip install 'pyvattn[frag]')", file=sys.stderr)
     t0, cpu0 = time.perf_counter(), time.process_time()
     results = compare(exp, jobs=args.jobs)
     elapsed = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..units import format_size
+from . import compiled
 from .memory import CacheMemory, UnitMemory
 from .models import ModelConfig
 from .schemes import DEFAULT_SCHEMES, Scheme
@@ -306,6 +307,10 @@ def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, prog
     bar = tqdm(total=len(exp.trace) * len(unique), desc=f"{exp.trace.basename} {exp.model.name} TP{exp.tp}",
                unit="req", unit_scale=True, disable=not progress, smoothing=0.05)
     try:
+        if compiled.enabled():  # compile (or load the cached build) once, before workers fork
+            bar.set_postfix_str("compiling the simulator (once)")
+            compiled.warm()
+            bar.set_postfix_str("")
         if jobs == 1:
             done = {i: exp.simulate(schemes[i], progress=bar.update).compact() for i in unique}
         else:

@@ -73,12 +73,12 @@ class StepSeries:
         self.steps = 0
         self.sum_alloc = self.sum_retained = self.sum_used = self.sum_running = 0
         self.peak_alloc = self.max_running = 0
+        self.points = points
         self._keep = keep
         self._full: list[tuple[np.ndarray, ...]] = []
-        self._points, self._width = points, 1
+        self._width = 1
         self._buckets: list[tuple[float, float]] = []  # (mean allocated, mean running)
-        self._pending_alloc: list[int] = []
-        self._pending_running: list[int] = []
+        self._pending = [0, 0, 0]  # the open bucket: allocated bytes and running requests summed, steps
 
     def add(self, alloc: int, retained: int, used: int, running: int) -> None:
         """One step."""
@@ -91,10 +91,7 @@ class StepSeries:
         self.max_running = max(self.max_running, running)
         if self._keep:
             self._full.append((np.array([alloc]), np.array([retained]), np.array([used]), np.array([running])))
-        self._pending_alloc.append(alloc)
-        self._pending_running.append(running)
-        if len(self._pending_alloc) >= self._width:
-            self._fold()
+        self._bucket(alloc, running, 1)
 
     def add_run(self, alloc: np.ndarray, retained: np.ndarray | None, used_first: int, used_step: int,
                 running: int) -> None:
@@ -114,42 +111,39 @@ class StepSeries:
         if self._keep:
             self._full.append((alloc, np.zeros(k, np.int64) if retained is None else np.asarray(retained),
                                used_first + used_step * np.arange(k, dtype=np.int64), np.full(k, running)))
-        if k > 4 * self._width:  # fold in bulk: finish the open bucket, then whole buckets at once
-            head = self._width - len(self._pending_alloc)
-            self._pending_alloc += alloc[:head].tolist()
-            self._pending_running += [running] * head
-            self._fold()
-            body = (k - head) // self._width * self._width
-            means = alloc[head:head + body].reshape(-1, self._width).mean(axis=1)
-            self._buckets += [(float(a), float(running)) for a in means]
-            self._shrink()
-            self._pending_alloc += alloc[head + body:].tolist()
-            self._pending_running += [running] * (k - head - body)
-        else:
-            self._pending_alloc += alloc.tolist()
-            self._pending_running += [running] * k
-            while len(self._pending_alloc) >= self._width:
-                self._fold()
+        at = 0
+        while at < k:  # bucket by bucket: about k / width iterations
+            take = min(k - at, self._width - self._pending[2])
+            self._bucket(int(alloc[at:at + take].sum()), running * take, take)
+            at += take
 
-    def _fold(self) -> None:
-        w = self._width
-        a, r = self._pending_alloc[:w], self._pending_running[:w]
-        del self._pending_alloc[:w], self._pending_running[:w]
-        self._buckets.append((sum(a) / w, sum(r) / w))
-        self._shrink()
+    def _bucket(self, alloc_sum: int, running_sum: int, steps: int) -> None:
+        """Add ``steps`` steps (at most what the open bucket lacks) to the open bucket."""
+        pending = self._pending
+        pending[0] += alloc_sum
+        pending[1] += running_sum
+        pending[2] += steps
+        if pending[2] >= self._width:
+            w = self._width
+            self._buckets.append((pending[0] / w, pending[1] / w))
+            self._pending = [0, 0, 0]
+            if len(self._buckets) >= 2 * self.points:
+                b = self._buckets
+                self._buckets = [((b[i][0] + b[i + 1][0]) / 2, (b[i][1] + b[i + 1][1]) / 2)
+                                 for i in range(0, len(b), 2)]
+                self._width *= 2
 
-    def _shrink(self) -> None:
-        while len(self._buckets) >= 2 * self._points:
-            b = self._buckets
-            self._buckets = [((b[i][0] + b[i + 1][0]) / 2, (b[i][1] + b[i + 1][1]) / 2)
-                             for i in range(0, len(b) - 1, 2)]
-            self._width *= 2
+    def load(self, *, steps: int, sum_alloc: int, sum_retained: int, sum_used: int, sum_running: int,
+             peak_alloc: int, max_running: int, width: int, buckets: np.ndarray, pending: tuple[int, int, int]) -> None:
+        """Take the sums and buckets of a run summed elsewhere (the compiled loop)."""
+        self.steps, self.sum_alloc, self.sum_retained, self.sum_used = steps, sum_alloc, sum_retained, sum_used
+        self.sum_running, self.peak_alloc, self.max_running = sum_running, peak_alloc, max_running
+        self._width, self._buckets, self._pending = width, [tuple(b) for b in buckets.tolist()], list(pending)
 
     def downsampled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(first step of each bucket, mean allocated bytes, mean running requests)."""
-        b = self._buckets + ([(sum(self._pending_alloc) / len(self._pending_alloc),
-                               sum(self._pending_running) / len(self._pending_running))]
-                             if self._pending_alloc else [])
+        alloc, running, steps = self._pending
+        b = self._buckets + ([(alloc / steps, running / steps)] if steps else [])
         arr = np.array(b, dtype=np.float64).reshape(-1, 2)
         return np.arange(len(arr)) * self._width, arr[:, 0], arr[:, 1]
 
@@ -348,6 +342,12 @@ class _Server(ServingLoop):
         self.report_every = max(1, n // 1000)
 
     def run(self) -> RunResult:
+        from . import compiled
+        from .memory import UnitMemory
+
+        if type(self.memory) is UnitMemory and self.on_step is None and not self.out.series._keep \
+                and compiled.enabled():
+            return compiled.serve_compiled(self)
         self._serve()
         if hasattr(self.memory, "reclaimed_units"):
             self.out.reclaimed_bytes = self.memory.reclaimed_units * self.memory.unit_bytes
