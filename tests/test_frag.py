@@ -161,3 +161,11 @@ def test_cli_writes_table_json_and_plots(tmp_path, capsys):
     for png in ("waste", "concurrency"):
         assert (tmp_path / f"azure-conv-yi-34b-200k-tp2-{png}.png").stat().st_size > 10_000
     assert frag_main(["--model", "nope"]) == 2
+
+
+def test_json_names_every_scheme_when_identical_runs_are_simulated_once(tmp_path):
+    """At Llama-3-8B TP1 a 64 KiB page holds exactly 32 tokens: one run serves both schemes, and
+    each JSON row still names its own scheme (a compacted copy once kept the first one's name)."""
+    assert frag_main(["--trace", "azure-conv", "--requests", "200", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    doc = json.loads((tmp_path / "azure-conv-llama-3-8b-tp1.json").read_text())
+    assert [r["scheme"] for r in doc["results"]] == [s.name for s in DEFAULT_SCHEMES]

@@ -212,8 +212,8 @@ class RunResult:
         their tokens inside the units their length needs; retained is what no running request
         needs (finished requests' pages under deferred reclaim, a reused slot's pages beyond its
         length), reclaimable at once. Per-request numbers are at completion, over served requests."""
-        if self._summary:
-            return self._summary
+        if self._summary:  # a copy may carry another scheme's name (identical runs are simulated once)
+            return {**self._summary, "scheme": self.scheme}
         s, done = self.series, self.completion_step >= 0
         alloc, need, used = (self.completion_alloc[done], self.completion_needed[done], self.completion_used[done])
         held = np.maximum(alloc, 1)
