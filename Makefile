@@ -41,6 +41,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 pytest: $(STAMP)  # one worker per core, at most 4 (-n: pytest-xdist)
+	@$(PY) -c 'from pyvattn.frag import compiled; compiled.warm()'  # compiled once, not in every worker
 	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 ## Host benchmark into bench-results/bench_host.json (SAVE=1: benchmarks/results/, the committed results).
