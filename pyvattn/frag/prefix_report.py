@@ -19,7 +19,7 @@ from pathlib import Path
 from ..units import format_size
 from .prefix import HASH_BLOCK_TOKENS, UnitKeys, unbounded_shared_tokens
 from .prefix_sim import PrefixResult, serve_shared
-from .report import Experiment, _init_worker, _worker_progress, warnings
+from .report import Experiment, warnings
 from .schemes import DEFAULT_SCHEMES, Scheme
 
 PREFIX_SCHEMES: tuple[Scheme, ...] = tuple(s for s in DEFAULT_SCHEMES if not s.deferred_reclaim)
@@ -42,20 +42,16 @@ def simulate_prefix(exp: Experiment, chains, scheme: Scheme, sharing: bool = Tru
     return result
 
 
-def _in_worker(exp: Experiment, chains, scheme: Scheme, sharing: bool) -> PrefixResult:
-    return simulate_prefix(exp, chains, scheme, sharing, _worker_progress)
-
-
 def compare_prefix(exp: Experiment, chains, schemes: tuple[Scheme, ...] = PREFIX_SCHEMES, jobs: int | None = None,
                    progress: bool = True) -> list[tuple[PrefixResult, PrefixResult]]:
     """(with sharing, without) per scheme, in ``schemes`` order. Schemes with the same unit run
     once; runs go to ``jobs`` worker processes (1: in this process) under one progress bar."""
-    import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor, wait
     from dataclasses import replace
 
     from tqdm import tqdm
+
+    from .workers import run_all
 
     key = [(exp.unit_bytes(s), s.kind == "static") for s in schemes]
     # static shares nothing: its run without sharing stands for both
@@ -65,18 +61,8 @@ def compare_prefix(exp: Experiment, chains, schemes: tuple[Scheme, ...] = PREFIX
     bar = tqdm(total=len(exp.trace) * len(runs), desc=f"prefix sharing {exp.trace.basename}", unit="req",
                unit_scale=True, disable=not progress, smoothing=0.05)
     try:
-        if jobs == 1:
-            done = {run: simulate_prefix(exp, chains, schemes[run[0]], run[1], bar.update) for run in runs}
-        else:
-            queue = multiprocessing.get_context().Queue()
-            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(queue,)) as pool:
-                futures = {run: pool.submit(_in_worker, exp, chains, schemes[run[0]], run[1]) for run in runs}
-                pending = set(futures.values())
-                while pending:
-                    _, pending = wait(pending, timeout=0.2)
-                    while not queue.empty():
-                        bar.update(queue.get())
-                done = {run: f.result() for run, f in futures.items()}
+        done = run_all({run: (simulate_prefix, (exp, chains, schemes[run[0]], run[1])) for run in runs}, jobs,
+                       bar.update)
     finally:
         bar.close()
     for i, _ in runs:

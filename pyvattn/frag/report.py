@@ -273,20 +273,8 @@ def _plot_over_time(path_prefix: Path, results: list[RunResult], title: str, plt
     return path
 
 
-def _simulate_in_worker(exp: Experiment, scheme: Scheme) -> RunResult:
-    return exp.simulate(scheme, progress=_worker_progress).compact()
-
-
-_progress_queue = None
-
-
-def _worker_progress(k: int) -> None:
-    _progress_queue.put(k)
-
-
-def _init_worker(queue) -> None:
-    global _progress_queue
-    _progress_queue = queue
+def _simulate(exp: Experiment, scheme: Scheme, progress) -> RunResult:
+    return exp.simulate(scheme, progress=progress).compact()
 
 
 def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, progress: bool = True,
@@ -294,10 +282,9 @@ def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, prog
     """Simulate every scheme on ``exp``, in ``schemes`` order; schemes are independent, so they run
     in ``jobs`` worker processes (default: one per CPU; 1 runs them here, in this process). One
     progress bar counts requests finished over all schemes, with an ETA."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, wait
-
     from tqdm import tqdm
+
+    from .workers import run_all
 
     # Schemes with the same unit and reclaim policy (a 64 KiB page that holds exactly 32 tokens
     # and a 32-token block) run identically: simulate each once.
@@ -311,21 +298,10 @@ def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, prog
             bar.set_postfix_str("compiling the simulator (once)")
             compiled.warm()
             bar.set_postfix_str("")
-        if jobs == 1:
-            done = {i: exp.simulate(schemes[i], progress=bar.update).compact() for i in unique}
-        else:
-            # The slowest schemes (deferred reclaim reclaims on most steps; static runs the most
-            # steps) go first, so no worker is left with a long one at the end.
-            slow_first = sorted(unique, key=lambda i: (not schemes[i].deferred_reclaim, schemes[i].kind != "static"))
-            queue = multiprocessing.get_context().Queue()
-            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(queue,)) as pool:
-                futures = {i: pool.submit(_simulate_in_worker, exp, schemes[i]) for i in slow_first}
-                pending = set(futures.values())
-                while pending:
-                    _, pending = wait(pending, timeout=0.2)
-                    while not queue.empty():
-                        bar.update(queue.get())
-                done = {i: f.result() for i, f in futures.items()}
+        # The slowest schemes (deferred reclaim reclaims on most steps; static runs the most
+        # steps) go first, so no worker is left with a long one at the end.
+        slow_first = sorted(unique, key=lambda i: (not schemes[i].deferred_reclaim, schemes[i].kind != "static"))
+        done = run_all({i: (_simulate, (exp, schemes[i])) for i in slow_first}, jobs, bar.update)
         return [replace(done[key.index(k)], scheme=s.name) for s, k in zip(schemes, key)]
     finally:
         bar.close()

@@ -1,0 +1,45 @@
+"""Independent simulations in worker processes under one progress bar, stoppable with Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable, Hashable
+
+_progress_queue = None  # in a worker: where its runs report finished requests
+
+
+def run_all(calls: dict[Hashable, tuple[Callable, tuple]], jobs: int, progress: Callable[[int], None]) -> dict:
+    """``{key: fn(*args, progress=...)}`` for every ``key: (fn, args)`` in ``calls``, in ``jobs``
+    worker processes (1: here, one after another); ``progress(k)`` as runs report ``k`` finished
+    requests. Functions and arguments must pickle. The first error (KeyboardInterrupt included)
+    stops every worker at once and is raised here; workers ignore Ctrl-C themselves, so that a
+    terminal's interrupt reaches only this process, which stops them."""
+    if jobs == 1:
+        return {key: fn(*args, progress=progress) for key, (fn, args) in calls.items()}
+    import multiprocessing
+
+    context = multiprocessing.get_context()
+    queue = context.Queue()
+    with context.Pool(jobs, initializer=_init_worker, initargs=(queue,)) as pool:  # exit: terminate()
+        pending = {key: pool.apply_async(_call, (fn, args)) for key, (fn, args) in calls.items()}
+        while True:
+            while not queue.empty():
+                progress(queue.get())
+            for result in pending.values():
+                if result.ready() and not result.successful():
+                    result.get()  # raises its error; leaving the block stops the other workers
+            running = [r for r in pending.values() if not r.ready()]
+            if not running:
+                break
+            running[0].wait(0.2)
+        return {key: result.get() for key, result in pending.items()}
+
+
+def _init_worker(queue) -> None:
+    global _progress_queue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _progress_queue = queue
+
+
+def _call(fn: Callable, args: tuple):
+    return fn(*args, progress=_progress_queue.put)

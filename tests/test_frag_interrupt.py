@@ -1,0 +1,66 @@
+"""Ctrl-C stops a long frag run at once: exit 130, one line, no traceback, no worker left behind.
+
+A terminal sends SIGINT to the whole process group; ``kill -INT`` to the main process alone. Both
+once hung: the pool waited for its workers to finish every remaining scheme.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_progress(proc: subprocess.Popen, timeout: float = 120) -> bytes:
+    """stderr until the progress bar shows requests finished (the run is under way)."""
+    seen, deadline = b"", time.monotonic() + timeout
+    os.set_blocking(proc.stderr.fileno(), False)
+    while time.monotonic() < deadline:
+        chunk = proc.stderr.read() or b""
+        seen += chunk
+        if b"req/s" in seen and b" 0/" not in seen[-200:]:
+            return seen
+        assert proc.poll() is None, seen.decode(errors="replace")
+        time.sleep(0.1)
+    raise AssertionError(f"no progress within {timeout} s: {seen[-500:]!r}")
+
+
+@pytest.mark.parametrize("target", ["group", "main process"])
+@pytest.mark.parametrize("run", [["--trace", "synthetic:1000000"], ["--trace", "mooncake", "--prefix-sharing"]],
+                         ids=["schemes", "prefix-sharing"])
+def test_ctrl_c_stops_the_run_and_its_workers(tmp_path, target, run):
+    cmd = [sys.executable, "-m", "pyvattn", "frag", *run, "--jobs", "2", "--out", str(tmp_path), "--no-plots"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for_progress(proc)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        start = time.monotonic()
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - start
+        err = proc.stderr.read().decode(errors="replace")
+        assert rc == 130, err[-2000:]
+        assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+        assert took < 10
+        deadline = time.monotonic() + 5
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _group_alive(proc.pid), "a worker process outlived the run"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
