@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
     except ValueError as exc:
         parser.error(str(exc))
-    return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # the engine and its cache are closed on the way out
+        print("python -m pyvattn serve: interrupted", file=sys.stderr)
+        return 130
 
 
 def _device(name: str):

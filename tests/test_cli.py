@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -164,3 +165,17 @@ def test_demo_rows_arrive_while_it_runs_and_ctrl_c_says_so_without_a_traceback()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["python -m pyvattn demo: interrupted"]
+
+
+def test_serve_ctrl_c_says_so_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "pyvattn", "serve", "--requests", "400", "--rate", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the engine has started: its first line names the model
+        if "requests from" in line:
+            break
+    time.sleep(1)
+    assert proc.poll() is None, "serve ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "python -m pyvattn serve: interrupted" and "Traceback" not in err
