@@ -131,3 +131,26 @@ def test_a_request_that_cannot_fit_alone_is_the_same_error(prompt, expected):
         messages.append(str(err.value))
     assert messages[0] == messages[1]
     assert expected in messages[0]
+
+
+def test_without_a_writable_cache_the_loop_still_compiles(monkeypatch):
+    """numba refuses ``cache=True`` where neither the package nor the home directory is writable
+    (a read-only container); the loop then compiles in each process instead of failing to import."""
+    import importlib
+
+    import numba
+
+    njit = numba.njit
+
+    def no_cache(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+    try:
+        module = importlib.reload(compiled)
+        assert module._run._cache.__class__.__name__ == "NullCache"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(compiled)

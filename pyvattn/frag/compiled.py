@@ -47,7 +47,12 @@ def enabled() -> bool:
 
 
 def _njit(fn):
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # nowhere writable to cache the build (read-only install and home): compile per process
+        return numba.njit(nogil=True)(fn)
 
 
 @_njit
