@@ -21,7 +21,10 @@ control is "try to step; on ``OutOfPages`` wait (new requests) or preempt (runni
 Policies (deliberately simple): first come first served; decode tokens are scheduled before
 prompt chunks; prompts are split into chunks to fit ``max_batched_tokens`` (chunked prefill);
 preemption frees the newest running request's slot and recomputes it later (its tokens so far
-become its prompt), as vLLM's recompute preemption does. Decoding is greedy. Each request's
+become its prompt), as vLLM's recompute preemption does. Prefix caching (on by default, as in
+vLLM v1): a request is admitted with ``KVCache.alloc_slot(tokens=...)`` and its prefill starts at
+``cached_tokens(slot)``, the whole pages of its tokens that another request wrote (a shared system
+prompt; a preempted request's own tokens), read in place. Decoding is greedy. Each request's
 output is the one it gets generated alone (``tests/test_engine.py`` checks this against
 transformers' own generate, request by request).
 """
@@ -38,7 +41,8 @@ import torch
 from transformers import AttentionInterface
 
 from . import attention
-from .errors import OutOfPages
+from .backends.base import Undo, undo_one
+from .errors import OutOfPages, note_cleanup_failure
 from .integrations.transformers import cache_shape
 from .kvcache import KVCache
 
@@ -139,89 +143,162 @@ AttentionInterface.register(ATTENTION_NAME, _pyvattn_attention)
 
 class Scheduler:
     """Which requests run in the next pass and how many tokens each, within the token budget,
-    the free slots and the memory ``KVCache.step`` can map."""
+    the free slots and the memory ``KVCache.step`` can map.
 
-    def __init__(self, kv: KVCache, max_batched_tokens: int):
+    With ``prefix_caching``, a request is admitted with ``alloc_slot(tokens=its tokens)``: it
+    starts at ``cached_tokens(slot)`` (whole pages another request wrote: a finished one's slot
+    taken over in place, or a running one's pages shared), and only the tokens left count against
+    the budget. Prefixes are looked up before this pass steps anything, so every page found holds
+    written K/V: a request's stepped length equals what it wrote between passes (a pass that
+    fails has its requests preempted, see ``abandon``), and a freed slot's findable prefix is
+    what its request wrote (``free_slot(written=...)``).
+    """
+
+    def __init__(self, kv: KVCache, max_batched_tokens: int, prefix_caching: bool = True):
         self.kv = kv
         self.max_batched_tokens = max_batched_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # oldest first
         self.preemptions = 0
+        self.admissions = 0
+        self.prefix_hits = 0  # admissions that found at least one page of their tokens cached
+        self.prefill_tokens = 0  # tokens admissions left to compute (prompt, or all a preemption dropped)
+        self.prefill_tokens_saved = 0  # tokens admissions found cached
 
     def schedule(self, now: float) -> list[tuple[Request, int]]:
-        plan = self._grow_running()
-        budget = self.max_batched_tokens - sum(n for _, n in plan)
-        arrived = []  # (request, tokens) that the budget and the free slots allow, in queue order
-        for req in self.waiting:
-            if budget <= 0 or req.arrival_s > now or len(self.running) + len(arrived) >= self.kv.max_batch_size:
-                break
-            arrived.append((req, min(req.pending, budget)))
-            budget -= arrived[-1][1]
-        admitted = self._admit_all(arrived) or self._admit_each(arrived)
-        if arrived and not admitted and not self.running:
-            req = arrived[0][0]
+        budget = self.max_batched_tokens - sum(n for _, n in self._running_plan())
+        claimed = self._claim_arrivals(now, budget)
+        try:
+            plan = self._grow_running(claimed)
+            self._admit_all(claimed) or self._admit_each(claimed)
+        except BaseException as exc:
+            self._settle(claimed, exc)
+            raise
+        admitted = self._settle(claimed)
+        if claimed and not admitted and not self.running:
+            req = claimed[0][0]
             raise OutOfPages(f"request {req.rid} ({len(req.tokens)} tokens) does not fit the KV memory "
                              f"even alone: raise memory_budget or lower max_batched_tokens")
-        for _ in admitted:
-            self.waiting.popleft()
         return plan + admitted
 
-    def _grow_running(self) -> list[tuple[Request, int]]:
-        """Map the next tokens of running requests (decode: 1; an unfinished prompt: a chunk),
-        preempting the newest while their growth does not fit."""
+    def _running_plan(self) -> list[tuple[Request, int]]:
+        """The next tokens of running requests (decode: 1; an unfinished prompt: a chunk), oldest
+        first, within the token budget."""
+        plan, budget = [], self.max_batched_tokens
+        for req in self.running:
+            n = min(req.pending, budget)
+            if n:
+                plan.append((req, n))
+                budget -= n
+        return plan
+
+    def _claim_arrivals(self, now: float, budget: int) -> list[tuple[Request, int]]:
+        """Slots for the requests that have arrived, in queue order, while the free slots and
+        ``budget`` allow, each with the tokens of its first chunk (what its cached prefix leaves).
+        Nothing is stepped: on any error every slot claimed here is freed again."""
+        claimed: list[tuple[Request, int]] = []
+        try:
+            for req in self.waiting:
+                if budget <= 0 or req.arrival_s > now or len(self.running) + len(claimed) >= self.kv.max_batch_size:
+                    break
+                tokens = req.tokens
+                req.slot = self.kv.alloc_slot(min(len(tokens), self.kv.max_seq_len),
+                                              tokens=tokens if self.prefix_caching else None)
+                claimed.append((req, 0))
+                req.computed = self.kv.cached_tokens(req.slot)
+                claimed[-1] = (req, min(req.pending, budget))
+                budget -= claimed[-1][1]
+        except BaseException as exc:
+            self._release(claimed, exc)
+            raise
+        return claimed
+
+    def _grow_running(self, claimed: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Map the next tokens of running requests, preempting the newest while their growth does
+        not fit. Memory short: the slots ``claimed`` for arrivals are given back first (emptying
+        ``claimed``), since their prefixes pin pages reclaim could otherwise take."""
         while True:
-            plan, budget = [], self.max_batched_tokens
-            for req in self.running:
-                n = min(req.pending, budget)
-                if n:
-                    plan.append((req, n))
-                    budget -= n
+            plan = self._running_plan()
             try:
                 self.kv.step({r.slot: r.computed + n for r, n in plan})
                 return plan
             except OutOfPages as exc:
+                if claimed:
+                    self._release(claimed)
+                    claimed.clear()
+                    continue
                 if len(self.running) == 1:
                     raise OutOfPages(f"request {self.running[0].rid} cannot grow to {plan[0][0].computed + plan[0][1]} "
                                      f"tokens even alone: raise memory_budget ({exc})",
                                      needed=exc.needed, available=exc.available) from None
                 self.preempt(self.running[-1])
 
-    def _admit_all(self, arrived: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
-        """Slots for all of ``arrived`` with their first chunks mapped in one ``step`` (one
-        backend call), or none of them."""
-        if not arrived:
-            return []
-        slots = [self.kv.alloc_slot(min(len(r.tokens), self.kv.max_seq_len)) for r, _ in arrived]
+    def _admit_all(self, claimed: list[tuple[Request, int]]) -> bool:
+        """All of ``claimed`` running, their first chunks mapped in one ``step`` (one backend
+        call), or none of them (False on ``OutOfPages``)."""
+        if not claimed:
+            return False
         try:
-            self.kv.step({slot: n for slot, (_, n) in zip(slots, arrived)})
+            self.kv.step({r.slot: r.computed + n for r, n in claimed})
         except OutOfPages:
-            for slot in slots:
-                self.kv.free_slot(slot)
-            return []
-        for slot, (req, _) in zip(slots, arrived):
-            req.slot = slot  # best fit among slots whose pages are still mapped
-            self.running.append(req)
-        return arrived
+            return False
+        self.running.extend(r for r, _ in claimed)
+        return True
 
-    def _admit_each(self, arrived: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
-        """As many of ``arrived`` as memory allows, in order; the rest wait for memory to free.
-        ``can_admit`` answers ahead of time, so a request that does not fit costs no slot claimed
-        and freed again."""
-        admitted = []
-        for item in arrived:
-            if not self.kv.can_admit(item[1]) or not self._admit_all([item]):
+    def _admit_each(self, claimed: list[tuple[Request, int]]) -> None:
+        """As many of ``claimed`` running as memory allows, in order."""
+        for item in claimed:
+            if not self._admit_all([item]):
                 break
-            admitted.append(item)
+
+    def _settle(self, claimed: list[tuple[Request, int]], exc: BaseException | None = None) -> list:
+        """After admission (or an error in it): the claimed requests that now run leave the queue
+        and are counted; the slots of the rest are freed and they wait, as they were. Returns the
+        admitted ``(request, tokens)``."""
+        running = set(map(id, self.running))
+        admitted = [item for item in claimed if id(item[0]) in running]  # a prefix of claimed
+        for req, _ in admitted:
+            assert self.waiting[0] is req  # claimed from the front; preemption gave their slots back
+            self.waiting.popleft()
+            self.admissions += 1
+            self.prefix_hits += req.computed > 0
+            self.prefill_tokens += req.pending
+            self.prefill_tokens_saved += req.computed
+        self._release(claimed[len(admitted):], exc)
         return admitted
 
+    def _release(self, claimed: list[tuple[Request, int]], exc: BaseException | None = None) -> None:
+        """Free the slots of requests claimed but not admitted; they stay waiting, as they were.
+        Every slot is freed even if one fails; the first failure is raised (or noted on ``exc``)."""
+        undo = Undo()
+        for req, _ in claimed:
+            if req.slot is not None:
+                undo.attempt(self.kv.free_slot, req.slot, req.computed)
+            req.slot, req.computed = None, 0
+        if exc is None:
+            undo.raise_first()
+        elif undo.errors:
+            note_cleanup_failure(exc, "freeing the slots of requests not admitted", undo.errors[0])
+
     def preempt(self, req: Request) -> None:
-        """Free ``req``'s slot; it goes back to the front of the queue and is recomputed."""
+        """Free ``req``'s slot; it goes back to the front of the queue and is recomputed (from the
+        prefix of its own that it finds still cached, with prefix caching)."""
         self.running.remove(req)
-        self.kv.free_slot(req.slot)
+        self.kv.free_slot(req.slot, req.computed)
         req.slot, req.computed = None, 0
         req.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(req)
+
+    def abandon(self, plan: list[tuple[Request, int]]) -> None:
+        """After a pass over ``plan`` failed: its requests were stepped past what they wrote, so
+        with prefix caching they are preempted (newest first, keeping their order in the queue),
+        freeing their slots with only what they wrote findable. Without it they stay running."""
+        if not self.prefix_caching:
+            return
+        for req in sorted((r for r, _ in plan if r in self.running), key=self.running.index, reverse=True):
+            self.preempt(req)
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
@@ -235,10 +312,16 @@ class Engine:
 
     ``submit()`` queues requests; each ``step()`` runs one forward pass and returns the requests it
     finished; ``run()`` steps until every request is done. A pass that raises (Ctrl-C included)
-    advances no request: the tokens it was computing are computed again by the next ``step()``.
+    advances no request: the tokens it was computing are computed again by the next ``step()``
+    (with ``prefix_caching``, its requests are preempted and resume from what they wrote).
+
+    ``prefix_caching`` (default True): admissions reuse the cached prefix of a request's tokens
+    (see :class:`Scheduler`). It never changes a token generated: the cached K/V are those the
+    request would compute (same tokens, same positions); off, every prompt is computed from token 0.
     """
 
-    def __init__(self, model, kv: KVCache, max_batched_tokens: int = 512, eos_token_id: int | None = None):
+    def __init__(self, model, kv: KVCache, max_batched_tokens: int = 512, eos_token_id: int | None = None,
+                 prefix_caching: bool = True):
         num_layers, kv_heads, head_dim = cache_shape(model.config)
         if (kv.num_layers, kv.num_kv_heads, kv.head_dim) != (num_layers, kv_heads, head_dim):
             raise ValueError(f"kv: the KVCache has {kv.num_layers} layers x {kv.num_kv_heads} KV heads x "
@@ -250,10 +333,12 @@ class Engine:
                              f"(use a full-attention config, or max_seq_len <= {window})")
         if isinstance(max_batched_tokens, bool) or not isinstance(max_batched_tokens, int) or max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens={max_batched_tokens!r} must be a positive integer")
+        if not isinstance(prefix_caching, bool):
+            raise ValueError(f"prefix_caching={prefix_caching!r} must be True or False")
         self.model = model
         self.kv = kv
         self.eos_token_id = eos_token_id
-        self.scheduler = Scheduler(kv, max_batched_tokens)
+        self.scheduler = Scheduler(kv, max_batched_tokens, prefix_caching)
         self.steps = 0
         self.generated_tokens = 0
         self._next_rid = 0
@@ -261,7 +346,7 @@ class Engine:
 
     @classmethod
     def for_model(cls, model, max_batch_size: int, max_seq_len: int, max_batched_tokens: int = 512,
-                  eos_token_id: int | None = None, **kvcache_options) -> "Engine":
+                  eos_token_id: int | None = None, prefix_caching: bool = True, **kvcache_options) -> "Engine":
         """An engine with its own KVCache shaped for ``model`` (dtype and device of its weights);
         ``kvcache_options`` (``memory_budget``, ``page_size``, ``backend``, ...) go to KVCache.
         ``close()`` releases that cache."""
@@ -270,7 +355,7 @@ class Engine:
         kv = KVCache(num_layers, kv_heads, head_dim, max_batch_size, max_seq_len, dtype=param.dtype,
                      device=param.device, **kvcache_options)
         try:
-            return cls(model, kv, max_batched_tokens, eos_token_id)
+            return cls(model, kv, max_batched_tokens, eos_token_id, prefix_caching)
         except BaseException:
             kv.close()
             raise
@@ -306,7 +391,10 @@ class Engine:
                 time.sleep(max(0.0, min(0.05, self.scheduler.waiting[0].arrival_s - now)))
             return []
         batch = Batch.build(self.kv, plan)
-        next_tokens = self._forward(batch)
+        try:
+            next_tokens = self._forward(batch)
+        except BaseException as exc:
+            raise undo_one(exc, self.scheduler.abandon, plan)
         self.steps += 1
         done = []
         sampled = iter(next_tokens)
@@ -354,10 +442,15 @@ class Engine:
         return mine
 
     def stats(self) -> dict:
-        """Engine counters next to the KVCache's."""
+        """Engine counters next to the KVCache's. ``prefill_tokens``: tokens admissions left to
+        compute (a prompt, or what a preemption dropped); ``prefill_tokens_saved``: tokens they
+        found cached instead (prefix caching), in ``prefix_cache_hits`` of ``admissions``."""
+        sched = self.scheduler
         return {"steps": self.steps, "generated_tokens": self.generated_tokens,
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "preemptions": self.scheduler.preemptions, **self.kv.stats()}
+                "running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.preemptions,
+                "admissions": sched.admissions, "prefix_cache_hits": sched.prefix_hits,
+                "prefill_tokens": sched.prefill_tokens, "prefill_tokens_saved": sched.prefill_tokens_saved,
+                **self.kv.stats()}
 
     def close(self) -> None:
         self.kv.close()

@@ -189,16 +189,26 @@ class KVCache(ElasticMemory, MappingEngine):
             slot = self._slots.check_slot(slot)
             return int(self._prefix.cached[slot]) if self._slots.active[slot] else 0
 
-    def free_slot(self, slot: int) -> None:
+    def free_slot(self, slot: int, written: int | None = None) -> None:
         """Finish the request in ``slot``. Its pages stay mapped for the next request that takes
         the slot (deferred reclaim) and are reclaimed only when the pool runs dry; with
-        ``deferred_reclaim=False`` they return to the pool at once."""
+        ``deferred_reclaim=False`` they return to the pool at once.
+
+        ``written``: how many of its tokens the request really wrote (default: its stepped
+        length). Only those stay findable as a prefix (``alloc_slot(tokens=...)``): an engine
+        whose forward pass failed after ``step`` frees with what it wrote before that pass."""
         with self._lock:
             self._ready()
             slot = self._slots.check_slot(slot)
             if not self._slots.active[slot]:
                 raise ValueError(f"slot={slot} is not allocated (double free?)")
-            self._prefix.finished(slot, int(self._slots.lengths[slot]))
+            length = int(self._slots.lengths[slot])
+            if written is not None:
+                if isinstance(written, (bool, np.bool_)) or not isinstance(written, (int, np.integer)) \
+                        or not 0 <= written:
+                    raise ValueError(f"written={written!r} must be an integer >= 0")
+                length = min(length, int(written))
+            self._prefix.finished(slot, length)
             self._slots.release(slot)
             if not self.deferred_reclaim:
                 self._reclaim([(slot, int(self._slabs.extent[slot]))])
