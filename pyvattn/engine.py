@@ -169,12 +169,12 @@ class Scheduler:
     def schedule(self, now: float) -> list[tuple[Request, int]]:
         budget = self.max_batched_tokens - sum(n for _, n in self._running_plan())
         claimed = self._claim_arrivals(now, budget)
+        plan = []
         try:
             plan = self._grow_running(claimed)
             self._admit_all(claimed) or self._admit_each(claimed)
-        except BaseException as exc:
-            self._settle(claimed, exc)
-            raise
+        except BaseException as exc:  # a pass that fails before it runs: what was stepped is not written
+            raise undo_one(exc, self.abandon, plan + self._settle(claimed, exc))
         admitted = self._settle(claimed)
         if claimed and not admitted and not self.running:
             req = claimed[0][0]
