@@ -1,7 +1,9 @@
 """``python -m pyvattn serve``: a model served by pyvattn's continuous-batching engine.
 
 Requests take their prompt and output lengths from a trace (scaled down, so that a small model
-on a CPU gets through them in seconds) and random token ids; a transformers model of a small
+on a CPU gets through them in seconds) and random token ids, after ``--shared-prefix`` tokens
+every prompt starts with (a system prompt: with prefix caching, on unless
+``--no-prefix-caching``, its whole pages are computed once and shared); a transformers model of a small
 config with random weights generates them (``pyvattn.engine``), its KV cache in a
 ``pyvattn.KVCache``. A progress bar shows tokens/s, requests running and waiting, and the KV memory
 mapped; ``--verify`` then generates every request alone with transformers and checks the tokens
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .argtypes import non_negative_float, positive_int
+from .argtypes import non_negative_float, non_negative_int, positive_int
 from .units import parse_size
 
 
@@ -37,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", default="auto", help="KV page size, e.g. 4KiB, 64KiB, 2MiB (default: backend's)")
     p.add_argument("--rate", type=non_negative_float, default=0.0,
                    help="Poisson arrivals per second (default 0: all requests arrive at once)")
+    p.add_argument("--shared-prefix", type=non_negative_int, default=0, metavar="N",
+                   help="every prompt starts with the same N random tokens, a system prompt (default: 0)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt from its first token (default: reuse cached prefixes)")
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="KVCache backend: auto, host, cuda-vmm, uvm64k")
@@ -57,6 +63,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         parse_size(args.page_size, "--page-size")
     if args.scale == 0:
         raise ValueError("--scale must be > 0")
+    if args.shared_prefix >= args.max_seq_len:
+        raise ValueError(f"--shared-prefix {args.shared_prefix} leaves no room for a request's own tokens "
+                         f"(--max-seq-len {args.max_seq_len})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,19 +110,22 @@ def _device(name: str):
 
 
 def _workload(args, vocab: int):
-    """``(prompt ids, max_new_tokens, arrival_s)`` for each request of the trace, scaled."""
+    """``(prompt ids, max_new_tokens, arrival_s)`` for each request of the trace, scaled; every
+    prompt is the shared prefix, then the request's own tokens (at least one)."""
     import random
 
     from .frag.traces import load_trace
 
     rng = random.Random(args.seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(args.shared_prefix)]
+    room = args.max_seq_len - len(prefix)  # >= 1 (check_arguments)
     clock, work = 0.0, []
     for r in load_trace(args.trace, args.requests):
-        new = max(1, min(round(r.output_tokens * args.scale), args.max_seq_len // 2))
-        prompt = max(1, min(round(r.prompt_tokens * args.scale), args.max_seq_len - new + 1))
+        new = max(1, min(round(r.output_tokens * args.scale), room // 2))
+        own = max(1, min(round(r.prompt_tokens * args.scale), room - new + 1))
         if args.rate:
             clock += rng.expovariate(args.rate)
-        work.append(([rng.randrange(3, vocab) for _ in range(prompt)], new, clock))
+        work.append((prefix + [rng.randrange(3, vocab) for _ in range(own)], new, clock))
     return work
 
 
@@ -139,11 +151,12 @@ def run(args: argparse.Namespace) -> int:
     from .engine import Engine  # transformers is imported from here on
 
     model = build_model(args.model_config, dtype=dtype, device=device, seed=args.seed)
-    engine = Engine(model, kv, args.max_batched_tokens)
+    engine = Engine(model, kv, args.max_batched_tokens, prefix_caching=args.prefix_caching)
     work = _workload(args, model.config.vocab_size)
     print(f"{args.model_config} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{args.dtype}, {args.device}), {len(work)} requests from '{args.trace}' x {args.scale:g}: "
-          f"prompts {sum(len(p) for p, _, _ in work)} tokens, outputs {sum(n for _, n, _ in work)} tokens")
+          f"prompts {sum(len(p) for p, _, _ in work)} tokens ({args.shared_prefix} shared by all), "
+          f"outputs {sum(n for _, n, _ in work)} tokens")
     print(f"{kv!r}\n{kv.selection.name} backend: {kv.selection.reason}; budget {args.budget}")
     requests = [engine.submit(p, n, arrival_s=t) for p, n, t in work]
     peak_mapped = 0
@@ -153,12 +166,13 @@ def run(args: argparse.Namespace) -> int:
             while engine.has_work:
                 finished = engine.step()
                 stats = kv.stats()
-                peak_mapped = max(peak_mapped, stats["mapped_bytes"])
+                mapped = stats["mapped_bytes"] - stats["shared_pages"] * kv.page_size  # a shared page once
+                peak_mapped = max(peak_mapped, mapped)
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix_str(f"{engine.generated_tokens / elapsed:.0f} tok/s, "
                                     f"run {len(engine.scheduler.running)}, wait {len(engine.scheduler.waiting)}, "
                                     f"KV used {format_size(stats['used_bytes'])}, "
-                                    f"mapped {format_size(stats['mapped_bytes'])}",
+                                    f"mapped {format_size(mapped)}",
                                     refresh=False)
                 bar.update(len(finished))
         except PyvattnError as exc:
@@ -170,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(requests)} requests, {engine.generated_tokens} tokens generated in {elapsed:.2f} s "
           f"({engine.generated_tokens / elapsed:.0f} tok/s), {engine.steps} forward passes, "
           f"{stats['preemptions']} preemptions")
+    print(f"prefill: {stats['prefill_tokens']} tokens computed, {stats['prefill_tokens_saved']} saved by prefix "
+          f"caching ({stats['prefix_cache_hits']} of {stats['admissions']} admissions hit"
+          + ("" if args.prefix_caching else "; --no-prefix-caching") + ")")
     print(f"KV memory: peak {format_size(peak_mapped)} mapped of {format_size(parse_size(args.budget, 'budget'))} "
           f"budget ({format_size(stats['reserved_bytes'])} reserved); {stats['map_calls']} map calls, "
           f"{stats['mapped_pages_total']} pages mapped, {stats['reclaimed_pages_total']} reclaimed")

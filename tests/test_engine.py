@@ -169,6 +169,8 @@ def test_serve_command_verifies_every_request():
     (["--trace", "nope"], "neither a shipped trace"), (["--model-config", "gpt"], "llama-tiny"),
     (["--budget", "12XB"], "--budget"), (["--requests", "0"], "--requests"), (["--scale", "-1"], "--scale"),
     (["--device", "cuda:9"], "--device"), (["--page-size", "3KiB"], "page_size"), (["--backend", "x"], "backend"),
+    (["--shared-prefix", "-1"], "--shared-prefix"), (["--shared-prefix", "x"], "--shared-prefix"),
+    (["--shared-prefix", "64", "--max-seq-len", "64"], "--shared-prefix"),
 ])
 def test_serve_bad_arguments_one_line_exit_2(args, message):
     import subprocess

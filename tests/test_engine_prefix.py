@@ -233,3 +233,30 @@ def test_free_slot_keeps_only_what_was_written_findable():
         again = kv.alloc_slot(tokens=prompt)
         assert again == slot and kv.cached_tokens(again) == 2 * BLOCK
         check_cache(kv)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_serve_with_a_shared_system_prompt_verifies_every_request(caching):
+    """``serve --shared-prefix 64`` (4 whole pages: llama-tiny, float64, 16 tokens per 4 KiB
+    page): the first 4 requests arrive together and are admitted in one pass, before any of them
+    wrote the prefix, so each computes it; the 4 after them find it cached. ``--verify`` checks
+    every request."""
+    import re
+    import subprocess
+    import sys
+
+    from hfmodels import subprocess_env
+
+    args = ["--requests", "8", "--dtype", "float64", "--scale", "0.01", "--page-size", "4KiB", "--budget", "4MiB",
+            "--max-batch", "4", "--shared-prefix", "64", "--verify"] + ([] if caching else ["--no-prefix-caching"])
+    r = subprocess.run([sys.executable, "-m", "pyvattn", "serve", *args], capture_output=True, text=True,
+                       timeout=300, env=subprocess_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify: 8/8 requests equal to generating them alone" in r.stdout
+    line = re.search(r"prefill: (\d+) tokens computed, (\d+) saved by prefix caching \((\d+) of (\d+) admissions",
+                     r.stdout)
+    computed, saved, hits, admissions = map(int, line.groups())
+    prompts = int(re.search(r"prompts (\d+) tokens \(64 shared by all\)", r.stdout).group(1))
+    assert admissions == 8  # a budget with room: no preemption
+    assert (hits, saved) == ((4, 4 * 64) if caching else (0, 0))
+    assert computed + saved == prompts
