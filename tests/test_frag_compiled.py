@@ -154,3 +154,24 @@ def test_without_a_writable_cache_the_loop_still_compiles(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(compiled)
+
+
+def test_cli_says_when_numba_is_missing_on_a_large_trace(monkeypatch, capsys, tmp_path):
+    """Without numba the Python loop runs; on a large trace the CLI says why it is slow (the run
+    itself is cut short here: compare() is interrupted at once, which the CLI reports as Ctrl-C)."""
+    import numba
+
+    from pyvattn.frag import cli, report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compiled, "numba", None)
+    monkeypatch.setattr(report, "compare", interrupted)
+    assert cli.main(["--trace", "synthetic:20000", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "numba is not installed" in err and "pyvattn[frag]" in err
+    assert err.strip().splitlines()[-1] == "python -m pyvattn frag: interrupted"
+    monkeypatch.setattr(compiled, "numba", numba)
+    assert cli.main(["--trace", "synthetic:20000", "--out", str(tmp_path)]) == 130
+    assert "numba is not installed" not in capsys.readouterr().err

@@ -104,7 +104,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     from . import compiled
 
-    if not compiled.enabled() and len(trace) > 10_000:
+    if compiled.numba is None and len(trace) > 10_000:
         print("note: numba is not installed: the Python serving loop runs, about 20x slower "
               "(pip install 'pyvattn[frag]')", file=sys.stderr)
     t0, cpu0 = time.perf_counter(), time.process_time()
