@@ -316,8 +316,9 @@ class Engine:
     (with ``prefix_caching``, its requests are preempted and resume from what they wrote).
 
     ``prefix_caching`` (default True): admissions reuse the cached prefix of a request's tokens
-    (see :class:`Scheduler`). It never changes a token generated: the cached K/V are those the
-    request would compute (same tokens, same positions); off, every prompt is computed from token 0.
+    (see :class:`Scheduler`). The cached K/V are those the request would compute itself (same
+    tokens, same positions; in low precision up to the rounding any other batching changes too);
+    off, every prompt is computed from its first token.
     """
 
     def __init__(self, model, kv: KVCache, max_batched_tokens: int = 512, eos_token_id: int | None = None,
