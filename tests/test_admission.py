@@ -152,3 +152,25 @@ def test_no_free_slot_means_nothing_fits():
 def test_can_admit_rejects_bad_lengths_naming_the_argument(bad):
     with small_cache() as cache, pytest.raises(ValueError, match="seq_len"):
         cache.can_admit(bad)
+
+
+def test_over_a_budget_lowered_when_free_nothing_fits_but_an_empty_request():
+    """Found by the state machine: a budget lowered to 0 with ``when_free`` while pages are held,
+    then a prefix taken over in place (its pages become needed again): headroom went negative and
+    free_tokens() said -16, can_admit(0) False, though a request of 0 tokens needs no page."""
+    m = AdmissionMachine()
+    try:
+        m.open(deferred=True, budget=4)
+        for rule, kwargs in [("admit", {"prompt": 39}), ("admit_with_prefix", {"family": 0, "prompt": 16}),
+                             ("admit", {"prompt": 0}), ("admit", {"prompt": 2}),
+                             ("set_budget", {"pages": 0, "when_free": True}), ("admit", {"prompt": 0}),
+                             ("admit_with_prefix", {"family": 0, "prompt": 17})]:
+            getattr(m, rule)(**kwargs)
+            m.books_equal_reality()
+        cache = m.model.cache
+        assert cache.free_tokens() == 0
+        assert cache.can_admit(0) and not cache.can_admit(1)
+        m.admit(prompt=0)  # can_admit agrees with the step
+        m.books_equal_reality()
+    finally:
+        m.teardown()

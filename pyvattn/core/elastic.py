@@ -114,7 +114,8 @@ def admissible_pages(cache) -> int:
     keep = np.where(slots.active, slabs.pages_for(slots.lengths), 0)
     strays = int(slabs.mapped(slots.every).sum()) - int(slabs.held.sum()) * cache.num_regions
     plan = cache._reclaim_plan()
-    shared = (pool.free_pages + pool.headroom + strays + plan.reclaimable(keep)) // cache.num_regions
+    # over a budget lowered with when_free, headroom is negative: what is reclaimable pays that first
+    shared = max(0, (pool.free_pages + pool.headroom + strays + plan.reclaimable(keep)) // cache.num_regions)
     if plan.pages is not None:  # a free slot drops pages it shares before a new request writes there
         return int(min(cache.pages_per_slot, shared))
     return int(min(cache.pages_per_slot, max(shared, int(slabs.held[free].max()))))
