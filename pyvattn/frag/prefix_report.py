@@ -61,8 +61,8 @@ def compare_prefix(exp: Experiment, chains, schemes: tuple[Scheme, ...] = PREFIX
     bar = tqdm(total=len(exp.trace) * len(runs), desc=f"prefix sharing {exp.trace.basename}", unit="req",
                unit_scale=True, disable=not progress, smoothing=0.05)
     try:
-        done = run_all({run: (simulate_prefix, (exp, chains, schemes[run[0]], run[1])) for run in runs}, jobs,
-                       bar.update)
+        done = run_all({run: (simulate_prefix, (schemes[run[0]], run[1])) for run in runs}, jobs, bar.update,
+                       shared=(exp, chains))
     finally:
         bar.close()
     for i, _ in runs:

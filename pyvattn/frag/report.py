@@ -301,7 +301,7 @@ def compare(exp: Experiment, schemes: tuple[Scheme, ...] = DEFAULT_SCHEMES, prog
         # The slowest schemes (deferred reclaim reclaims on most steps; static runs the most
         # steps) go first, so no worker is left with a long one at the end.
         slow_first = sorted(unique, key=lambda i: (not schemes[i].deferred_reclaim, schemes[i].kind != "static"))
-        done = run_all({i: (_simulate, (exp, schemes[i])) for i in slow_first}, jobs, bar.update)
+        done = run_all({i: (_simulate, (schemes[i],)) for i in slow_first}, jobs, bar.update, shared=(exp,))
         return [replace(done[key.index(k)], scheme=s.name) for s, k in zip(schemes, key)]
     finally:
         bar.close()
