@@ -50,3 +50,16 @@ def prompts(lengths: list[int], seed: int = 0, pad_to: int | None = None) -> tup
         ids[row, width - n:] = torch.randint(3, 500, (n,), generator=gen)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+def fail_forward_at(monkeypatch, engine, index: int, exc: type[BaseException]) -> None:
+    """Make ``engine``'s forward pass number ``index`` (from 0) raise ``exc("injected")``."""
+    real, calls = engine._forward, []
+
+    def forward(batch):
+        calls.append(1)
+        if len(calls) == index + 1:
+            raise exc("injected")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_forward", forward)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from hfmodels import model, one_thread, subprocess_env  # noqa: F401 (fixture)
+from hfmodels import fail_forward_at, model, one_thread, subprocess_env  # noqa: F401 (fixture)
 from pyvattn import KVCache, OutOfPages
 from pyvattn.engine import Engine, Scheduler
 from pyvattn.integrations.transformers import generate_alone
@@ -102,15 +102,7 @@ def test_a_failed_pass_at_any_step_is_recomputed(exc, monkeypatch):
         with Engine.for_model(m, max_batch_size=3, max_seq_len=64, max_batched_tokens=16, page_size="4KiB",
                               memory_budget="96KiB") as engine:
             requests = [engine.submit(p, n) for p, n in work]
-            real, calls = engine._forward, []
-
-            def forward(batch, fail_at=fail_at, calls=calls, real=real):
-                calls.append(1)
-                if len(calls) == fail_at + 1:
-                    raise exc("injected")
-                return real(batch)
-
-            monkeypatch.setattr(engine, "_forward", forward)
+            fail_forward_at(monkeypatch, engine, fail_at, exc)
             with pytest.raises(exc):
                 while engine.has_work:
                     engine.step()

@@ -15,7 +15,7 @@ import pytest
 
 from books import check_cache
 from faults import BACKEND_CALLS, Injector
-from hfmodels import model, one_thread  # noqa: F401 (fixture)
+from hfmodels import fail_forward_at, model, one_thread  # noqa: F401 (fixture)
 from pyvattn.engine import Engine
 from pyvattn.integrations.transformers import generate_alone
 
@@ -149,15 +149,7 @@ def test_a_failed_pass_keeps_its_unwritten_tokens_out_of_the_prefix_index(exc, m
         assert engine.stats()["prefill_tokens_saved"] > 0
     for fail_at in range(passes):
         with engine_for(m, max_batched_tokens=24) as engine:
-            real, calls = engine._forward, []
-
-            def forward(batch, fail_at=fail_at, calls=calls, real=real):
-                calls.append(1)
-                if len(calls) == fail_at + 1:
-                    raise exc("injected")
-                return real(batch)
-
-            monkeypatch.setattr(engine, "_forward", forward)
+            fail_forward_at(monkeypatch, engine, fail_at, exc)
             submitted = []
             with pytest.raises(exc):
                 _serve(engine, work, submitted)
