@@ -60,6 +60,28 @@ def skip_unsupported(impl, dtype):
         pytest.skip(f"{impl} runs fp16/bf16 only")
 
 
+def capture_decode(cache, q, kv_new, pos, seqlens, slot_t):
+    """A CUDA graph of one decode step of layer 0 (write ``kv_new`` at ``pos`` of each slot in
+    ``slot_t``, then attention over ``seqlens``), warmed up on a side stream as CUDA graphs need;
+    (graph, its output tensor). Replays read the tensors' current contents."""
+    slot_l = slot_t.long()
+
+    def forward():
+        cache.k[0][slot_l, pos] = kv_new
+        cache.v[0][slot_l, pos] = kv_new
+        return attention.decode(q, cache.k[0], cache.v[0], seqlens, slots=slot_t)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    return graph, out
+
+
 def _rand(shape, dtype, device, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=dtype, device=device)
 
@@ -222,20 +244,7 @@ def test_cuda_graph_captured_before_growth_keeps_working_as_pages_are_mapped():
         seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         q = _rand((2, 1, hq, D), torch.float16, "cuda", gen)
         kv_new = cache.k[0][slot_l, pos].clone()  # rewriting the last prompt token: a valid step
-
-        def forward():
-            cache.k[0][slot_l, pos] = kv_new
-            cache.v[0][slot_l, pos] = kv_new
-            return attention.decode(q, cache.k[0], cache.v[0], seqlens, slots=slot_t)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = forward()
+        graph, out = capture_decode(cache, q, kv_new, pos, seqlens, slot_t)
 
         for _ in range(8):  # request 0 crosses into its second page at token 1025
             lens = [n + 1 for n in lens]

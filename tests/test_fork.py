@@ -13,7 +13,7 @@ from books import check_cache
 from faults import BACKEND_CALLS, HOST_DRIVER_CALLS, POOL_CALLS, ForkWorkload, libc_fails_like_the_os, sweep
 from pyvattn import KVCache, OutOfSlots, attention
 from pyvattn._ffi import libc
-from test_attention import assert_close, reference
+from test_attention import assert_close, capture_decode, reference
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -317,20 +317,7 @@ def test_cuda_graph_captured_before_a_fork_keeps_working_over_the_forked_slot():
         seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         q = _rand((2, 1, hq, D), torch.float16, "cuda", gen)
         kv_new = cache.k[0][slot_t.long(), pos].clone()
-
-        def forward():
-            cache.k[0][slot_t.long(), pos] = kv_new
-            cache.v[0][slot_t.long(), pos] = kv_new
-            return attention.decode(q, cache.k[0], cache.v[0], seqlens, slots=slot_t)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = forward()
+        graph, out = capture_decode(cache, q, kv_new, pos, seqlens, slot_t)
         torch.cuda.synchronize()
 
         cache.free_slot(c)
