@@ -23,6 +23,7 @@ try:
 except ImportError:  # the Python loop serves instead (slower); see enabled()
     numba = None
 
+from .interrupts import interrupts_held
 from .simulate import REJECT_BUDGET, REJECT_CONTEXT, RunResult, SimulationStuck, StepSeries
 
 # Scalars of a run, one int64 vector (``st``): a run stops and resumes with them.
@@ -410,13 +411,15 @@ def serve_compiled(server) -> RunResult:
 
 def warm() -> None:
     """Compile the loop now (about 10 s the first time; later runs load the build numba cached
-    next to this file): before worker processes fork, so that they inherit it."""
+    next to this file): before worker processes fork, so that they inherit it. Ctrl-C meanwhile
+    is raised when it is done: numba would drop it (see :func:`.interrupts.interrupts_held`)."""
     from .memory import UnitMemory
     from .simulate import ServePolicy, serve
     from .traces import Trace
 
-    serve(Trace("warm-up", [1], [1]), UnitMemory(4096, 2048, 2, 2, 8, 1 << 20, True), 2048,
-          ServePolicy(2, 8))
+    with interrupts_held():
+        serve(Trace("warm-up", [1], [1]), UnitMemory(4096, 2048, 2, 2, 8, 1 << 20, True), 2048,
+              ServePolicy(2, 8))
 
 
 def _error(st, server) -> SimulationStuck:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from typing import Callable, Hashable
+
+from .interrupts import interrupts_held
 
 _progress_queue = None  # in a worker: where its runs report finished requests
 _shared: tuple = ()  # in a worker: the arguments every call starts with
@@ -27,11 +28,9 @@ def run_all(calls: dict[Hashable, tuple[Callable, tuple]], jobs: int, progress: 
 
     context = multiprocessing.get_context()
     queue = context.Queue()
-    with _interrupts_deferred() as interrupted:
-        pool = context.Pool(jobs, initializer=_init_worker, initargs=(queue, shared))
-    with pool:  # exit: terminate()
-        if interrupted:
-            raise KeyboardInterrupt
+    with contextlib.ExitStack() as stack:
+        with interrupts_held():  # Ctrl-C while the workers fork: raised after, and the stack stops them
+            pool = stack.enter_context(context.Pool(jobs, initializer=_init_worker, initargs=(queue, shared)))
         pending = {key: pool.apply_async(_call, (fn, args)) for key, (fn, args) in calls.items()}
         while True:
             while not queue.empty():
@@ -44,23 +43,6 @@ def run_all(calls: dict[Hashable, tuple[Callable, tuple]], jobs: int, progress: 
                 break
             running[0].wait(0.2)
         return {key: result.get() for key, result in pending.items()}
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Ctrl-C is recorded, not raised, in this block (in the main thread): starting a pool forks,
-    and a KeyboardInterrupt raised inside the fork handlers is ignored there while it leaves the
-    logging lock held, so the interrupt is lost and the next fork (a worker replaced) deadlocks.
-    Yields a list that holds True if Ctrl-C came meanwhile."""
-    interrupted: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _init_worker(queue, shared: tuple) -> None:
