@@ -36,7 +36,7 @@ typedef struct harness_gpu_struct harness_gpu_t;
 typedef struct
 {
     harness_op_kind_t kind;
-    harness_gpu_t *gpu;
+    harness_gpu_t *gpu;     // MEMSET, PTE_WRITE: the GPU whose memory it writes or maps
     NvU64 a, b, c;
     harness_table_t *table;
 } harness_op_t;

@@ -908,6 +908,8 @@ void uvm_pte_batch_write_pte(uvm_pte_batch_t *batch, uvm_gpu_phys_address_t pte,
     harness_world_lock();
     op.table = table_of(pte, &index);
     harness_world_unlock();
+    // The GPU whose memory the PTE points at: the table's own (KVC maps no peer memory).
+    op.gpu = gpu_of(op.table->tree->gpu);
     op.a = index;
     op.c = pte_bits;
     push_op(batch->push, op, bytes);
@@ -1055,7 +1057,9 @@ NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space, struct mm_struct *m
 }
 
 // A chunk may go back to PMM only when nothing can reach it: no valid PTE, no TLB entry, no
-// memset or PTE write still queued.
+// memset or PTE write still queued. Queued operations are those of every GPU (the harness's
+// threads use one each): only those for hg's memory count, since every GPU's video memory spans
+// the same addresses; another GPU's PTE write to "this" address is to its own chunk.
 void harness_check_chunk_unreferenced(harness_gpu_t *hg, NvU64 address)
 {
     harness_chunk_t *c = harness_chunk_at(hg, address);
@@ -1075,8 +1079,8 @@ void harness_check_chunk_unreferenced(harness_gpu_t *hg, NvU64 address)
             NvU64 target = op->kind == HARNESS_OP_MEMSET ? op->a :
                            op->kind == HARNESS_OP_PTE_WRITE && (op->c & HARNESS_PTE_VALID) ? (op->c & ~0xffffULL) : 0;
 
-            if (target >= address && target < address + UVM_CHUNK_SIZE_MAX)
-                harness_fail("chunk 0x%llx freed with push %u still to write it", (unsigned long long)address, p->id);
+            if (op->gpu == hg && target >= address && target < address + UVM_CHUNK_SIZE_MAX)
+                harness_fail("chunk 0x%llx of %s freed with push %u still to write it", (unsigned long long)address, hg->gpu.name, p->id);
         }
     }
 }
