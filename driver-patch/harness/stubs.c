@@ -11,9 +11,11 @@
  * memset or PTE into freed memory, and a chunk is freed only when no PTE, no TLB entry and no
  * pending operation refers to it.
  */
+#define _GNU_SOURCE     // pthread_setaffinity_np, sched_getcpu (the scheduler's pinning)
 #include "harness.h"
 
 #include <pthread.h>
+#include <sched.h>
 
 struct task_struct harness_default_task = { NULL, 1 };
 __thread struct task_struct *harness_current = &harness_default_task;
@@ -46,6 +48,7 @@ static struct
     // queued (work queued), ioctl_end (nothing queued, the va_space lock released) or idle.
     NvU32 queued[SCHED_MAX_THREADS], ioctl_end[SCHED_MAX_THREADS], idle[SCHED_MAX_THREADS];
     NvU64 stalls;
+    int cpu;                    // the CPU every thread runs on (-1: any)
 } sched = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER };
 static __thread int sched_me = -1;   // this thread's index while it takes part
 static __thread bool sched_queued;   // it began a push and has not waited since
@@ -72,6 +75,7 @@ void harness_sched_start(int nthreads, NvU64 seed, bool adversarial)
     sched.turn = 0;
     sched.rng = seed;
     sched.stalls = 0;
+    sched.cpu = sched_getcpu();
     for (t = 0; t < nthreads; t++) {
         sched.queued[t] = adversarial ? 1 : 1u << (sched_rand() % 3);      // 1, 2, 4
         sched.ioctl_end[t] = adversarial ? 1 : 1u << (sched_rand() % 2);   // 1, 2
@@ -114,6 +118,15 @@ void harness_sched_enter(int me)
         return;
     if (me < 0 || me >= sched.nthreads)
         harness_fail("thread %d enters a scheduler of %d", me, sched.nthreads);
+    // One runs at a time: on one CPU a handover costs a few microseconds, across CPUs several
+    // times that (a wakeup of an idle core). Where pinning is refused, it only runs slower.
+    if (sched.cpu >= 0) {
+        cpu_set_t cpus;
+
+        CPU_ZERO(&cpus);
+        CPU_SET(sched.cpu, &cpus);
+        (void)pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
+    }
     sched_me = me;
     sched_queued = false;
     pthread_mutex_lock(&sched.mutex);
