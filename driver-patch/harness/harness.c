@@ -3,7 +3,9 @@
  * ioctl entry points and the stock hooks, against the model GPU of stubs.c/gpu_model.c, and
  * checks them against a reference model after every operation.
  *
- *   driver-harness [--seed N] [--ops N] [--verbose]   (or HARNESS_SEED, HARNESS_OPS in the environment)
+ *   driver-harness [--seed N] [--ops N] [--interleavings N] [--threads-only] [--verbose]
+ *   (or HARNESS_SEED, HARNESS_OPS, HARNESS_INTERLEAVINGS in the environment; --threads-only runs
+ *   phase 5 alone, to replay or hunt a race quickly)
  *
  * Phases:
  *   1. scenarios with exact expectations: handle generations with ids reused, stale and foreign
@@ -15,7 +17,12 @@
  *      bookkeeping bytes per mapped 64 KiB page;
  *   3. a script replayed with a failure injected at every fallible call (allocations, user
  *      copies, then GPU errors), each time checking all or nothing, then a clean teardown;
- *   4. random operations on three processes sharing two GPUs, with random failures.
+ *   4. random operations on three processes sharing two GPUs, with random failures;
+ *   5. two threads of one process, one per GPU, racing on the shared va_space: free-running (the
+ *      interleaving the machine gives), then taking turns under the stubs' seeded scheduler: one
+ *      interleaving chosen on purpose (a chunk freed on one GPU while a PTE write to the same
+ *      address is queued on the other) and HARNESS_INTERLEAVINGS drawn from the seed, each
+ *      replayable (a failure names its interleaving).
  * After every operation: PTEs equal the model, no stale TLB entry, references equal the PTEs,
  * pool and process accounting exact, every GPU operation waited for, no lock held, no valid PTE
  * ever pointing at another process's data, no chunk freed while reachable.
@@ -29,6 +36,11 @@
 #define AREA_BASE (1ULL << 40)
 #define AREA_SLOTS (1u << 19)   // 32 GiB of VA per process, in 64 KiB slots
 #define MAX_RANGES 96
+// Phase 5 under the seeded scheduler: interleavings run by default, ops per thread in each.
+#ifndef HARNESS_INTERLEAVINGS
+#define HARNESS_INTERLEAVINGS 100
+#endif
+#define HARNESS_INTERLEAVING_OPS 200
 
 // --- the world -----------------------------------------------------------------------------------
 
@@ -1483,6 +1495,7 @@ typedef struct
 {
     proc_t view;
     NvU64 seed, ops;
+    int index;
     pthread_t thread;
 } thread_view_t;
 
@@ -1496,6 +1509,7 @@ static void *thread_ops(void *arg)
 
     rng_state = t->seed;
     harness_current = &procs[0].task;
+    harness_sched_enter(t->index);
     for (i = 0; i < t->ops; i++) {
         NvU64 op = rnd(100);
         m_range_t *r;
@@ -1523,6 +1537,7 @@ static void *thread_ops(void *arg)
         else
             do_register_gpu(p, p->only_gpu);
     }
+    harness_sched_exit();
     return NULL;
 }
 
@@ -1558,7 +1573,9 @@ static void merge_views(proc_t *p, thread_view_t *views, int n)
     }
 }
 
-static void threads_phase(NvU64 seed, NvU64 ops)
+// Free-running (interleaving 0): whatever interleaving the machine gives. Else the threads take
+// turns under the seeded scheduler (stubs.c), interleaving number `interleaving` of `seed`.
+static void threads_phase(NvU64 seed, NvU64 ops, NvU64 interleaving)
 {
     thread_view_t views[NGPUS];
     int v;
@@ -1576,25 +1593,107 @@ static void threads_phase(NvU64 seed, NvU64 ops)
         w->only_gpu = v;
         w->area_first = v * (AREA_SLOTS / 32 / NGPUS);
         w->area_slots = AREA_SLOTS / 32 / NGPUS;
-        views[v].seed = seed * 31 + v;
+        // Interleavings of one seed also differ in their operations (not shared with other seeds').
+        views[v].seed = interleaving ? (seed * 1000003 + interleaving) * 0x9e3779b97f4a7c15ULL + v : seed * 31 + v;
         views[v].ops = ops;
+        views[v].index = v;
     }
     hfi.kinds = 0;
+    if (interleaving)
+        harness_sched_start(NGPUS, seed * 1000003 + interleaving, false);
     for (v = 0; v < NGPUS; v++)
         pthread_create(&views[v].thread, NULL, thread_ops, &views[v]);
     for (v = 0; v < NGPUS; v++)
         pthread_join(views[v].thread, NULL);
+    harness_sched_stop();
     harness_current = &procs[0].task;
     merge_views(&procs[0], views, NGPUS);
     check_all();
 }
 
+// Phase 5, one interleaving on purpose (the adversarial scheduler, no draw): thread 1 maps a page
+// of GPU1's first chunk again and again while thread 0 allocates and frees a page of GPU0's
+// first chunk. Both chunks have the same physical address, each on its own GPU; thread 1 is
+// stopped at every lock release while its PTE write is queued, and thread 0 goes through whole
+// ioctls meanwhile, so GPU0's chunk goes back to PMM while GPU1's PTE write to "the same"
+// address is pending. That is fine, and the model must say so: its check that no queued
+// operation writes a freed chunk once ignored which GPU the operation was for, and failed
+// phase 5 now and then under load.
+#define SAME_ADDRESS_ROUNDS 4
+
+typedef struct
+{
+    int index;
+    NvU64 handle;
+    pthread_t thread;
+} same_address_t;
+
+static bool same_address_done;
+
+static void *same_address_thread(void *arg)
+{
+    same_address_t *t = arg;
+    proc_t *p = &procs[0];
+    NvU64 base = AREA_BASE, h;
+    int r;
+
+    rng_state = (NvU64)t->index;
+    harness_current = &p->task;
+    harness_sched_enter(t->index);
+    if (t->index == 0) {
+        // Only one thread runs at a time: the flag is read and written in one order.
+        for (r = 0; !same_address_done && r < 10000; r++) {
+            expect("ALLOC", do_alloc(p, 0, UVM_PAGE_SIZE_64K, 0, 1, &h), true);
+            expect("FREE", do_free(p, 0, 1, &h), true);
+        }
+    }
+    else {
+        expect("ALLOC", do_alloc(p, 1, UVM_PAGE_SIZE_64K, 0, 1, &t->handle), true);
+        for (r = 0; r < SAME_ADDRESS_ROUNDS; r++) {
+            expect("MAP", do_map(p, 1, 0, base, 1, &t->handle), true);
+            expect("UNMAP", do_unmap(p, 1, base, UVM_PAGE_SIZE_64K), true);
+        }
+        same_address_done = true;
+    }
+    harness_sched_exit();
+    return NULL;
+}
+
+static void scenario_same_address(void)
+{
+    same_address_t t[NGPUS];
+    m_range_t range = { AREA_BASE, UVM_PAGE_SIZE_2M };
+    proc_t *p = &procs[0];
+    int v;
+
+    // PMM's chunks come zeroed: no zeroing push of thread 0's own, and one interleaving whatever
+    // the seed.
+    hc.pmm_zero_mode = HARNESS_ZERO_ALWAYS;
+    same_address_done = false;
+    range_add(p, range.base, range.len);
+    memset(t, 0, sizeof(t));
+    harness_sched_start(NGPUS, 0, true);
+    for (v = 0; v < NGPUS; v++) {
+        t[v].index = v;
+        pthread_create(&t[v].thread, NULL, same_address_thread, &t[v]);
+    }
+    for (v = 0; v < NGPUS; v++)
+        pthread_join(t[v].thread, NULL);
+    harness_sched_stop();
+    harness_current = &p->task;
+    expect("FREE", do_free(p, 0, 1, &t[1].handle), true);
+    do_uvm_free(p, &p->ranges[0]);
+    check_all();
+}
+
 int main(int argc, char **argv)
 {
-    NvU64 seed = 12648430, nops = 2500, fi_alloc, fi_gpu, leaked = 0;
-    decode_result_t d;
+    NvU64 seed = 12648430, nops = 2500, fi_alloc = 0, fi_gpu = 0, leaked = 0, interleavings = HARNESS_INTERLEAVINGS, k;
+    decode_result_t d = { 0 };
     const char *env = getenv("HARNESS_OPS"), *env_seed = getenv("HARNESS_SEED");
+    const char *env_il = getenv("HARNESS_INTERLEAVINGS");
     time_t t0 = time(NULL);
+    bool threads_only = false;
     int i;
 
     for (i = 1; i < argc; i++) {
@@ -1602,10 +1701,14 @@ int main(int argc, char **argv)
             seed = strtoull(argv[++i], NULL, 0);
         else if (!strcmp(argv[i], "--ops") && i + 1 < argc)
             nops = strtoull(argv[++i], NULL, 0);
+        else if (!strcmp(argv[i], "--interleavings") && i + 1 < argc)
+            interleavings = strtoull(argv[++i], NULL, 0);
+        else if (!strcmp(argv[i], "--threads-only"))
+            threads_only = true;
         else if (!strcmp(argv[i], "--verbose"))
             hc.verbose = 1;
         else {
-            fprintf(stderr, "usage: %s [--seed N] [--ops N] [--verbose]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--seed N] [--ops N] [--interleavings N] [--threads-only] [--verbose]\n", argv[0]);
             return 2;
         }
     }
@@ -1613,10 +1716,15 @@ int main(int argc, char **argv)
         nops = strtoull(env, NULL, 0);
     if (env_seed && *env_seed)
         seed = strtoull(env_seed, NULL, 0);
+    if (env_il && *env_il)
+        interleavings = strtoull(env_il, NULL, 0);
     setvbuf(stdout, NULL, _IOLBF, 0);
     hc.seed = seed;
     rng_state = seed;
     kv_baseline = hc.kv_bytes;
+
+    if (threads_only)
+        goto threads;
 
     world_open();
     set_default_params();
@@ -1659,16 +1767,40 @@ int main(int argc, char **argv)
     random_ops(nops);
     world_close();
 
+threads:
     world_open();
     set_default_params();
-    threads_phase(seed, nops / 2);
+    threads_phase(seed, nops / 2, 0);
     world_close();
     printf("driver-harness: two threads of one process, one per GPU, %llu ops each on the shared va_space: "
            "no deadlock, lock order kept, state equal to the union of their models\n", (unsigned long long)(nops / 2));
+    // The same, in interleavings the machine would rarely give: taking turns at seeded lock
+    // releases, reproducible from the seed and the interleaving's number. First the one that
+    // once failed by chance.
+    world_open();
+    set_default_params();
+    scenario_same_address();
+    world_close();
+    for (k = 1; k <= interleavings; k++) {
+        hc.interleaving = k;
+        world_open();
+        set_default_params();
+        threads_phase(seed, HARNESS_INTERLEAVING_OPS, k);
+        world_close();
+    }
+    hc.interleaving = 0;
+    printf("driver-harness: the two threads taking turns at lock releases: a chunk freed on one GPU while a PTE write to the same "
+           "address is queued on the other; %llu seeded interleavings of %d ops each: same checks\n",
+           (unsigned long long)interleavings, HARNESS_INTERLEAVING_OPS);
+    if (threads_only) {
+        printf("driver-harness: OK: seed %llu, the two-thread phase only; %lds\n", (unsigned long long)seed, (long)(time(NULL) - t0));
+        return 0;
+    }
     printf("driver-harness: OK: seed %llu, %llu random ops on %d processes x %d GPUs (every ioctl, UVM_FREE, GPU VA space and GPU "
-           "unregister, fd close, fork), %llu + %llu failure points, two threads, lock order, PTEs, TLB, refs, zeroing and accounting checked "
-           "after every op; decode step 1 ioctl/1 invalidate/1 wait, %.1f B/page; %lds\n",
+           "unregister, fd close, fork), %llu + %llu failure points, two threads (free-running and 1 + %llu scheduled interleavings), "
+           "lock order, PTEs, TLB, refs, zeroing and accounting checked after every op; decode step 1 ioctl/1 invalidate/1 wait, "
+           "%.1f B/page; %lds\n",
            (unsigned long long)seed, (unsigned long long)nops, NPROCS, NGPUS, (unsigned long long)fi_alloc,
-           (unsigned long long)fi_gpu, d.meta_per_page, (long)(time(NULL) - t0));
+           (unsigned long long)fi_gpu, (unsigned long long)interleavings, d.meta_per_page, (long)(time(NULL) - t0));
     return 0;
 }

@@ -36,7 +36,7 @@ typedef struct harness_gpu_struct harness_gpu_t;
 typedef struct
 {
     harness_op_kind_t kind;
-    harness_gpu_t *gpu;
+    harness_gpu_t *gpu;     // MEMSET, PTE_WRITE: the GPU whose memory it writes or maps
     NvU64 a, b, c;
     harness_table_t *table;
 } harness_op_t;
@@ -99,6 +99,7 @@ typedef struct
 typedef struct
 {
     NvU64 seed, op_index;
+    NvU64 interleaving;     // phase 5 under the scheduler: which interleaving (0: free-running)
     int verbose;
     NvU64 pushes, waits, invalidates, pte_writes, pte_clears, tables_got, tables_put;
     NvU64 pmm_allocs, pmm_frees;
@@ -128,6 +129,12 @@ bool harness_fi(int kind);
 NvU64 harness_rand(void);
 void harness_world_lock(void);
 void harness_world_unlock(void);
+// The serializing scheduler (stubs.c): threads 0..nthreads-1 that enter it run one at a time,
+// handing over at seeded lock releases; start before creating them, stop after joining them.
+void harness_sched_start(int nthreads, NvU64 seed, bool adversarial);
+void harness_sched_enter(int me);
+void harness_sched_exit(void);
+void harness_sched_stop(void);
 void harness_param_set(const char *name, unsigned int value);
 int harness_locks_held(void);
 

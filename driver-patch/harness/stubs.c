@@ -11,17 +11,185 @@
  * memset or PTE into freed memory, and a chunk is freed only when no PTE, no TLB entry and no
  * pending operation refers to it.
  */
+#define _GNU_SOURCE     // pthread_setaffinity_np, sched_getcpu (the scheduler's pinning)
 #include "harness.h"
 
 #include <pthread.h>
+#include <sched.h>
 
 struct task_struct harness_default_task = { NULL, 1 };
 __thread struct task_struct *harness_current = &harness_default_task;
+
+// ---------------------------------------------------------------------------------------------
+// A serializing scheduler for the harness's threads (phase 5, taking turns)
+//
+// Free-running threads meet in few of the possible interleavings, and in which ones depends on
+// the machine's load: a race the checks can see may show once in thousands of runs. With the
+// scheduler on (harness_sched_start), the threads that entered it run one at a time, handing
+// over only at lock releases (and whenever a lock they want is held by another), so only the
+// running thread touches shared state: an interleaving is a function of the seed and replays
+// exactly. Where a thread hands over is drawn per thread from the seed, in the spirit of the
+// races worth finding: a thread with GPU work queued and not yet waited for (between a push's
+// begin and the wait for it) is stopped often, and the other one then runs on, typically to the
+// end of an ioctl, so that whole ioctls of one thread run while the other has work in flight.
+
+#define SCHED_MAX_THREADS 4
+#define SCHED_STALLS_MAX  100000   // handovers in a row without any lock taken: a deadlock
+
+static struct
+{
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int nthreads;               // threads that will enter; 0: scheduler off
+    int turn;                   // the one that may run
+    bool exited[SCHED_MAX_THREADS];
+    NvU64 rng;
+    // Per thread: it hands over at a lock release with probability 1 / n (0: never), n from
+    // queued (work queued), ioctl_end (nothing queued, the va_space lock released) or idle.
+    NvU32 queued[SCHED_MAX_THREADS], ioctl_end[SCHED_MAX_THREADS], idle[SCHED_MAX_THREADS];
+    NvU64 stalls;
+    int cpu;                    // the CPU every thread runs on (-1: any)
+} sched = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER };
+static __thread int sched_me = -1;   // this thread's index while it takes part
+static __thread bool sched_queued;   // it began a push and has not waited since
+
+static NvU64 sched_rand(void)
+{
+    NvU64 z = (sched.rng += 0x9e3779b97f4a7c15ULL);
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// With `adversarial`, no draw: a thread with work queued hands over at every release, and one
+// without runs to the end of its ioctl.
+void harness_sched_start(int nthreads, NvU64 seed, bool adversarial)
+{
+    int t;
+
+    if (nthreads < 1 || nthreads > SCHED_MAX_THREADS)
+        harness_fail("scheduler for %d threads", nthreads);
+    memset(sched.exited, 0, sizeof(sched.exited));
+    sched.nthreads = nthreads;
+    sched.turn = 0;
+    sched.rng = seed;
+    sched.stalls = 0;
+    sched.cpu = sched_getcpu();
+    for (t = 0; t < nthreads; t++) {
+        sched.queued[t] = adversarial ? 1 : 1u << (sched_rand() % 3);      // 1, 2, 4
+        sched.ioctl_end[t] = adversarial ? 1 : 1u << (sched_rand() % 2);   // 1, 2
+        sched.idle[t] = adversarial ? 0 : 16u << (sched_rand() % 5);       // 16 .. 256
+    }
+}
+
+void harness_sched_stop(void)
+{
+    sched.nthreads = 0;
+}
+
+// sched.mutex held: the next thread after `me` that has not exited (me if none).
+static int sched_next(int me)
+{
+    int k, t;
+
+    for (k = 1; k <= sched.nthreads; k++) {
+        t = (me + k) % sched.nthreads;
+        if (!sched.exited[t])
+            return t;
+    }
+    return me;
+}
+
+// The running thread gives the turn to the next one and waits for it to come back.
+static void sched_hand_over(void)
+{
+    pthread_mutex_lock(&sched.mutex);
+    sched.turn = sched_next(sched_me);
+    pthread_cond_broadcast(&sched.cond);
+    while (sched.turn != sched_me)
+        pthread_cond_wait(&sched.cond, &sched.mutex);
+    pthread_mutex_unlock(&sched.mutex);
+}
+
+void harness_sched_enter(int me)
+{
+    if (!sched.nthreads)
+        return;
+    if (me < 0 || me >= sched.nthreads)
+        harness_fail("thread %d enters a scheduler of %d", me, sched.nthreads);
+    // One runs at a time: on one CPU a handover costs a few microseconds, across CPUs several
+    // times that (a wakeup of an idle core). Where pinning is refused, it only runs slower.
+    if (sched.cpu >= 0) {
+        cpu_set_t cpus;
+
+        CPU_ZERO(&cpus);
+        CPU_SET(sched.cpu, &cpus);
+        (void)pthread_setaffinity_np(pthread_self(), sizeof(cpus), &cpus);
+    }
+    sched_me = me;
+    sched_queued = false;
+    pthread_mutex_lock(&sched.mutex);
+    while (sched.turn != me)
+        pthread_cond_wait(&sched.cond, &sched.mutex);
+    pthread_mutex_unlock(&sched.mutex);
+}
+
+void harness_sched_exit(void)
+{
+    if (sched_me < 0)
+        return;
+    pthread_mutex_lock(&sched.mutex);
+    sched.exited[sched_me] = true;
+    sched.turn = sched_next(sched_me);
+    pthread_cond_broadcast(&sched.cond);
+    pthread_mutex_unlock(&sched.mutex);
+    sched_me = -1;
+}
+
+// A lock was released (`ioctl_end`: the va_space lock): maybe another thread runs now.
+static void sched_point(bool ioctl_end)
+{
+    NvU32 n;
+
+    if (sched_me < 0)
+        return;
+    n = sched_queued ? sched.queued[sched_me] : ioctl_end ? sched.ioctl_end[sched_me] : sched.idle[sched_me];
+    if (n && sched_rand() % n == 0)
+        sched_hand_over();
+}
+
+// The lock `what` is held by another thread: that one runs until it lets go.
+static void sched_blocked(const char *what)
+{
+    bool alone;
+
+    pthread_mutex_lock(&sched.mutex);
+    alone = sched_next(sched_me) == sched_me;
+    pthread_mutex_unlock(&sched.mutex);
+    if (alone)
+        harness_fail("%s is held by a thread that exited", what);
+    if (++sched.stalls > SCHED_STALLS_MAX)
+        harness_fail("deadlock: the threads wait for each other's locks (%s)", what);
+    sched_hand_over();
+}
+
+// Takes a lock: blocking when free-running, else trying and handing over until it is free.
+#define SCHED_ACQUIRE(blocking, trylock, lock, what) do {      \
+        if (sched_me < 0) {                                    \
+            blocking(lock);                                    \
+            break;                                             \
+        }                                                      \
+        while (trylock(lock) != 0)                             \
+            sched_blocked(what);                               \
+        sched.stalls = 0;                                      \
+    } while (0)
 
 // The model GPU, PMM, pushes and counters are shared by the harness's threads: one recursive lock
 // around each stand-in that touches them (never held across a call into KVC code).
 static pthread_mutex_t world;
 static pthread_once_t world_once = PTHREAD_ONCE_INIT;
+static __thread int world_depth;
 
 static void world_init(void)
 {
@@ -35,13 +203,17 @@ static void world_init(void)
 void harness_world_lock(void)
 {
     pthread_once(&world_once, world_init);
-    pthread_mutex_lock(&world);
+    SCHED_ACQUIRE(pthread_mutex_lock, pthread_mutex_trylock, &world, "the model's lock");
+    world_depth++;
 }
 
 void harness_world_unlock(void)
 {
     pthread_mutex_unlock(&world);
+    if (--world_depth == 0)
+        sched_point(false);
 }
+
 harness_counters_t hc;
 harness_fi_t hfi = { .fail_at = -1 };
 
@@ -52,8 +224,12 @@ void harness_fail(const char *fmt, ...)
 {
     va_list ap;
 
-    fprintf(stderr, "driver-harness: FAIL (seed %llu, op %llu): ", (unsigned long long)hc.seed,
-            (unsigned long long)hc.op_index);
+    if (hc.interleaving)
+        fprintf(stderr, "driver-harness: FAIL (seed %llu, op %llu, interleaving %llu): ", (unsigned long long)hc.seed,
+                (unsigned long long)hc.op_index, (unsigned long long)hc.interleaving);
+    else
+        fprintf(stderr, "driver-harness: FAIL (seed %llu, op %llu): ", (unsigned long long)hc.seed,
+                (unsigned long long)hc.op_index);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -184,7 +360,7 @@ static void might_sleep(const char *what)
 
 void spin_lock(spinlock_t *lock)
 {
-    pthread_mutex_lock(&lock->mutex);
+    SCHED_ACQUIRE(pthread_mutex_lock, pthread_mutex_trylock, &lock->mutex, "spinlock");
     spin_held++;
 }
 
@@ -192,6 +368,7 @@ void spin_unlock(spinlock_t *lock)
 {
     spin_held--;
     pthread_mutex_unlock(&lock->mutex);
+    sched_point(false);
 }
 
 void uvm_mutex_init(uvm_mutex_t *m, uvm_lock_order_t order)
@@ -204,13 +381,14 @@ void uvm_mutex_init(uvm_mutex_t *m, uvm_lock_order_t order)
 void uvm_mutex_lock(uvm_mutex_t *m)
 {
     lock_record(m, m->order, true, "mutex");
-    pthread_mutex_lock(&m->mutex);
+    SCHED_ACQUIRE(pthread_mutex_lock, pthread_mutex_trylock, &m->mutex, "mutex");
 }
 
 void uvm_mutex_unlock(uvm_mutex_t *m)
 {
     lock_unrecord(m);
     pthread_mutex_unlock(&m->mutex);
+    sched_point(false);
 }
 
 void harness_assert_locked(uvm_mutex_t *m, bool write, const char *file, int line)
@@ -227,25 +405,27 @@ void harness_assert_locked(uvm_mutex_t *m, bool write, const char *file, int lin
 void uvm_va_space_down_read(uvm_va_space_t *va_space)
 {
     lock_record(&va_space->lock, UVM_LOCK_ORDER_VA_SPACE, false, "va_space lock");
-    pthread_rwlock_rdlock(&va_space->lock.rw);
+    SCHED_ACQUIRE(pthread_rwlock_rdlock, pthread_rwlock_tryrdlock, &va_space->lock.rw, "va_space lock");
 }
 
 void uvm_va_space_up_read(uvm_va_space_t *va_space)
 {
     lock_unrecord(&va_space->lock);
     pthread_rwlock_unlock(&va_space->lock.rw);
+    sched_point(true);
 }
 
 void uvm_va_space_down_write(uvm_va_space_t *va_space)
 {
     lock_record(&va_space->lock, UVM_LOCK_ORDER_VA_SPACE, true, "va_space lock");
-    pthread_rwlock_wrlock(&va_space->lock.rw);
+    SCHED_ACQUIRE(pthread_rwlock_wrlock, pthread_rwlock_trywrlock, &va_space->lock.rw, "va_space lock");
 }
 
 void uvm_va_space_up_write(uvm_va_space_t *va_space)
 {
     lock_unrecord(&va_space->lock);
     pthread_rwlock_unlock(&va_space->lock.rw);
+    sched_point(true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,6 +770,7 @@ bool uvm_gpu_can_address(uvm_gpu_t *gpu, NvU64 addr, NvU64 size)
 
 static harness_push_t *all_pushes;
 
+
 static void push_op(uvm_push_t *push, harness_op_t op, NvU32 bytes)
 {
     harness_push_t *p = push->impl;
@@ -631,6 +812,7 @@ NV_STATUS harness_push_begin(void *manager, uvm_tracker_t *tracker, uvm_push_t *
     memset(push, 0, sizeof(*push));
     push->impl = p;
     push->gpu = ((harness_gpu_t *)manager)->self;
+    sched_queued = true;
     harness_world_unlock();
     return NV_OK;
 }
@@ -678,6 +860,7 @@ NV_STATUS uvm_push_end_and_wait(uvm_push_t *push)
     __atomic_add_fetch(&hc.waits, 1, __ATOMIC_SEQ_CST);
     might_sleep("push wait");
     push_run(push->impl);
+    sched_queued = false;
     return harness_fi(HARNESS_FI_GPU) ? NV_ERR_RC_ERROR : NV_OK;
 }
 
@@ -745,6 +928,7 @@ NV_STATUS uvm_tracker_wait_deinit(uvm_tracker_t *tracker)
     tracker->count = 0;
     if (pending)
         hc.waits++;
+    sched_queued = false;
     harness_world_unlock();
     return harness_fi(HARNESS_FI_GPU) ? NV_ERR_RC_ERROR : NV_OK;
 }
@@ -908,6 +1092,8 @@ void uvm_pte_batch_write_pte(uvm_pte_batch_t *batch, uvm_gpu_phys_address_t pte,
     harness_world_lock();
     op.table = table_of(pte, &index);
     harness_world_unlock();
+    // The GPU whose memory the PTE points at: the table's own (KVC maps no peer memory).
+    op.gpu = gpu_of(op.table->tree->gpu);
     op.a = index;
     op.c = pte_bits;
     push_op(batch->push, op, bytes);
@@ -1055,7 +1241,9 @@ NV_STATUS uvm_kvc_ext_range_create(uvm_va_space_t *va_space, struct mm_struct *m
 }
 
 // A chunk may go back to PMM only when nothing can reach it: no valid PTE, no TLB entry, no
-// memset or PTE write still queued.
+// memset or PTE write still queued. Queued operations are those of every GPU (the harness's
+// threads use one each): only those for hg's memory count, since every GPU's video memory spans
+// the same addresses; another GPU's PTE write to "this" address is to its own chunk.
 void harness_check_chunk_unreferenced(harness_gpu_t *hg, NvU64 address)
 {
     harness_chunk_t *c = harness_chunk_at(hg, address);
@@ -1075,8 +1263,8 @@ void harness_check_chunk_unreferenced(harness_gpu_t *hg, NvU64 address)
             NvU64 target = op->kind == HARNESS_OP_MEMSET ? op->a :
                            op->kind == HARNESS_OP_PTE_WRITE && (op->c & HARNESS_PTE_VALID) ? (op->c & ~0xffffULL) : 0;
 
-            if (target >= address && target < address + UVM_CHUNK_SIZE_MAX)
-                harness_fail("chunk 0x%llx freed with push %u still to write it", (unsigned long long)address, p->id);
+            if (op->gpu == hg && target >= address && target < address + UVM_CHUNK_SIZE_MAX)
+                harness_fail("chunk 0x%llx of %s freed with push %u still to write it", (unsigned long long)address, hg->gpu.name, p->id);
         }
     }
 }
