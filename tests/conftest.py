@@ -6,10 +6,19 @@ their probe answers (a GPU session runs the same data-integrity tests on real de
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import pytest
 import torch
 
 from pyvattn import KVCache, backends
+
+# Ctrl-C is KeyboardInterrupt in the tests, and the default in the processes they start (exec
+# resets a handled signal), also when the suite runs as a background job, which inherits SIGINT
+# ignored: the Ctrl-C tests would send it and see nothing happen.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _BACKENDS = [
     pytest.param(("host", "cpu"), id="host"),

@@ -156,8 +156,7 @@ def test_memory_split_accounts_for_every_physical_byte():
 def test_demo_rows_arrive_while_it_runs_and_ctrl_c_says_so_without_a_traceback():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a pipe, buffered
     proc = subprocess.Popen([sys.executable, "-m", "pyvattn", "demo", "--layers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), env=env)
+                            stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # the first row of the table, while the demo still runs
         if re.match(r"\s+0\s.* admitted$", line):
             break
@@ -170,8 +169,7 @@ def test_demo_rows_arrive_while_it_runs_and_ctrl_c_says_so_without_a_traceback()
 
 def test_serve_ctrl_c_says_so_without_a_traceback():
     proc = subprocess.Popen([sys.executable, "-m", "pyvattn", "serve", "--requests", "400", "--rate", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # the engine has started: its first line names the model
         if "requests from" in line:
             break

@@ -67,8 +67,7 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path, target, mode, when):
     run = ["--trace", "synthetic:1000000"] if mode == "schemes" else \
         ["--trace", _hashed_trace(tmp_path / "hashed.jsonl"), "--prefix-sharing"]
     cmd = [sys.executable, "-m", "pyvattn", "frag", *run, "--jobs", "2", "--out", str(tmp_path), "--no-plots"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for_progress(proc, started=when == "mid-run")
         if target == "group":
@@ -92,14 +91,6 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path, target, mode, when):
         proc.wait()
 
 
-@pytest.fixture
-def ctrl_c_raises():
-    """Python's own Ctrl-C handler for the test: a run started in the background inherits SIGINT ignored."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def _bytecode():
     for _ in range(100):  # Python runs a signal's handler at a loop's back edge, among other places
         pass
@@ -114,7 +105,7 @@ class _CtrlCWhenCollected:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_ctrl_c_in_a_del_is_dropped_unless_held(ctrl_c_raises):
+def test_ctrl_c_in_a_del_is_dropped_unless_held():
     _CtrlCWhenCollected()  # the hazard: the KeyboardInterrupt is printed and dropped
     reached = False
     with pytest.raises(KeyboardInterrupt):
@@ -124,7 +115,7 @@ def test_ctrl_c_in_a_del_is_dropped_unless_held(ctrl_c_raises):
     assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_interrupts_held_lets_the_blocks_own_error_through_and_respects_an_ignored_ctrl_c(ctrl_c_raises):
+def test_interrupts_held_lets_the_blocks_own_error_through_and_respects_an_ignored_ctrl_c():
     with pytest.raises(ValueError, match="its own"):
         with interrupts_held():
             signal.raise_signal(signal.SIGINT)
@@ -141,7 +132,7 @@ def test_interrupts_held_lets_the_blocks_own_error_through_and_respects_an_ignor
         signal.signal(signal.SIGINT, previous)
 
 
-def test_warm_raises_ctrl_c_that_came_while_numba_loaded(monkeypatch, ctrl_c_raises):
+def test_warm_raises_ctrl_c_that_came_while_numba_loaded(monkeypatch):
     monkeypatch.setattr(simulate, "serve", lambda *args: _CtrlCWhenCollected() and None)
     with pytest.raises(KeyboardInterrupt):
         compiled.warm()
@@ -164,7 +155,7 @@ def _nap(seconds, progress):
     return seconds
 
 
-def test_run_all_raises_ctrl_c_that_came_while_its_workers_forked(ctrl_c_raises):
+def test_run_all_raises_ctrl_c_that_came_while_its_workers_forked():
     global _ctrl_c_at_fork
     import multiprocessing
 

@@ -100,8 +100,7 @@ def test_frames_repeat_until_ctrl_c_which_exits_130_quietly():
     with SharedBudget("gpu0", "1GiB") as budget:
         account = budget.open_account("grower")
         proc = subprocess.Popen([sys.executable, "-m", "pyvattn", "top", "--interval", "0.05"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             seen = []
             for line in proc.stdout:
