@@ -1578,6 +1578,7 @@ static void merge_views(proc_t *p, thread_view_t *views, int n)
 static void threads_phase(NvU64 seed, NvU64 ops, NvU64 interleaving)
 {
     thread_view_t views[NGPUS];
+    NvU64 schedule_seed = seed * 1000003 + interleaving;
     int v;
 
     memset(views, 0, sizeof(views));
@@ -1594,13 +1595,13 @@ static void threads_phase(NvU64 seed, NvU64 ops, NvU64 interleaving)
         w->area_first = v * (AREA_SLOTS / 32 / NGPUS);
         w->area_slots = AREA_SLOTS / 32 / NGPUS;
         // Interleavings of one seed also differ in their operations (not shared with other seeds').
-        views[v].seed = interleaving ? (seed * 1000003 + interleaving) * 0x9e3779b97f4a7c15ULL + v : seed * 31 + v;
+        views[v].seed = interleaving ? schedule_seed * 0x9e3779b97f4a7c15ULL + v : seed * 31 + v;
         views[v].ops = ops;
         views[v].index = v;
     }
     hfi.kinds = 0;
     if (interleaving)
-        harness_sched_start(NGPUS, seed * 1000003 + interleaving, false);
+        harness_sched_start(NGPUS, schedule_seed, false);
     for (v = 0; v < NGPUS; v++)
         pthread_create(&views[v].thread, NULL, thread_ops, &views[v]);
     for (v = 0; v < NGPUS; v++)

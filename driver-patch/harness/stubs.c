@@ -224,12 +224,10 @@ void harness_fail(const char *fmt, ...)
 {
     va_list ap;
 
+    fprintf(stderr, "driver-harness: FAIL (seed %llu, op %llu", (unsigned long long)hc.seed, (unsigned long long)hc.op_index);
     if (hc.interleaving)
-        fprintf(stderr, "driver-harness: FAIL (seed %llu, op %llu, interleaving %llu): ", (unsigned long long)hc.seed,
-                (unsigned long long)hc.op_index, (unsigned long long)hc.interleaving);
-    else
-        fprintf(stderr, "driver-harness: FAIL (seed %llu, op %llu): ", (unsigned long long)hc.seed,
-                (unsigned long long)hc.op_index);
+        fprintf(stderr, ", interleaving %llu", (unsigned long long)hc.interleaving);
+    fputs("): ", stderr);
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -769,7 +767,6 @@ bool uvm_gpu_can_address(uvm_gpu_t *gpu, NvU64 addr, NvU64 size)
 // pushes and trackers
 
 static harness_push_t *all_pushes;
-
 
 static void push_op(uvm_push_t *push, harness_op_t op, NvU32 bytes)
 {
